@@ -1,0 +1,295 @@
+"""DICOM decoding and header reading (xraylib.dicom) on files written with pydicom.
+
+Expected values come from the pixels each test stores and from the DICOM standard's rules
+(modality LUT, window, MONOCHROME1 = inverted), and on the real files in ../shared/data from
+the fact that Fake_MONOHR1.dcm is the other file relabelled without inverting its pixels.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+from pydicom import uid
+from pydicom.encaps import encapsulate
+
+from conftest import gradient_image, write_dicom
+from xraylib import dicom, images
+from xraylib.errors import BadFileError
+
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR AS")
+
+REAL_NAME = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+FAKE_NAME = "Fake_MONOHR1.dcm"
+
+
+def _full_range_8bit(height: int = 72, width: int = 56, seed: int = 0) -> np.ndarray:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width), dtype=np.uint8)
+    pixels[0, 0], pixels[-1, -1] = 0, 255
+    return pixels
+
+
+def _resave(path: Path, change) -> Path:
+    """Open a file write_dicom wrote, let ``change(ds)`` edit it, and save it again."""
+    ds = pydicom.dcmread(path)
+    change(ds)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# --- pixels ---------------------------------------------------------------------------------
+
+
+def test_monochrome2_8bit_round_trips_exactly(tmp_path):
+    pixels = _full_range_8bit()
+    path = write_dicom(tmp_path / "m2.dcm", pixels)
+    result = images.read_image(path)
+    assert result.dtype == np.uint8
+    np.testing.assert_array_equal(result, pixels)
+    decoded, header = dicom.decode_dicom(path.read_bytes(), str(path))
+    np.testing.assert_array_equal(decoded, pixels)
+    assert header.photometric == "MONOCHROME2"
+
+
+@pytest.mark.parametrize("low, high", [(0, 255), (10, 200), (3, 130)])
+def test_monochrome1_reads_as_the_exact_inverse_of_monochrome2(tmp_path, low, high):
+    # Plain 8-bit pixels are kept as stored (as a PNG would be); the inverse must stay exact.
+    pixels = np.random.default_rng(1).integers(low, high + 1, size=(64, 64), dtype=np.uint8)
+    pixels[0, 0], pixels[0, 1] = low, high
+    as_m2 = images.read_image(write_dicom(tmp_path / "m2.dcm", pixels, photometric="MONOCHROME2"))
+    as_m1 = images.read_image(write_dicom(tmp_path / "m1.dcm", pixels, photometric="MONOCHROME1"))
+    np.testing.assert_array_equal(as_m2, pixels)
+    np.testing.assert_array_equal(as_m1.astype(int), 255 - as_m2.astype(int))
+    # In MONOCHROME1 a high stored value is dark: the highest stored pixel reads darkest.
+    assert as_m1[0, 1] == 255 - high and as_m1[0, 0] == 255 - low
+
+
+def test_12bit_in_16bit_is_scaled_to_full_range(tmp_path):
+    pixels = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)
+    path = write_dicom(tmp_path / "b12.dcm", pixels, bits=16)
+    assert pydicom.dcmread(path).BitsStored == 12
+    result = images.read_image(path)
+    assert (result.min(), result.max()) == (0, 255)  # not 0..15 as a divide by 256 would give
+    expected = pixels.astype(np.float64) * 255 / 4095
+    assert np.abs(result - expected).max() <= 0.5 + 1e-9
+
+
+def test_signed_16bit_keeps_negative_values_dark(tmp_path):
+    pixels = np.linspace(-2000, 2000, 48 * 40).reshape(48, 40).astype(np.int16)
+    pixels[24, :3] = [-1, 0, 1]  # the first and last pixels keep the range -2000..2000
+    path = write_dicom(tmp_path / "signed.dcm", pixels, bits=16, signed=True)
+    assert pydicom.dcmread(path).PixelRepresentation == 1
+    result = images.read_image(path)
+    assert (result.min(), result.max()) == (0, 255)
+    expected = (pixels.astype(np.float64) + 2000) * 255 / 4000
+    assert np.abs(result - expected).max() <= 0.5 + 1e-9
+    # Read as unsigned, -1 would be 65535: the brightest pixel instead of a mid-grey one.
+    assert 120 < result[24, 0] <= result[24, 1] <= result[24, 2] < 135
+
+
+def test_negative_rescale_slope_is_applied(tmp_path):
+    pixels = (np.arange(40 * 40).reshape(40, 40) * 2).astype(np.uint16)
+    plain = images.read_image(write_dicom(tmp_path / "plain.dcm", pixels, bits=16))
+    flipped = images.read_image(write_dicom(tmp_path / "slope.dcm", pixels, bits=16, rescale=(-1.0, 3000.0)))
+    np.testing.assert_array_equal(flipped.astype(int), 255 - plain.astype(int))
+
+
+def test_rescale_then_window_clips_outside_the_window(tmp_path):
+    stored = np.linspace(0, 1000, 64 * 50).reshape(64, 50).astype(np.uint16)
+    path = write_dicom(tmp_path / "win.dcm", stored, bits=16, rescale=(2.0, -1000.0), window=(0.0, 200.0))
+    result = images.read_image(path).astype(np.float64)
+    values = stored * 2.0 - 1000.0  # the modality LUT: -1000 .. 1000
+    # DICOM PS3.3 C.11.2.1.2: below c - 0.5 - (w-1)/2 is the minimum, above c - 0.5 + (w-1)/2 the maximum.
+    assert np.all(result[values <= -100.0] == 0)
+    assert np.all(result[values > 99.5] == 255)
+    inside = (values > -99.0) & (values < 99.0)
+    assert inside.sum() > 100
+    expected = ((values[inside] + 0.5) / 199.0 + 0.5) * 255
+    assert np.abs(result[inside] - expected).max() <= 1.0
+    assert 0 < result[inside].min() and result[inside].max() < 255
+    # Without the intercept the whole image (0..2000) would sit above the window: all white.
+    assert (result == 0).mean() > 0.4
+
+
+def test_multiframe_returns_the_first_frame(tmp_path):
+    first = _full_range_8bit(seed=2)
+    second = 255 - _full_range_8bit(seed=3)
+
+    def two_frames(ds):
+        ds.NumberOfFrames = 2
+        ds.PixelData = np.stack([first, second]).tobytes()
+
+    path = _resave(write_dicom(tmp_path / "frames.dcm", first), two_frames)
+    assert pydicom.dcmread(path).pixel_array.shape == (2, *first.shape)
+    np.testing.assert_array_equal(images.read_image(path), first)
+    assert images.inspect_file(path).dicom_header.frames == 2
+
+
+def test_rgb_dicom_reads_as_gray(tmp_path):
+    rgb = np.dstack([_full_range_8bit(seed=4), _full_range_8bit(seed=5), _full_range_8bit(seed=6)])
+
+    def make_rgb(ds):
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.PixelData = rgb.tobytes()
+
+    path = _resave(write_dicom(tmp_path / "rgb.dcm", rgb[..., 0]), make_rgb)
+    result = images.read_image(path).astype(np.float64)
+    luma = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+    expected = (luma - luma.min()) * 255 / (luma.max() - luma.min())
+    assert np.abs(result - expected).max() <= 0.5 + 1e-9
+
+
+# --- files that cannot be decoded ---------------------------------------------------------
+
+
+def test_dicom_without_pixel_data_is_refused(tmp_path):
+    path = write_dicom(tmp_path / "header_only.dcm", _full_range_8bit(), with_pixels=False)
+    for call in (images.read_image, lambda p: dicom.decode_dicom(Path(p).read_bytes(), str(p))):
+        with pytest.raises(BadFileError) as info:
+            call(path)
+        assert "no pixel data" in str(info.value) and str(path) in str(info.value)
+    assert dicom.read_header(path.read_bytes()).has_pixels is False
+
+
+def _with_fake_compressed_pixels(path: Path, syntax: uid.UID) -> Path:
+    def compress(ds):
+        ds.file_meta.TransferSyntaxUID = syntax
+        ds.PixelData = encapsulate([b"\xff\x4f\xff\x51 not a real codestream" * 8])
+        ds["PixelData"].VR = "OB"
+
+    return _resave(path, compress)
+
+
+def _decoder_installed(syntax: uid.UID) -> bool:
+    return pydicom.pixels.get_decoder(syntax).is_available
+
+
+@pytest.mark.parametrize(
+    "syntax, package",
+    [
+        (uid.JPEG2000Lossless, "pylibjpeg-openjpeg"),
+        (uid.JPEGLSLossless, "pyjpegls"),
+        (uid.HTJ2KLossless, "pylibjpeg-openjpeg"),
+    ],
+    ids=["jpeg2000", "jpeg-ls", "htj2k"],
+)
+def test_compression_without_a_decoder_names_the_package_to_install(tmp_path, monkeypatch, syntax, package):
+    decoder = pydicom.pixels.get_decoder(syntax)
+    if decoder.is_available:
+        # Pillow with OpenJPEG decodes JPEG 2000 here; hide it, as on a machine without it.
+        if not isinstance(getattr(decoder, "_available", None), dict):
+            pytest.skip(f"a decoder for {syntax.name} is installed and this pydicom's cannot be hidden")
+        monkeypatch.setattr(decoder, "_available", {})
+        monkeypatch.setitem(decoder._unavailable, "pillow", ("pillow with OpenJPEG",))
+    assert not _decoder_installed(syntax)
+    path = _with_fake_compressed_pixels(write_dicom(tmp_path / "compressed.dcm", _full_range_8bit()), syntax)
+    with pytest.raises(BadFileError) as info:
+        images.read_image(path)
+    message = str(info.value)
+    assert str(path) in message and syntax.name in message
+    assert "pip install" in message and package in message, message
+
+
+def test_damaged_data_with_an_installed_decoder_is_not_blamed_on_a_missing_package(tmp_path):
+    # pydicom decodes RLE itself, so a failure means the data is damaged: "pip install" would mislead.
+    assert _decoder_installed(uid.RLELossless)
+    path = _with_fake_compressed_pixels(write_dicom(tmp_path / "rle.dcm", _full_range_8bit()), uid.RLELossless)
+    with pytest.raises(BadFileError) as info:
+        images.read_image(path)
+    message = str(info.value)
+    assert str(path) in message and "damaged" in message and "pip install" not in message
+    assert "\n" not in message  # one line, for reports and the CLI
+
+
+def test_dicom_cut_short_is_refused(tmp_path):
+    data = write_dicom(tmp_path / "whole.dcm", _full_range_8bit(200, 200)).read_bytes()
+    path = tmp_path / "cut.dcm"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadFileError) as info:
+        images.read_image(path)
+    assert str(path) in str(info.value)
+
+
+def test_decode_dicom_refuses_other_files(tmp_path):
+    png = tmp_path / "a.png"
+    cv2.imwrite(str(png), gradient_image())
+    with pytest.raises(BadFileError) as info:
+        dicom.decode_dicom(png.read_bytes(), str(png))
+    assert "not a DICOM" in str(info.value) and str(png) in str(info.value)
+
+
+# --- header -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, years",
+    [
+        ("043Y", 43.0), ("6M", 0.5), ("43", 43.0), (" 62 ", 62.0), ("104W", 104 / 52.1775), ("365D", 365 / 365.25),
+        ("", None), ("   ", None), (None, None), ("garbage", None), ("Y", None), ("200Y", None), ("-5", None),
+    ],
+)
+def test_parse_age(value, years):
+    result = dicom.parse_age(value)
+    if years is None:
+        assert result is None
+    else:
+        assert result == pytest.approx(years)
+
+
+def test_header_fields_are_read(tmp_path):
+    pixels = (np.arange(70 * 50).reshape(70, 50) % 4096).astype(np.uint16)
+    path = write_dicom(tmp_path / "h.dcm", pixels, bits=16, patient_id="abc-123", sex="M", age="071Y", view="AP",
+                       modality="DX", photometric="MONOCHROME1")
+    header = dicom.read_header(path.read_bytes(), str(path))
+    assert (header.patient_id, header.sex, header.age, header.view) == ("abc-123", "M", 71.0, "AP")
+    assert (header.modality, header.body_part, header.photometric) == ("DX", "CHEST", "MONOCHROME1")
+    assert (header.rows, header.columns, header.bits_stored, header.frames) == (70, 50, 12, 1)
+    assert header.has_pixels and header.transfer_syntax == "Explicit VR Little Endian"
+
+
+def test_missing_header_fields_are_none(tmp_path):
+    def strip(ds):
+        for keyword in ("PatientSex", "PatientAge", "ViewPosition"):
+            delattr(ds, keyword)
+        ds.PatientID = ""
+
+    path = _resave(write_dicom(tmp_path / "bare.dcm", _full_range_8bit()), strip)
+    header = dicom.read_header(path.read_bytes())
+    assert (header.patient_id, header.sex, header.age, header.view) == (None, None, None, None)
+
+
+# --- the real files in ../shared/data -------------------------------------------------------
+
+
+@pytest.fixture
+def real_dicoms(shared_data) -> tuple[Path, Path]:
+    folder = shared_data / "dicom-samples"
+    real, fake = folder / REAL_NAME, folder / FAKE_NAME
+    if not (real.is_file() and fake.is_file()):
+        pytest.skip(f"{folder} does not hold {REAL_NAME} and {FAKE_NAME}")
+    return real, fake
+
+
+@pytest.mark.shared_data
+def test_real_monochrome2_dicom(real_dicoms):
+    real, _ = real_dicoms
+    result = images.read_image(real)
+    assert result.shape == (1024, 1024) and result.dtype == np.uint8
+    header = images.inspect_file(real).dicom_header
+    assert (header.age, header.view, header.photometric, header.rows, header.columns) == (62.0, "PA", "MONOCHROME2", 1024, 1024)
+    assert header.patient_id and header.sex in ("M", "F")
+    # Plain 8-bit MONOCHROME2 without LUTs: the stored pixels themselves, nothing inverted or stretched.
+    np.testing.assert_array_equal(result, pydicom.dcmread(real).pixel_array)
+
+
+@pytest.mark.shared_data
+def test_fake_monochrome1_reads_as_the_exact_inverse(real_dicoms):
+    real, fake = real_dicoms
+    real_header, fake_header = (images.inspect_file(p).dicom_header for p in (real, fake))
+    assert fake_header.photometric == "MONOCHROME1" and real_header.photometric == "MONOCHROME2"
+    as_real, as_fake = images.read_image(real), images.read_image(fake)
+    assert as_fake.shape == (1024, 1024)
+    np.testing.assert_array_equal(as_fake.astype(int), 255 - as_real.astype(int))
+    assert (fake_header.age, fake_header.view) == (62.0, "PA")

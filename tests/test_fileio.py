@@ -1,0 +1,148 @@
+"""Atomic writes and retried reads (xraylib.fileio)."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from xraylib import fileio
+from xraylib.errors import BadFileError
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# --- atomic writes --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()], ids=["error", "interrupt"])
+def test_writer_failing_midway_leaves_the_old_file(tmp_path, error):
+    target = tmp_path / "manifest.csv"
+    target.write_text("old,complete\n1,2\n")
+    with pytest.raises(type(error)):
+        with fileio.atomic_path(target) as tmp:
+            assert tmp.parent == tmp_path and tmp != target
+            with open(tmp, "w") as f:
+                f.write("new,half")
+                f.flush()
+                raise error
+    assert target.read_text() == "old,complete\n1,2\n"
+    assert _files(tmp_path) == ["manifest.csv"]  # no temporary file left behind
+
+
+def test_failed_first_write_leaves_nothing(tmp_path):
+    with pytest.raises(TypeError):
+        fileio.write_json_atomic(tmp_path / "out" / "report.json", {"bad": object()})
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_write_json_atomic_replaces_and_converts_numpy(tmp_path):
+    target = tmp_path / "report.json"
+    target.write_text("{}")
+    value = {"n": np.int64(3), "auc": np.float32(0.5), "counts": np.array([1, 2]), "path": tmp_path}
+    fileio.write_json_atomic(target, value)
+    assert json.loads(target.read_text()) == {"n": 3, "auc": 0.5, "counts": [1, 2], "path": str(tmp_path)}
+    assert _files(tmp_path) == ["report.json"]
+
+
+def test_write_csv_and_npy_atomic(tmp_path):
+    frame = pd.DataFrame({"path": ["a.png", "b.png"], "label": ["covid", "normal"]})
+    fileio.write_csv_atomic(tmp_path / "deep" / "m.csv", frame)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "deep" / "m.csv"), frame)
+    images_uint8 = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4)
+    fileio.save_npy_atomic(tmp_path / "x.npy", images_uint8)
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), images_uint8)
+    assert _files(tmp_path) == ["deep", "x.npy"] and _files(tmp_path / "deep") == ["m.csv"]
+
+
+def test_atomic_write_gives_the_permissions_of_a_plain_write(tmp_path):
+    # mkstemp makes owner-only (0600) files; an output must be readable like any file the user writes.
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    fileio.write_text_atomic(tmp_path / "atomic.txt", "x")
+    mode = stat.S_IMODE(os.stat(tmp_path / "atomic.txt").st_mode)
+    assert mode == stat.S_IMODE(os.stat(plain).st_mode)
+    assert mode & stat.S_IRUSR and mode & stat.S_IWUSR
+
+
+# --- read_bytes -----------------------------------------------------------------------------
+
+
+class FlakyOpener:
+    """An ``open`` that fails ``failures`` times with ``error`` (as Drive's FUSE mount does), then works."""
+
+    def __init__(self, data: bytes, failures: int, code: int = errno.EIO):
+        self.data, self.failures, self.code, self.calls = data, failures, code, 0
+
+    def __call__(self, path: str, mode: str):
+        self.calls += 1
+        assert mode == "rb"
+        if self.calls <= self.failures:
+            raise OSError(self.code, os.strerror(self.code), path)
+        return io.BytesIO(self.data)
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.EAGAIN, errno.ESTALE, errno.ETIMEDOUT])
+def test_transient_errors_are_retried(code):
+    opener = FlakyOpener(b"pixels", failures=2, code=code)
+    assert fileio.read_bytes("/drive/a.png", retries=3, backoff_s=0, opener=opener) == b"pixels"
+    assert opener.calls == 3
+
+
+def test_retries_are_bounded_and_the_error_names_the_file():
+    opener = FlakyOpener(b"", failures=10**6)
+    with pytest.raises(BadFileError) as info:
+        fileio.read_bytes("/drive/MyDrive/covid/a.png", retries=3, backoff_s=0, opener=opener)
+    assert opener.calls == 4  # the first try and three retries
+    assert info.value.path == "/drive/MyDrive/covid/a.png"
+    assert "/drive/MyDrive/covid/a.png" in str(info.value) and "4 tries" in str(info.value)
+    assert os.strerror(errno.EIO) in str(info.value)
+
+
+def test_backoff_grows_between_retries(monkeypatch):
+    delays: list[float] = []
+    monkeypatch.setattr(fileio.time, "sleep", delays.append)
+    opener = FlakyOpener(b"ok", failures=3)
+    assert fileio.read_bytes("a.png", retries=3, backoff_s=0.2, opener=opener) == b"ok"
+    assert len(delays) == 3 and delays[0] == pytest.approx(0.2)
+    assert delays[0] < delays[1] < delays[2]
+
+
+def test_error_during_read_is_retried():
+    class FailingRead(io.BytesIO):
+        def read(self, *args):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    handles = iter([FailingRead(b"x"), io.BytesIO(b"whole file")])
+    assert fileio.read_bytes("a.png", backoff_s=0, opener=lambda path, mode: next(handles)) == b"whole file"
+
+
+def test_permanent_errors_are_not_retried():
+    opener = FlakyOpener(b"", failures=10**6, code=errno.EINVAL)
+    with pytest.raises(BadFileError, match="a.png"):
+        fileio.read_bytes("a.png", retries=3, backoff_s=0, opener=opener)
+    assert opener.calls == 1
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(BadFileError) as info:
+        fileio.read_bytes(tmp_path / "gone.png", backoff_s=0)
+    assert str(tmp_path / "gone.png") in str(info.value) and "not found" in str(info.value)
+    with pytest.raises(BadFileError, match="folder"):
+        fileio.read_bytes(tmp_path, backoff_s=0)
+
+
+def test_read_bytes_and_sha1_of_a_real_file(tmp_path):
+    data = bytes(range(256)) * 100
+    (tmp_path / "a.bin").write_bytes(data)
+    assert fileio.read_bytes(tmp_path / "a.bin") == data
+    assert fileio.sha1_file(tmp_path / "a.bin") == hashlib.sha1(data).hexdigest()

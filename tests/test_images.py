@@ -1,0 +1,343 @@
+"""Reading PNG, JPEG and DICOM files into (H, W) uint8 grayscale (xraylib.images).
+
+Every file here is written in its real format by OpenCV, Pillow or pydicom; the expected pixels
+come from those libraries (or from the pixels the test wrote), not from xraylib.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import gradient_image, write_dicom, write_raster
+from xraylib import images
+from xraylib.errors import BadFileError
+
+# write_dicom stores RSNA's plain ages ("43"), which pydicom warns about; the real files do the same.
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR AS")
+
+
+def _encode(ext: str, pixels: np.ndarray, params: list[int] | None = None) -> bytes:
+    ok, buffer = cv2.imencode(ext, pixels, params or [])
+    assert ok
+    return buffer.tobytes()
+
+
+def _colour_image(height: int = 96, width: int = 80) -> np.ndarray:
+    """A BGR image whose three channels differ, so a wrong channel order or weighting shows."""
+    gray = gradient_image(height, width)
+    return np.dstack([gray, (255 - gray) // 2, np.roll(gray, 7, axis=1)]).astype(np.uint8)
+
+
+def _assert_bad(path: Path, *words: str) -> BadFileError:
+    with pytest.raises(BadFileError) as info:
+        images.read_image(path)
+    message = str(info.value)
+    assert str(path) in message, message
+    for word in words:
+        assert word.lower() in message.lower(), message
+    return info.value
+
+
+# --- format by content, not by name ---------------------------------------------------------
+
+
+def test_png_named_jpg_is_read_as_png(tmp_path):
+    pixels = gradient_image(90, 70)
+    path = tmp_path / "scan.jpg"
+    path.write_bytes(_encode(".png", pixels))
+    assert images.inspect_file(path).file_format == "png"
+    np.testing.assert_array_equal(images.read_image(path), pixels)  # PNG is lossless
+
+
+def test_dicom_named_png_is_read_as_dicom(tmp_path):
+    pixels = gradient_image(64, 48)
+    pixels[0, 0], pixels[0, 1] = 0, 255  # full range, so the 8-bit reading is the stored pixels
+    dicom_path = write_dicom(tmp_path / "a.dcm", pixels)
+    renamed = tmp_path / "looks_like.png"
+    renamed.write_bytes(dicom_path.read_bytes())
+    assert images.inspect_file(renamed).file_format == "dicom"
+    np.testing.assert_array_equal(images.read_image(renamed), pixels)
+
+
+def _zip_bytes() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("images/1.png", _encode(".png", gradient_image()))
+    return buffer.getvalue()
+
+
+# An ISO-BMFF 'ftyp' box as an iPhone HEIC photo starts: size, 'ftyp', major brand, version, brands.
+_HEIC_HEAD = struct.pack(">I", 24) + b"ftypheic" + b"\x00\x00\x00\x00" + b"mif1heic" + b"\x00" * 200
+
+
+@pytest.mark.parametrize(
+    "name, content, words",
+    [
+        ("notes.png", b"patientid,finding\n1,COVID-19\n", ["text file"]),
+        ("archive.jpg", _zip_bytes(), ["zip"]),
+        ("empty.png", b"", ["empty"]),
+        ("photo.jpg", _HEIC_HEAD, ["heic"]),
+        ("paper.png", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n", ["pdf"]),
+        ("noise.jpg", bytes(range(256)) * 4, ["not a png, jpeg or dicom"]),
+    ],
+    ids=["text", "zip", "empty", "heic", "pdf", "binary"],
+)
+def test_non_images_are_refused_naming_the_file_and_what_it_is(tmp_path, name, content, words):
+    path = tmp_path / name
+    path.write_bytes(content)
+    error = _assert_bad(path, *words)
+    assert error.path == str(path)
+    with pytest.raises(BadFileError):  # inspect (the manifest's check) refuses it too
+        images.inspect_file(path)
+
+
+def test_missing_file_is_a_bad_file_error(tmp_path):
+    _assert_bad(tmp_path / "nowhere.png", "not found")
+
+
+# --- truncated files ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png"])
+def test_file_cut_in_half_is_refused_as_truncated(tmp_path, ext):
+    data = _encode(ext, _colour_image(120, 100))
+    path = tmp_path / f"half{ext}"
+    path.write_bytes(data[: len(data) // 2])
+    _assert_bad(path, "truncated")
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png"])
+def test_no_cut_point_gives_an_image(ext):
+    """A file cut anywhere is refused, never returned as a half-grey image."""
+    data = _encode(ext, _colour_image(64, 64))
+    for length in list(range(1, 64)) + list(range(64, len(data), 23)) + [len(data) - 2, len(data) - 1]:
+        with pytest.raises(BadFileError):
+            images.decode_bytes(data[:length], f"cut-{length}{ext}")
+    assert images.decode_bytes(data).shape == (64, 64)
+
+
+def test_jpeg_with_bytes_after_end_marker_reads(tmp_path):
+    """Cameras and editors append trailers after the end-of-image marker; the image is complete."""
+    colour = _colour_image()
+    data = _encode(".jpg", colour)
+    path = tmp_path / "trailer.jpg"
+    path.write_bytes(data + b"\x00\x00SEFHtrailer data from a phone" + bytes(range(256)))
+    expected = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2GRAY)
+    np.testing.assert_array_equal(images.read_image(path), expected)
+
+
+def test_truncated_jpeg_with_embedded_thumbnail_is_still_refused(tmp_path):
+    """An EXIF thumbnail holds its own end-of-image marker; it must not make a cut file look whole."""
+    data = _encode(".jpg", _colour_image(120, 100))
+    thumbnail = _encode(".jpg", gradient_image(16, 16))
+    payload = b"Exif\x00\x00" + thumbnail
+    app1 = b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+    with_thumbnail = data[:2] + app1 + data[2:]
+    whole = tmp_path / "whole.jpg"
+    whole.write_bytes(with_thumbnail)
+    assert images.read_image(whole).shape == (120, 100)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(with_thumbnail[: len(with_thumbnail) * 2 // 3])
+    _assert_bad(cut, "truncated")
+
+
+# --- bit depths and colour modes ----------------------------------------------------------
+
+
+def test_16bit_png_is_scaled_to_full_8bit_range(tmp_path):
+    # 12-bit detector values stored in a 16-bit PNG: dividing by 256 would give a black image.
+    values = np.linspace(200, 3900, 64 * 48).reshape(64, 48).astype(np.uint16)
+    path = write_raster(tmp_path / "deep.png", values)
+    assert cv2.imread(str(path), cv2.IMREAD_UNCHANGED).dtype == np.uint16  # really 16-bit on disk
+    info = images.inspect_file(path)
+    assert (info.bit_depth, info.channels) == (16, 1)
+    result = images.read_image(path)
+    assert result.dtype == np.uint8 and result.shape == values.shape
+    assert (result.min(), result.max()) == (0, 255)
+    expected = (values.astype(np.float64) - 200) / (3900 - 200) * 255
+    assert np.abs(result - expected).max() <= 1.0
+    assert np.all(np.diff(result.ravel().astype(int)) >= 0)  # order of intensities kept
+
+
+def test_rgb_png_grayscale_matches_opencv(tmp_path):
+    colour = _colour_image()
+    path = write_raster(tmp_path / "rgb.png", colour)
+    assert images.inspect_file(path).channels == 3
+    np.testing.assert_array_equal(images.read_image(path), cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY))
+
+
+def test_colour_jpeg_grayscale_matches_opencv(tmp_path):
+    path = write_raster(tmp_path / "rgb.jpg", _colour_image())
+    decoded = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(images.read_image(path), cv2.cvtColor(decoded, cv2.COLOR_BGR2GRAY))
+
+
+def test_rgba_png_ignores_alpha(tmp_path):
+    colour = _colour_image()
+    opaque = np.dstack([colour, np.full(colour.shape[:2], 255, np.uint8)])
+    see_through = np.dstack([colour, gradient_image(*colour.shape[:2], seed=3)])
+    first = images.read_image(write_raster(tmp_path / "opaque.png", opaque))
+    second = images.read_image(write_raster(tmp_path / "alpha.png", see_through))
+    assert images.inspect_file(tmp_path / "alpha.png").channels == 4
+    np.testing.assert_array_equal(first, cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY))
+    np.testing.assert_array_equal(second, first)
+
+
+def test_palette_png_reads_as_its_colours(tmp_path):
+    image_module = pytest.importorskip("PIL.Image", reason="Pillow is needed to write a palette PNG")
+    rgb = cv2.cvtColor(_colour_image(), cv2.COLOR_BGR2RGB)
+    palette_image = image_module.fromarray(rgb).quantize(colors=16)  # 16 colours: 4-bit indices
+    path = tmp_path / "palette.png"
+    palette_image.save(path)
+    assert palette_image.mode == "P" and path.read_bytes()[25] == 3  # IHDR colour type 3 = palette
+    expected = cv2.cvtColor(np.asarray(palette_image.convert("RGB")), cv2.COLOR_RGB2GRAY)
+    np.testing.assert_array_equal(images.read_image(path), expected)
+    info = images.inspect_file(path)
+    assert (info.channels, info.bit_depth) == (3, 8)  # the colours are 8-bit RGB, whatever the index size
+
+
+def test_gray_alpha_png_reads_its_gray_channel(tmp_path):
+    image_module = pytest.importorskip("PIL.Image", reason="Pillow is needed to write a gray+alpha PNG")
+    gray = gradient_image()
+    alpha = gradient_image(seed=5)[:, ::-1]
+    path = tmp_path / "la.png"
+    image_module.fromarray(np.dstack([gray, alpha]), "LA").save(path)
+    assert images.inspect_file(path).channels == 2
+    np.testing.assert_array_equal(images.read_image(path), gray)
+
+
+def test_cmyk_jpeg_reads_like_pillow(tmp_path):
+    image_module = pytest.importorskip("PIL.Image", reason="Pillow is needed to write a CMYK JPEG")
+    rgb = cv2.cvtColor(_colour_image(), cv2.COLOR_BGR2RGB)
+    path = tmp_path / "cmyk.jpg"
+    try:
+        image_module.fromarray(rgb).convert("CMYK").save(path, "JPEG", quality=95)
+    except OSError as exc:  # a Pillow built without CMYK JPEG support
+        pytest.skip(f"this Pillow cannot write a CMYK JPEG: {exc}")
+    assert images.inspect_file(path).channels == 4
+    with image_module.open(path) as written:
+        assert written.mode == "CMYK"
+        expected = cv2.cvtColor(np.asarray(written.convert("RGB")), cv2.COLOR_RGB2GRAY)
+    result = images.read_image(path)
+    assert result.shape == expected.shape
+    assert np.abs(result.astype(int) - expected).max() <= 2  # not inverted, not channel-swapped
+
+
+# --- size limits --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (31, 200), (200, 31)])
+def test_too_small_images_are_refused(tmp_path, shape):
+    path = write_raster(tmp_path / "tiny.png", gradient_image(*shape))
+    error = _assert_bad(path, "smaller than")
+    assert f"{shape[1]}x{shape[0]}" in error.reason
+
+
+def test_smallest_allowed_image_reads(tmp_path):
+    pixels = gradient_image(images.MIN_SIDE, images.MIN_SIDE)
+    np.testing.assert_array_equal(images.read_image(write_raster(tmp_path / "ok.png", pixels)), pixels)
+
+
+def _png_with_size(width: int, height: int) -> bytes:
+    """A real small PNG whose IHDR claims another size, with a correct CRC (as a crafted bomb has)."""
+    data = bytearray(_encode(".png", gradient_image(40, 40)))
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def _jpeg_with_size(width: int, height: int) -> bytes:
+    data = bytearray(_encode(".jpg", gradient_image(40, 40)))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("make", [_png_with_size, _jpeg_with_size], ids=["png", "jpeg"])
+def test_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch, make):
+    def decode_called(*args, **kwargs):
+        raise AssertionError("the pixels were decoded before the size check")
+
+    monkeypatch.setattr(images.cv2, "imdecode", decode_called)
+    path = tmp_path / "bomb.png"
+    path.write_bytes(make(20000, 20000))
+    _assert_bad(path, "20000x20000", "decompression-bomb")
+
+
+# --- inspect_bytes --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ext, pixels, channels, bit_depth",
+    [
+        (".png", gradient_image(70, 50), 1, 8),
+        (".png", _colour_image(70, 50), 3, 8),
+        (".png", np.dstack([_colour_image(70, 50), gradient_image(70, 50)]), 4, 8),
+        (".png", gradient_image(70, 50).astype(np.uint16) * 200, 1, 16),
+        (".jpg", gradient_image(70, 50), 1, 8),
+        (".jpg", _colour_image(70, 50), 3, 8),
+    ],
+    ids=["png-gray", "png-rgb", "png-rgba", "png-16bit", "jpeg-gray", "jpeg-colour"],
+)
+def test_inspect_bytes_reports_the_file(ext, pixels, channels, bit_depth):
+    data = _encode(ext, pixels)
+    info = images.inspect_bytes(data, f"x{ext}")
+    assert info.file_format == {".png": "png", ".jpg": "jpeg"}[ext]
+    assert (info.width, info.height) == (50, 70)  # width is the second axis
+    assert (info.channels, info.bit_depth) == (channels, bit_depth)
+    assert info.sha1 == hashlib.sha1(data).hexdigest()
+    assert info.dicom_header is None
+
+
+def test_inspect_bytes_reports_a_dicom(tmp_path):
+    pixels = (np.arange(70 * 50).reshape(70, 50) % 4096).astype(np.uint16)
+    data = write_dicom(tmp_path / "a.dcm", pixels, bits=16, patient_id="p-7", view="AP").read_bytes()
+    info = images.inspect_bytes(data, "a.dcm")
+    assert info.file_format == "dicom"
+    assert (info.width, info.height, info.channels, info.bit_depth) == (50, 70, 1, 12)
+    assert info.sha1 == hashlib.sha1(data).hexdigest()
+    assert info.dicom_header.patient_id == "p-7" and info.dicom_header.view == "AP"
+
+
+# --- the real files in ../shared/data ---------------------------------------------------------
+
+
+@pytest.mark.shared_data
+def test_every_real_image_is_accepted_and_its_format_agrees_with_pillow(shared_data):
+    image_module = pytest.importorskip("PIL.Image", reason="Pillow is the independent format check")
+    paths = [p for p in sorted(shared_data.rglob("*")) if p.suffix.lower() in {".png", ".jpg", ".jpeg"}]
+    assert len(paths) >= 900  # 960 images in ../shared/data
+    for path in paths:
+        info = images.inspect_file(path)
+        with image_module.open(path) as opened:
+            assert info.file_format == {"PNG": "png", "JPEG": "jpeg"}[opened.format], path
+            assert (info.width, info.height) == opened.size, path
+
+
+@pytest.mark.shared_data
+def test_real_pngs_named_jpg_read_like_pillow(shared_data):
+    image_module = pytest.importorskip("PIL.Image", reason="Pillow is the independent decoder here")
+    folder = shared_data / "covid-chestxray-dataset" / "images"
+    disguised = []
+    for path in sorted(folder.glob("*.jpg")):
+        with image_module.open(path) as opened:
+            if opened.format == "PNG":
+                disguised.append(path)
+    if not disguised:
+        pytest.skip(f"no PNG named .jpg in {folder}")
+    for path in disguised:
+        with image_module.open(path) as opened:
+            rgb = np.asarray(opened.convert("RGB"))
+        expected = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        result = images.read_image(path)
+        assert result.shape == expected.shape, path
+        assert np.abs(result.astype(int) - expected).max() <= 1, path

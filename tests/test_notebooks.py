@@ -1,0 +1,73 @@
+"""Run the numbered notebooks top to bottom under nbval, with tiny parameters.
+
+Each notebook's tagged ``parameters`` cell is followed by an injected cell that overrides
+settings (the papermill convention), so the same notebooks users run in Colab run here on
+the built-in sample data. nbval (``--nbval-lax``) executes every cell and compares the
+outputs of the cells marked ``# NBVAL_CHECK_OUTPUT`` with the outputs stored in the notebook.
+The notebooks run in order and share one output folder, as a user's session would.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+
+#: Overrides per notebook (merged over COMMON); the defaults are what a Colab user runs.
+COMMON = {"DATA": "sample"}
+PARAMETERS = {
+    "01_dataset_creation": {"SAMPLE_PATIENTS": 30, "SEED": 0, "WORKERS": 4},
+    "02_preprocessing": {"IMAGE_SIZE": 64, "WORKERS": 2},
+}
+
+
+def inject_parameters(notebook: nbformat.NotebookNode, values: dict) -> nbformat.NotebookNode:
+    """Insert a cell tagged ``injected-parameters`` after the ``parameters`` cell (papermill's convention)."""
+    for index, cell in enumerate(notebook.cells):
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            break
+    else:
+        raise AssertionError("notebook has no cell tagged 'parameters'")
+    source = "# Parameters injected by tests/test_notebooks.py\n" + "\n".join(f"{k} = {v!r}" for k, v in values.items())
+    injected = nbformat.v4.new_code_cell(source)
+    injected.metadata["tags"] = ["injected-parameters"]
+    notebook.cells.insert(index + 1, injected)
+    return notebook
+
+
+@pytest.fixture(scope="module")
+def notebook_outputs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("notebook_outputs")
+
+
+def test_every_notebook_has_parameters_and_setup_cells():
+    assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(1, len(NOTEBOOKS) + 1)]
+    for path in NOTEBOOKS:
+        notebook = nbformat.read(path, as_version=4)
+        tagged = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1, f"{path.name}: needs exactly one cell tagged 'parameters'"
+        assert any("google.colab" in c.source and "drive.mount" in c.source for c in notebook.cells[:3]), path.name
+        assert PARAMETERS.get(path.stem) is not None, f"{path.name}: add its test parameters to PARAMETERS"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_under_nbval(path: Path, notebook_outputs: Path, tmp_path: Path):
+    notebook = nbformat.read(path, as_version=4)
+    values = {**COMMON, "OUTPUT_DIR": str(notebook_outputs), **PARAMETERS[path.stem]}
+    inject_parameters(notebook, values)
+    # nbval runs the kernel in the copy's folder; every path the tests need is injected as absolute.
+    target = tmp_path / path.name
+    nbformat.write(notebook, target)
+    env = {**os.environ, "MPLBACKEND": "module://matplotlib_inline.backend_inline", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--nbval-lax", "-p", "no:cacheprovider", "-q", "--rootdir", str(tmp_path),
+         "--nbval-cell-timeout", "900", str(target)],
+        capture_output=True, text=True, cwd=NOTEBOOK_DIR, env=env, timeout=1800,
+    )
+    assert result.returncode == 0, f"{path.name} failed under nbval:\n{result.stdout[-6000:]}\n{result.stderr[-2000:]}"

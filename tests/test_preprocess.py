@@ -1,0 +1,363 @@
+"""Resizing, settings, normalisation and the resumable uint8 cache, on PNG/JPEG/DICOM files written here."""
+from __future__ import annotations
+
+import json
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+import xraylib.preprocess as preprocess_module
+from conftest import gradient_image, write_dicom, write_raster
+from xraylib.errors import ConfigError, SourceError
+from xraylib.fileio import sha1_file
+from xraylib.preprocess import (
+    NORMALISATION, PreprocessSettings, load_preprocessed, normalise, one_hot, preprocess_dataset,
+    preprocess_file, resize_image, to_rgb_float,
+)
+from xraylib.split import SplitLeakError
+
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR AS")
+
+CLASSES = ("normal", "pneumonia", "covid")
+SETTINGS = PreprocessSettings(image_size=48, resize="pad")
+
+
+# --------------------------------------------------------------------------------------------
+# A small manifest of real-format files
+
+
+def write_image(path_stem: Path, index: int) -> Path:
+    """Cycle through the formats users have: gray PNG, RGBA PNG, RGB JPEG, MONOCHROME2 DICOM."""
+    pixels = gradient_image(60 + 7 * (index % 5), 50 + 11 * (index % 3), seed=index)
+    kind = index % 4
+    if kind == 0:
+        return write_raster(path_stem.with_suffix(".png"), pixels)
+    if kind == 1:
+        rgba = np.dstack([pixels, pixels, 255 - pixels, np.full_like(pixels, 255)])
+        return write_raster(path_stem.with_suffix(".png"), rgba)
+    if kind == 2:
+        return write_raster(path_stem.with_suffix(".jpeg"), np.dstack([pixels, pixels // 2, pixels]))
+    return write_dicom(path_stem.with_suffix(".dcm"), pixels, patient_id=path_stem.name)
+
+
+def make_split_manifest(root: Path, sizes: dict[str, int] | None = None) -> pd.DataFrame:
+    """Rows with the manifest columns preprocessing uses; two images per patient, within one split."""
+    sizes = sizes or {"train": 10, "val": 6, "test": 5}
+    rows, index = [], 0
+    for split, n in sizes.items():
+        for i in range(n):
+            path = write_image(root / "images" / f"{split}-{i:03d}", index)
+            rows.append({"path": str(path), "label": CLASSES[index % 3], "source": "ieee8023",
+                         "patient_id": f"ieee8023:{split}-{i // 2}", "sha1": sha1_file(path), "split": split})
+            index += 1
+    return pd.DataFrame(rows)
+
+
+def run(manifest: pd.DataFrame, out: Path, settings: PreprocessSettings = SETTINGS, **kwargs):
+    kwargs.setdefault("workers", 1)
+    return preprocess_dataset(manifest, out, CLASSES, settings, progress=False, **kwargs)
+
+
+def arrays(data) -> dict[str, np.ndarray]:
+    return {name: np.array(split.images) for name, split in data.splits.items()}
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.iterdir())}
+
+
+def assert_rows_match_files(data, settings: PreprocessSettings = SETTINGS) -> None:
+    """Every cached image is its manifest row's file, preprocessed; every label is that row's label."""
+    for split in data.splits.values():
+        assert len(split.images) == len(split.labels) == len(split.manifest)
+        for i, row in enumerate(split.manifest.itertuples()):
+            np.testing.assert_array_equal(split.images[i], preprocess_file(row.path, settings))
+            assert CLASSES[split.labels[i]] == row.label and row.split == split.name and row.row == i
+
+
+# ============================================================================================
+# resize_image
+
+
+def test_stretch_fills_the_square_and_distorts():
+    image = np.zeros((40, 80), np.uint8)
+    image[:, 40:] = 200
+    out = resize_image(image, 64, "stretch")
+    assert out.shape == (64, 64) and out.dtype == np.uint8
+    assert (out[:, :30] == 0).all() and (out[:, 34:] == 200).all()
+    big = resize_image(gradient_image(300, 200), 64, "stretch")
+    assert big.shape == (64, 64)
+
+
+def test_pad_keeps_aspect_with_black_bars_top_and_bottom():
+    wide = np.full((40, 80), 255, np.uint8)
+    out = resize_image(wide, 64, "pad")
+    assert out.shape == (64, 64) and out.dtype == np.uint8
+    # 80 -> 64 wide, so 40 -> 32 high, centred: 16 black rows above and below
+    assert (out[:16] == 0).all() and (out[16:48] == 255).all() and (out[48:] == 0).all()
+
+
+def test_pad_tall_image_gets_bars_left_and_right_and_content_is_undistorted():
+    tall = gradient_image(100, 50, seed=3)
+    out = resize_image(tall, 64, "pad")
+    assert (out[:, :16] == 0).all() and (out[:, 48:] == 0).all()
+    expected = cv2.resize(tall, (32, 64), interpolation=cv2.INTER_AREA)
+    assert np.abs(out[:, 16:48].astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_pad_odd_sizes_centre_within_a_pixel():
+    out = resize_image(np.full((33, 100), 255, np.uint8), 64, "pad")
+    content_rows = np.flatnonzero(out.max(axis=1) > 0)
+    top, bottom = content_rows[0], 63 - content_rows[-1]
+    assert abs(top - bottom) <= 1 and len(content_rows) == round(33 * 0.64)
+
+
+def test_pad_and_stretch_agree_on_square_images():
+    square = gradient_image(90, 90, seed=1)
+    np.testing.assert_array_equal(resize_image(square, 48, "pad"), resize_image(square, 48, "stretch"))
+
+
+def test_unknown_resize_mode_is_a_config_error():
+    with pytest.raises(ConfigError, match="crop"):
+        resize_image(gradient_image(), 64, "crop")
+
+
+# ============================================================================================
+# PreprocessSettings, normalise, one_hot
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    ({"resize": "crop"}, "resize"), ({"image_size": 16}, "image_size"), ({"image_size": 4096}, "image_size"),
+    ({"image_size": 224.5}, "image_size"), ({"image_size": "224"}, "image_size"),
+])
+def test_settings_validation(kwargs, word):
+    with pytest.raises(ConfigError, match=word):
+        PreprocessSettings(**kwargs)
+
+
+def test_settings_round_trip():
+    settings = PreprocessSettings(image_size=128, resize="pad")
+    data = settings.to_dict()
+    assert data["stored_as"].startswith("uint8")
+    assert PreprocessSettings.from_dict(data) == settings
+    from_numpy = PreprocessSettings(image_size=np.int64(64))
+    assert type(from_numpy.image_size) is int and json.loads(json.dumps(from_numpy.to_dict()))["image_size"] == 64
+
+
+def test_caffe_is_bgr_minus_the_imagenet_mean():
+    rgb = np.array([[[10.0, 20.0, 30.0]]], np.float32)
+    for backbone in ("vgg16", "resnet50"):
+        np.testing.assert_allclose(normalise(rgb, backbone)[0, 0], [30 - 103.939, 20 - 116.779, 10 - 123.68], rtol=1e-6)
+
+
+def test_tf_mode_maps_to_minus_one_one():
+    values = np.array([0.0, 127.5, 255.0], np.float32)
+    rgb = np.repeat(values[:, None], 3, axis=1)
+    np.testing.assert_allclose(normalise(rgb, "mobilenet")[:, 0], [-1.0, 0.0, 1.0], atol=1e-6)
+    assert normalise(rgb, "mobilenet_v2").min() >= -1 and normalise(rgb, "mobilenet_v2").max() <= 1
+
+
+def test_torch_and_unit_modes():
+    white = np.full((1, 1, 3), 255.0, np.float32)
+    black = np.zeros((1, 1, 3), np.float32)
+    # torch: 0..1 over the ImageNet std per channel. Only the scale is pinned here: the means must stay
+    # whatever xraylib.models' Normalization layer uses, so display and model cannot drift apart.
+    np.testing.assert_allclose((normalise(white, "densenet121") - normalise(black, "densenet121"))[0, 0],
+                               [1 / 0.229, 1 / 0.224, 1 / 0.225], rtol=1e-5)
+    assert np.all(normalise(black, "densenet121") < -1.7) and np.all(normalise(white, "densenet121") > 2.2)
+    np.testing.assert_allclose(normalise(white, "small_cnn"), 1.0)
+    with pytest.raises(ConfigError, match="inception"):
+        normalise(white, "inception")
+    assert set(NORMALISATION.values()) == {"caffe", "torch", "tf", "unit"}
+
+
+def test_to_rgb_float_replicates_the_gray_channel():
+    images = np.stack([gradient_image(48, 48, seed=s) for s in range(2)])
+    rgb = to_rgb_float(images)
+    assert rgb.shape == (2, 48, 48, 3) and rgb.dtype == np.float32
+    for channel in range(3):
+        np.testing.assert_array_equal(rgb[..., channel], images)
+
+
+def test_one_hot_follows_class_order_and_rejects_unknown_labels():
+    np.testing.assert_array_equal(one_hot(pd.Series(["covid", "normal", "covid"]), ("normal", "covid")),
+                                  [[0, 1], [1, 0], [0, 1]])
+    assert one_hot(["normal"], ("normal", "covid")).dtype == np.float32
+    with pytest.raises(ConfigError, match="pneumonia"):
+        one_hot(["covid", "pneumonia"], ("normal", "covid"))
+
+
+# ============================================================================================
+# preprocess_dataset
+
+
+def test_preprocess_dataset_end_to_end(tmp_path):
+    manifest = make_split_manifest(tmp_path / "src")
+    data = run(manifest, tmp_path / "out")
+    assert data.classes == CLASSES and data.settings == SETTINGS
+    for name, n in {"train": 10, "val": 6, "test": 5}.items():
+        images = data[name].images
+        assert isinstance(images, np.memmap) and images.shape == (n, 48, 48) and images.dtype == np.uint8
+    assert_rows_match_files(data)
+    assert data.report["new"] == 21 and data.report["cached"] == 0 and data.report["problems"] == []
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {
+        "train_images.npy", "val_labels.npy", "manifest.csv", "preprocess.json"}
+    assert not list((tmp_path / "out").glob("*partial*")) and not list((tmp_path / "out").glob(".*tmp"))
+    np.testing.assert_array_equal(data["val"].one_hot.argmax(axis=1), data["val"].labels)
+    # the folder can be opened alone, as notebook 03 does
+    reopened = load_preprocessed(tmp_path / "out")
+    for name in ("train", "val", "test"):
+        np.testing.assert_array_equal(reopened[name].images, data[name].images)
+
+
+def test_bad_file_is_reported_and_left_out(tmp_path):
+    manifest = make_split_manifest(tmp_path / "src")
+    bad = Path(manifest.loc[3, "path"])  # a train row
+    bad.write_bytes(bad.read_bytes()[:100])
+    data = run(manifest, tmp_path / "out")
+    [problem] = data.report["problems"]
+    assert problem["path"] == str(bad) and problem["reason"]
+    assert data.report["skipped"] == 1
+    assert len(data["train"]) == 9 and str(bad) not in set(data["train"].manifest["path"])
+    assert len(data["val"]) == 6 and len(data["test"]) == 5
+    assert_rows_match_files(data)  # the rows after the bad one did not shift
+
+
+def test_second_call_does_no_work(tmp_path, monkeypatch):
+    manifest = make_split_manifest(tmp_path / "src")
+    first = run(manifest, tmp_path / "out")
+    before = mtimes(tmp_path / "out")
+    calls = []
+    monkeypatch.setattr(preprocess_module, "_work", lambda job: calls.append(job))
+    second = run(manifest, tmp_path / "out")
+    assert calls == []
+    assert second.report["new"] == 0 and second.report["cached"] == 21
+    assert mtimes(tmp_path / "out") == before
+    for name, images in arrays(first).items():
+        np.testing.assert_array_equal(second[name].images, images)
+
+
+def test_changed_settings_rebuild(tmp_path):
+    manifest = make_split_manifest(tmp_path / "src")
+    run(manifest, tmp_path / "out")
+    settings = PreprocessSettings(image_size=32, resize="stretch")
+    data = run(manifest, tmp_path / "out", settings)
+    assert data.report["new"] == 21 and data["train"].images.shape == (10, 32, 32)
+    assert data.settings == settings
+    assert_rows_match_files(data, settings)
+
+
+def test_changed_image_rebuilds(tmp_path):
+    manifest = make_split_manifest(tmp_path / "src")
+    old = arrays(run(manifest, tmp_path / "out"))
+    path = Path(manifest.loc[12, "path"])  # a val row, a DICOM
+    write_dicom(path, 255 - gradient_image(64, 64, seed=99))
+    changed = manifest.assign(sha1=[sha1_file(p) for p in manifest["path"]])
+    assert changed.loc[12, "sha1"] != manifest.loc[12, "sha1"]
+    data = run(changed, tmp_path / "out")
+    assert data.report["new"] == 21
+    row = data["val"].manifest.index[data["val"].manifest["path"] == str(path)].item()
+    np.testing.assert_array_equal(data["val"].images[row], preprocess_file(path, SETTINGS))
+    assert not np.array_equal(data["val"].images[row], old["val"][row])
+    assert_rows_match_files(data)
+
+
+def _done_before_interrupt(sizes: list[int], calls_ok: int, chunk: int) -> int:
+    """Rows whose chunk was finished (and saved) before the call after ``calls_ok`` raised."""
+    done, remaining = 0, calls_ok
+    for n in sizes:
+        if remaining >= n:
+            done, remaining = done + n, remaining - n
+        else:
+            return done + (remaining // chunk) * chunk
+    return done
+
+
+@pytest.mark.parametrize("calls_ok", [0, 6, 13, 19])
+def test_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, calls_ok):
+    manifest = make_split_manifest(tmp_path / "src")
+    bad = Path(manifest.loc[1, "path"])  # unreadable, in the first chunk: its reason must survive the resume
+    bad.write_text("not an image\n")
+    reference = run(manifest, tmp_path / "reference")
+
+    real_work = preprocess_module._work
+    calls = []
+
+    def interrupted(job):
+        if len(calls) == calls_ok:
+            raise KeyboardInterrupt
+        calls.append(job[0])
+        return real_work(job)
+
+    monkeypatch.setattr(preprocess_module, "_work", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(manifest, tmp_path / "out", chunk_size=4)
+    with pytest.raises(SourceError, match="no finished"):
+        load_preprocessed(tmp_path / "out")
+
+    resumed_calls = []
+    monkeypatch.setattr(preprocess_module, "_work", lambda job: resumed_calls.append(job[0]) or real_work(job))
+    data = run(manifest, tmp_path / "out", chunk_size=4)
+    done = _done_before_interrupt([10, 6, 5], calls_ok, 4)
+    assert len(resumed_calls) == 21 - done  # nothing finished before is decoded again
+    good_done = done - (1 if done > 1 else 0)  # row 1, the unreadable file, is not "new" or "cached"
+    assert data.report["new"] == 20 - good_done and data.report["cached"] == good_done
+    assert data.report["problems"] == reference.report["problems"] and data.report["problems"][0]["path"] == str(bad)
+    for name, images in arrays(reference).items():
+        np.testing.assert_array_equal(data[name].images, images)
+    pd.testing.assert_frame_equal(data.manifest, reference.manifest)
+
+
+def test_two_workers_give_the_same_arrays_as_one(tmp_path, monkeypatch):
+    manifest = make_split_manifest(tmp_path / "src", {"train": 40, "val": 2, "test": 3})
+    one = run(manifest, tmp_path / "one", workers=1)
+    pools = []
+    real_pool = preprocess_module._pool
+    monkeypatch.setattr(preprocess_module, "_pool", lambda workers, n: pools.append(real_pool(workers, n)) or pools[-1])
+    two = run(manifest, tmp_path / "two", workers=2)
+    assert isinstance(pools[0], ProcessPoolExecutor)  # the train split really ran in two processes
+    for name, images in arrays(one).items():
+        np.testing.assert_array_equal(two[name].images, images)
+    pd.testing.assert_frame_equal(two.manifest, one.manifest)
+
+
+def test_inputs_are_checked_before_any_work(tmp_path):
+    manifest = make_split_manifest(tmp_path / "src", {"train": 2, "val": 2, "test": 2})
+    with pytest.raises(ConfigError, match="split"):
+        run(manifest.drop(columns="split"), tmp_path / "out")
+    renamed = manifest.replace({"split": {"val": "validation"}})
+    with pytest.raises(ConfigError, match="validation"):
+        run(renamed, tmp_path / "out")
+    leaky = manifest.assign(patient_id="ieee8023:same-patient")
+    with pytest.raises(SplitLeakError, match="ieee8023:same-patient"):
+        run(leaky, tmp_path / "out")
+    with pytest.raises(ConfigError, match="pneumonia"):
+        preprocess_dataset(manifest, tmp_path / "out", ("normal", "covid"), SETTINGS, workers=1, progress=False)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.npy"))
+
+
+def test_empty_split_is_allowed(tmp_path):
+    manifest = make_split_manifest(tmp_path / "src", {"train": 3, "test": 2})
+    data = run(manifest, tmp_path / "out")
+    assert data["val"].images.shape == (0, 48, 48) and len(data["val"]) == 0
+    assert len(data["train"]) == 3 and len(data["test"]) == 2
+
+
+def test_load_preprocessed_without_cache_is_a_source_error(tmp_path):
+    with pytest.raises(SourceError, match="preprocess"):
+        load_preprocessed(tmp_path)
+
+
+def test_deleting_preprocess_json_forces_a_rebuild(tmp_path):
+    manifest = make_split_manifest(tmp_path / "src")
+    run(manifest, tmp_path / "out")
+    (tmp_path / "out" / "preprocess.json").unlink()  # what a user does to "start again"
+    settings = PreprocessSettings(image_size=32, resize="stretch")
+    data = run(manifest, tmp_path / "out", settings)
+    assert data.report["new"] == 21
+    assert all(split.images.shape[1:] == (32, 32) for split in data.splits.values())
+    assert_rows_match_files(data, settings)

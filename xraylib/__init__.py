@@ -1,0 +1,13 @@
+"""xraylib: build and honestly evaluate chest X-ray classifiers with TensorFlow/Keras.
+
+Research software, not a diagnostic device: nothing it outputs is a medical diagnosis.
+
+The data side (config, sources, dicom, images, manifest, split, preprocess, synthetic) imports
+no TensorFlow; the model side (models, train, evaluate, explain, predict) does.
+"""
+__version__ = "0.1.0"
+
+DISCLAIMER = (
+    "xraylib is research software, not a diagnostic device. Its models and numbers must not be "
+    "used to diagnose, treat or triage anyone."
+)

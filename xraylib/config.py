@@ -1,0 +1,201 @@
+"""Where things are: the one YAML file of paths, the output layout, and the shared test data.
+
+Every path xraylib reads or writes comes from here. ``drive_paths.yaml`` names the source
+folders (on Google Drive in Colab) and the output folder; relative paths in it are taken
+relative to the YAML file's own folder. Nothing in the library hard-codes a Drive path.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+
+#: The source keys of drive_paths.yaml, in the order the manifest lists sources.
+SOURCE_KEYS = ("covid_chestxray_dataset", "rsna_pneumonia", "chest_xray_pneumonia", "nih_chestxray14")
+
+#: The folder names the built-in sample data (and ../shared/data) use for each source.
+SOURCE_FOLDERS = {
+    "covid_chestxray_dataset": "covid-chestxray-dataset",
+    "rsna_pneumonia": "rsna-pneumonia",
+    "chest_xray_pneumonia": "chest-xray-pneumonia",
+    "nih_chestxray14": "nih-chestxray14",
+}
+
+
+@dataclass(frozen=True)
+class DrivePaths:
+    """The source folders (``None`` where a source is not used) and the output folder."""
+
+    output_dir: Path
+    covid_chestxray_dataset: Path | None = None
+    rsna_pneumonia: Path | None = None
+    chest_xray_pneumonia: Path | None = None
+    nih_chestxray14: Path | None = None
+
+    def sources(self) -> dict[str, Path]:
+        """The configured sources, ``{key: folder}``, in SOURCE_KEYS order."""
+        return {k: getattr(self, k) for k in SOURCE_KEYS if getattr(self, k) is not None}
+
+    def check_sources_exist(self) -> None:
+        """Raise :class:`ConfigError` naming the first configured source folder that is missing."""
+        for key, folder in self.sources().items():
+            if not folder.is_dir():
+                hint = " Is Google Drive mounted?" if str(folder).startswith("/content/drive") else ""
+                raise ConfigError(f"{key}: folder not found: {folder}.{hint} Fix the path in drive_paths.yaml or set it to null.")
+
+    @property
+    def layout(self) -> "OutputLayout":
+        return OutputLayout(self.output_dir)
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Where each stage writes under the output folder. Each stage reads the previous one's files."""
+
+    root: Path
+
+    @property
+    def sample_data(self) -> Path:
+        return self.root / "sample_data"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.csv"
+
+    @property
+    def manifest_report(self) -> Path:
+        return self.root / "manifest_report.json"
+
+    @property
+    def preprocessed(self) -> Path:
+        return self.root / "preprocessed"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+
+def load_drive_paths(yaml_path: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> DrivePaths:
+    """Read ``drive_paths.yaml``. ``output_dir``, if given, overrides the file's ``output_dir``.
+
+    Raises :class:`ConfigError` for a missing file, bad YAML, an unknown key, or a missing
+    ``output_dir``; the message names the file and the key.
+    """
+    yaml_path = Path(yaml_path)
+    if not yaml_path.is_file():
+        raise ConfigError(
+            f"{yaml_path}: file not found. Copy drive_paths.example.yaml to drive_paths.yaml and set your folders."
+        )
+    try:
+        data = yaml.safe_load(yaml_path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{yaml_path}: not valid YAML ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{yaml_path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{yaml_path}: expected 'key: path' lines, got {type(data).__name__}")
+    known = {f.name for f in fields(DrivePaths)}
+    unknown = sorted(str(key) for key in set(data) - known)  # keys may be numbers or null in YAML
+    if unknown:
+        raise ConfigError(f"{yaml_path}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+    base = yaml_path.resolve().parent
+    resolved = {k: _resolve(v, base, yaml_path, k) for k, v in data.items()}
+    if output_dir is not None:
+        resolved["output_dir"] = Path(output_dir).expanduser().resolve()
+    if resolved.get("output_dir") is None:
+        raise ConfigError(f"{yaml_path}: 'output_dir' is not set; name the folder where xraylib writes its outputs")
+    return DrivePaths(**resolved)
+
+
+def _resolve(value: object, base: Path, yaml_path: Path, key: str) -> Path | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{yaml_path}: '{key}' must be a path (text), got {value!r}")
+    path = Path(os.path.expandvars(value)).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def sample_drive_paths(output_dir: str | os.PathLike) -> DrivePaths:
+    """Paths for the built-in sample data: the three sources under ``output_dir/sample_data``."""
+    output_dir = Path(output_dir).expanduser().resolve()
+    sample = OutputLayout(output_dir).sample_data
+    return DrivePaths(
+        output_dir=output_dir,
+        covid_chestxray_dataset=sample / SOURCE_FOLDERS["covid_chestxray_dataset"],
+        rsna_pneumonia=sample / SOURCE_FOLDERS["rsna_pneumonia"],
+        chest_xray_pneumonia=sample / SOURCE_FOLDERS["chest_xray_pneumonia"],
+    )
+
+
+def folder_drive_paths(data_root: str | os.PathLike, output_dir: str | os.PathLike) -> DrivePaths:
+    """Paths for a folder laid out like ``../shared/data``: each source under its usual folder name.
+
+    Sources whose folder is absent are left out.
+    """
+    data_root = Path(data_root).expanduser().resolve()
+    found = {k: data_root / name for k, name in SOURCE_FOLDERS.items() if (data_root / name).is_dir()}
+    if not found:
+        raise ConfigError(f"{data_root}: none of the source folders {sorted(SOURCE_FOLDERS.values())} is there")
+    return DrivePaths(output_dir=Path(output_dir).expanduser().resolve(), **found)
+
+
+def default_sample_output_dir() -> Path:
+    """Where sample-data outputs go by default: ``outputs/sample`` in a source checkout, else ``./xraylib_outputs/sample``."""
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file():
+        return checkout / "outputs" / "sample"
+    return Path.cwd() / "xraylib_outputs" / "sample"
+
+
+def resolve_paths(data: str = "sample", drive_paths_yaml: str | os.PathLike | None = None,
+                  output_dir: str | os.PathLike | None = None) -> DrivePaths:
+    """The paths a notebook works with, from its ``DATA`` parameter.
+
+    ``data``: "sample" (the built-in synthetic data under the output folder), "drive" (the
+    folders in ``drive_paths_yaml``) or a folder laid out like ``../shared/data``.
+    ``output_dir`` overrides the default output folder (for "drive", the YAML's ``output_dir``).
+    """
+    if data == "sample":
+        return sample_drive_paths(output_dir or default_sample_output_dir())
+    if data == "drive":
+        if drive_paths_yaml is None:
+            raise ConfigError("DATA = 'drive' needs DRIVE_PATHS, the path of your drive_paths.yaml")
+        return load_drive_paths(drive_paths_yaml, output_dir=output_dir)
+    folder = Path(str(data)).expanduser()
+    if folder.is_dir():
+        if output_dir is None:
+            raise ConfigError(f"DATA is the folder {folder}: also set OUTPUT_DIR, where the outputs go")
+        return folder_drive_paths(folder, output_dir)
+    raise ConfigError(f"DATA must be 'sample', 'drive' or an existing folder, got {data!r}")
+
+
+def shared_data_dir() -> Path | None:
+    """The real test/benchmark data (``$XRAYLIB_SHARED_DATA``, default ``../shared/data`` beside the repo).
+
+    Returns ``None`` when the folder is absent; callers skip with a message.
+    """
+    env = os.environ.get("XRAYLIB_SHARED_DATA")
+    path = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+def shared_weights_dir() -> Path | None:
+    """Real ImageNet weights kept beside the project (``$XRAYLIB_SHARED_WEIGHTS``, default ``../shared/weights``)."""
+    env = os.environ.get("XRAYLIB_SHARED_WEIGHTS")
+    path = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "weights"
+    return path if path.is_dir() else None
+
+
+def in_colab() -> bool:
+    """True inside Google Colab."""
+    return "google.colab" in sys.modules

@@ -1,0 +1,188 @@
+"""Read DICOM chest radiographs with pydicom into xraylib's array convention.
+
+The order follows the DICOM standard's display pipeline: modality LUT (RescaleSlope /
+RescaleIntercept), then VOI LUT or windowing (WindowCenter / WindowWidth), then a min-max scale
+to 8 bits, then MONOCHROME1 inversion (255 - x: in MONOCHROME1 a high value is dark). Plain
+8-bit pixels with no LUTs are kept as stored, exactly as a PNG of the same pixels would be.
+pydicom does the LUT work; we do not re-implement it.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+
+from .errors import BadFileError
+
+#: What to install for transfer syntaxes that pydicom cannot decode on its own.
+_PLUGIN_HINTS = {
+    "JPEG 2000": "pip install pylibjpeg pylibjpeg-openjpeg",
+    "JPEG-LS": "pip install pylibjpeg pyjpegls",
+    "JPEG": "pip install pylibjpeg pylibjpeg-libjpeg",
+    "RLE": "pip install pylibjpeg pylibjpeg-rle",
+    "HTJ2K": "pip install pylibjpeg pylibjpeg-openjpeg",
+}
+
+
+@dataclass(frozen=True)
+class DicomHeader:
+    """The header fields the manifest and the audit use. Missing fields are ``None``."""
+
+    patient_id: str | None
+    sex: str | None
+    age: float | None
+    view: str | None
+    modality: str | None
+    body_part: str | None
+    rows: int | None
+    columns: int | None
+    bits_stored: int | None
+    photometric: str | None
+    frames: int
+    has_pixels: bool
+    transfer_syntax: str | None
+
+
+def parse_age(value: object) -> float | None:
+    """DICOM ``PatientAge`` ("043Y", "6M", or RSNA's plain "43") in years; None when absent or unparsable."""
+    if value is None:
+        return None
+    text = str(value).strip().upper()
+    if not text:
+        return None
+    unit = text[-1] if text[-1] in "YMWD" else "Y"
+    digits = text[:-1] if text[-1] in "YMWD" else text
+    try:
+        number = float(digits)
+    except ValueError:
+        return None
+    years = number / {"Y": 1, "M": 12, "W": 52.1775, "D": 365.25}[unit]
+    return years if 0 <= years < 130 else None
+
+
+def _read_dataset(data: bytes, path: str) -> pydicom.Dataset:
+    try:
+        with warnings.catch_warnings():
+            # Real files break small VR rules (RSNA writes PatientAge "43", not "043Y"); we parse leniently.
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(io.BytesIO(data), force=False)
+    except InvalidDicomError:
+        raise BadFileError(path, "not a DICOM file (no 'DICM' marker)") from None
+    except Exception as exc:  # pydicom raises many types for damaged files
+        raise BadFileError(path, f"damaged DICOM file ({type(exc).__name__}: {exc})") from None
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or str(value).strip() == "":
+        return None
+    return str(value).strip()
+
+
+def read_header(data: bytes, path: str = "<bytes>") -> DicomHeader:
+    """The header of a DICOM file given as bytes; raises :class:`BadFileError` if it is not DICOM."""
+    ds = _read_dataset(data, path)
+    return _header(ds)
+
+
+def _header(ds: pydicom.Dataset) -> DicomHeader:
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    return DicomHeader(
+        patient_id=_text(ds, "PatientID"),
+        sex=_text(ds, "PatientSex"),
+        age=parse_age(ds.get("PatientAge")),
+        view=_text(ds, "ViewPosition"),
+        modality=_text(ds, "Modality"),
+        body_part=_text(ds, "BodyPartExamined"),
+        rows=int(rows) if rows is not None else None,
+        columns=int(cols) if cols is not None else None,
+        bits_stored=int(ds.BitsStored) if "BitsStored" in ds else None,
+        photometric=_text(ds, "PhotometricInterpretation"),
+        frames=int(ds.get("NumberOfFrames", 1) or 1),
+        has_pixels="PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds,
+        transfer_syntax=syntax.name if syntax is not None else None,
+    )
+
+
+def decode_dicom(data: bytes, path: str = "<bytes>") -> tuple[np.ndarray, DicomHeader]:
+    """Decode a DICOM image to ``(H, W) uint8``, display-ready (MONOCHROME1 inverted), and its header.
+
+    Multi-frame files give their first frame. Raises :class:`BadFileError` naming the file for a
+    file that is not DICOM, has no pixel data, or uses a compression no installed plugin decodes
+    (the message says what to ``pip install``).
+    """
+    ds = _read_dataset(data, path)
+    header = _header(ds)
+    if not header.has_pixels:
+        raise BadFileError(path, "DICOM file has no pixel data (no PixelData element)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if header.frames > 1:
+                # Decode only the first frame: the size guard checked one frame, not all of them.
+                ds.pixel_array_options(index=0)
+            pixels = ds.pixel_array
+    except Exception as exc:
+        raise BadFileError(path, _decode_failure_message(header, exc, ds)) from None
+    if header.frames > 1 and pixels.ndim >= 3 and pixels.shape[0] == header.frames:
+        pixels = pixels[0]
+    if pixels.ndim == 3:  # colour DICOM (e.g. a secondary capture in RGB)
+        rgb = np.asarray(pixels, dtype=np.float64)
+        gray = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+        return _to_uint8(gray), header
+    if pixels.ndim != 2:
+        raise BadFileError(path, f"unexpected DICOM pixel array shape {pixels.shape}")
+    has_luts = any(k in ds for k in ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence", "WindowCenter", "VOILUTSequence"))
+    if pixels.dtype == np.uint8 and not has_luts:
+        # Plain 8-bit pixels are already display values: keep them as they are, as for a PNG,
+        # so the same pixels give the same model input whether stored as PNG or as DICOM.
+        image = np.array(pixels, dtype=np.uint8)
+    else:
+        values = apply_modality_lut(pixels, ds)
+        if "WindowCenter" in ds or "VOILUTSequence" in ds:
+            values = apply_voi_lut(values, ds, index=0)
+        image = _to_uint8(values)
+    if header.photometric == "MONOCHROME1":
+        # Invert after scaling, so a MONOCHROME1 file reads as exactly 255 - x of the same pixels
+        # labelled MONOCHROME2 (inverting before the rounding made ties round the other way).
+        image = 255 - image
+    return image, header
+
+
+def _decode_failure_message(header: DicomHeader, exc: Exception, ds: pydicom.Dataset) -> str:
+    syntax = header.transfer_syntax or "unknown transfer syntax"
+    if not _decoder_available(ds):
+        for key, hint in _PLUGIN_HINTS.items():
+            if key.lower() in syntax.lower():
+                return f"cannot decode DICOM pixel data compressed as '{syntax}'; install a decoder: {hint}"
+    detail = " ".join(str(exc).split())  # pydicom's messages span lines; reports want one line
+    return f"cannot decode DICOM pixel data ({syntax}); the file may be damaged: {type(exc).__name__}: {detail}"
+
+
+def _decoder_available(ds: pydicom.Dataset) -> bool:
+    """True when an installed plugin decodes the file's transfer syntax (so a failure means damaged data)."""
+    meta = getattr(ds, "file_meta", None)
+    syntax_uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax_uid is None:
+        return False
+    try:
+        return bool(get_decoder(syntax_uid).is_available)
+    except (NotImplementedError, ValueError):
+        return False
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    """Min-max scale any numeric image to the full 0..255 range (a constant image becomes 0)."""
+    values = np.asarray(values, dtype=np.float64)
+    low, high = float(np.min(values)), float(np.max(values))
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (values - low) * (255.0 / (high - low))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)

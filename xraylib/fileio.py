@@ -1,0 +1,130 @@
+"""Small file helpers used by every stage: atomic writes, content hashes, bounded retries.
+
+Outputs are written to a temporary name in the destination folder and renamed into place,
+so that an interruption (a Colab disconnect, a kill) leaves either the old file or the new
+one, never half of one. Source files are only ever opened for reading.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pandas as pd
+
+from .errors import BadFileError
+
+#: Errors that Google Drive's FUSE mount raises transiently; reads are retried on these.
+TRANSIENT_ERRNOS = {5, 11, 16, 110, 116}  # EIO, EAGAIN, EBUSY, ETIMEDOUT, ESTALE
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: The mode a plain ``open(path, "w")`` gives a new file. mkstemp creates its file 0600 (owner
+#: only); outputs get this mode instead. Read once at import: os.umask can only be read by setting it.
+_NEW_FILE_MODE = 0o666 & ~_umask()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, _NEW_FILE_MODE)
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def write_csv_atomic(path: str | os.PathLike, frame: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def read_bytes(
+    path: str | os.PathLike,
+    retries: int = 3,
+    backoff_s: float = 0.2,
+    opener: Callable[[str, str], Any] = open,
+) -> bytes:
+    """Read a whole file, retrying transient I/O errors (as Drive's mount gives) with backoff.
+
+    Raises :class:`BadFileError` naming the file when it is missing, unreadable or still
+    failing after ``retries`` retries.
+    """
+    path = str(path)
+    for attempt in range(retries + 1):
+        try:
+            with opener(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise BadFileError(path, "file not found") from None
+        except IsADirectoryError:
+            raise BadFileError(path, "is a folder, not a file") from None
+        except PermissionError:
+            raise BadFileError(path, "permission denied") from None
+        except OSError as exc:
+            if exc.errno in TRANSIENT_ERRNOS and attempt < retries:
+                time.sleep(backoff_s * (2**attempt))
+                continue
+            raise BadFileError(path, f"read failed after {attempt + 1} tries: {exc.strerror or exc}") from None
+    raise AssertionError("unreachable")
+
+
+def sha1_bytes(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+def sha1_file(path: str | os.PathLike) -> str:
+    return sha1_bytes(read_bytes(path))

@@ -1,0 +1,196 @@
+"""Read any supported image file (PNG, JPEG, DICOM) into one array convention.
+
+The convention: ``(H, W) uint8`` grayscale, display-ready (air dark, bone bright), whatever
+the file held: 8- or 16-bit, gray, RGB, RGBA or palette PNG, CMYK JPEG, MONOCHROME1 DICOM.
+The file type is decided by content, never by the file name, and every failure is a
+:class:`~xraylib.errors.BadFileError` that names the file and the problem.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from . import dicom
+from .errors import BadFileError
+from .fileio import read_bytes, sha1_bytes
+
+#: Images larger than this many pixels are refused before decoding (decompression-bomb guard).
+MAX_PIXELS = 60_000_000
+#: Images smaller than this on either side are refused: nothing can be judged at that size.
+MIN_SIDE = 32
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+# Recognised formats we do not read, so the message can say what the file really is.
+_OTHER_MAGIC = [
+    (b"PK\x03\x04", "a ZIP archive"),
+    (b"%PDF", "a PDF document"),
+    (b"GIF8", "a GIF image (convert it to PNG)"),
+    (b"BM", "a BMP image (convert it to PNG)"),
+    (b"II*\x00", "a TIFF image (convert it to PNG)"),
+    (b"MM\x00*", "a TIFF image (convert it to PNG)"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"RIFF", "a RIFF/WebP file (convert it to PNG)"),
+]
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What a file is, read from its bytes without decoding the pixels."""
+
+    file_format: str  # "png", "jpeg" or "dicom"
+    width: int | None
+    height: int | None
+    channels: int | None
+    bit_depth: int | None
+    sha1: str
+    dicom_header: dicom.DicomHeader | None = None
+
+
+def detect_format(data: bytes, path: str = "<bytes>") -> str:
+    """``"png"``, ``"jpeg"`` or ``"dicom"`` from the file's first bytes; :class:`BadFileError` otherwise."""
+    if len(data) == 0:
+        raise BadFileError(path, "empty file (0 bytes)")
+    if data.startswith(_PNG_MAGIC):
+        return "png"
+    if data.startswith(_JPEG_MAGIC):
+        return "jpeg"
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    if data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypmsf1", b"ftypavif"):
+        raise BadFileError(path, "a HEIC/AVIF photo, not a PNG, JPEG or DICOM file (export it as JPEG or PNG)")
+    for magic, what in _OTHER_MAGIC:
+        if data.startswith(magic):
+            raise BadFileError(path, f"{what}, not a PNG, JPEG or DICOM file")
+    head = data[:512]
+    if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        raise BadFileError(path, "a text file, not a PNG, JPEG or DICOM image")
+    raise BadFileError(path, "not a PNG, JPEG or DICOM file (unrecognised content)")
+
+
+def inspect_bytes(data: bytes, path: str = "<bytes>") -> ImageInfo:
+    """Format, size, channels, bit depth and SHA-1 of an image file's bytes, without decoding pixels.
+
+    Checks that the file is complete (a JPEG ends with its end marker, a PNG has its IEND
+    chunk, a DICOM has pixel data) and not a decompression bomb. Raises :class:`BadFileError`.
+    """
+    fmt = detect_format(data, path)
+    if fmt == "png":
+        width, height, channels, depth = _png_header(data, path)
+        info = ImageInfo("png", width, height, channels, depth, sha1_bytes(data))
+    elif fmt == "jpeg":
+        width, height, channels = _jpeg_header(data, path)
+        info = ImageInfo("jpeg", width, height, channels, 8, sha1_bytes(data))
+    else:
+        header = dicom.read_header(data, path)
+        if not header.has_pixels:
+            raise BadFileError(path, "DICOM file has no pixel data (no PixelData element)")
+        info = ImageInfo("dicom", header.columns, header.rows, 1, header.bits_stored, sha1_bytes(data), header)
+    _check_size(info.width, info.height, path)
+    return info
+
+
+def inspect_file(path: str | os.PathLike) -> ImageInfo:
+    """:func:`inspect_bytes` of a file (read with retries on transient I/O errors)."""
+    return inspect_bytes(read_bytes(path), str(path))
+
+
+def decode_bytes(data: bytes, path: str = "<bytes>") -> np.ndarray:
+    """Decode PNG/JPEG/DICOM bytes to ``(H, W) uint8`` grayscale. Raises :class:`BadFileError`."""
+    info = inspect_bytes(data, path)
+    if info.file_format == "dicom":
+        pixels, _ = dicom.decode_dicom(data, path)
+    else:
+        pixels = _decode_raster(data, path)
+    if pixels.shape[0] < MIN_SIDE or pixels.shape[1] < MIN_SIDE:
+        raise BadFileError(path, f"image is {pixels.shape[1]}x{pixels.shape[0]} pixels, smaller than {MIN_SIDE}x{MIN_SIDE}")
+    return pixels
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read one image file to ``(H, W) uint8`` grayscale. Raises :class:`BadFileError` naming the file."""
+    return decode_bytes(read_bytes(path), str(path))
+
+
+def _decode_raster(data: bytes, path: str) -> np.ndarray:
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    # ANYDEPTH keeps 16-bit PNGs at 16 bits; ANYCOLOR keeps gray as gray and applies EXIF orientation.
+    image = cv2.imdecode(buffer, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    if image is None:
+        raise BadFileError(path, "image data is damaged and could not be decoded")
+    if image.ndim == 3:
+        code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
+        image = cv2.cvtColor(image, code)
+    if image.dtype != np.uint8:
+        image = dicom._to_uint8(image)
+    return np.ascontiguousarray(image)
+
+
+def _check_size(width: int | None, height: int | None, path: str) -> None:
+    if width is None or height is None:
+        return
+    if width * height > MAX_PIXELS:
+        raise BadFileError(
+            path, f"image is {width}x{height} pixels, over the {MAX_PIXELS:,}-pixel limit (decompression-bomb guard)"
+        )
+    if width < MIN_SIDE or height < MIN_SIDE:
+        raise BadFileError(path, f"image is {width}x{height} pixels, smaller than {MIN_SIDE}x{MIN_SIDE}")
+
+
+def _png_header(data: bytes, path: str) -> tuple[int, int, int, int]:
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        raise BadFileError(path, "truncated PNG file (no image header)")
+    width, height, depth, colour_type = struct.unpack(">IIBB", data[16:26])
+    if b"IEND" not in data[-64:] and b"IEND" not in data:
+        raise BadFileError(path, "truncated PNG file (no IEND chunk: the file was cut short)")
+    channels = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}.get(colour_type)
+    if channels is None:
+        raise BadFileError(path, f"PNG with invalid colour type {colour_type}")
+    if colour_type == 3:  # palette: IHDR's depth is the index size; the colours are 8-bit RGB
+        depth = 8
+    return width, height, channels, depth
+
+
+# JPEG start-of-frame markers: baseline, extended, progressive, lossless (not DHT/JPG/DAC).
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_header(data: bytes, path: str) -> tuple[int, int, int]:
+    frame = None
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            raise BadFileError(path, "damaged JPEG file (bad marker structure)")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        if marker == 0xD9:  # end of image before any scan
+            break
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if marker in _SOF_MARKERS and frame is None:
+            if pos + 10 > len(data):
+                raise BadFileError(path, "truncated JPEG file (it ends inside its frame header)")
+            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+            frame = (width, height, data[pos + 9])
+        elif marker == 0xDA:  # start of scan: entropy-coded data follows
+            if frame is None:
+                break
+            # An FF byte inside entropy-coded data is always followed by 00, so a complete file has
+            # an end-of-image marker after its first scan. Bytes after that marker (camera or
+            # editor trailers) do not make a file truncated, so the marker need not be last.
+            if data.find(b"\xff\xd9", pos + 2 + length) == -1:
+                raise BadFileError(path, "truncated JPEG file (no end-of-image marker: the file was cut short)")
+            return frame
+        pos += 2 + length
+    if pos + 4 > len(data):
+        raise BadFileError(path, "truncated JPEG file (it ends inside its headers: the file was cut short)")
+    raise BadFileError(path, "damaged JPEG file (no frame header)")

@@ -1,0 +1,312 @@
+"""Build one labelled image manifest from any combination of sources.
+
+The manifest is a table with one row per image (:data:`MANIFEST_COLUMNS`): where the file is,
+its label, source, patient, view, sex, age, original size, bit depth and content hash. Every
+later stage reads it. Building it reads each file once (for the hash and a header check) and
+never writes to a source folder.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import pandas as pd
+from tqdm import tqdm
+
+from . import images
+from .config import DrivePaths
+from .errors import BadFileError, ConfigError, SourceError
+from .fileio import write_csv_atomic, write_json_atomic
+from .sources import READERS, SOURCE_COLUMNS, SourceTable
+
+#: Tasks and their classes; index 0 is the negative class, the last one the positive class.
+TASKS: dict[str, tuple[str, ...]] = {
+    "covid_vs_normal": ("normal", "covid"),
+    "pneumonia_vs_normal": ("normal", "pneumonia"),
+    "covid_pneumonia_normal": ("normal", "pneumonia", "covid"),
+}
+
+#: Frontal views, the seeds' filter widened from PA to AP and AP supine. Lateral ("L") is left out.
+DEFAULT_VIEWS = ("PA", "AP", "AP Supine")
+
+FILE_COLUMNS = ["file_format", "width", "height", "channels", "bit_depth", "sha1"]
+MANIFEST_COLUMNS = SOURCE_COLUMNS + FILE_COLUMNS
+
+# DICOM modalities that are plain radiographs.
+_XRAY_MODALITIES = {"x-ray", "xray", "cr", "dx", "rg", "dr"}
+
+
+@dataclass
+class ManifestReport:
+    """What went into the manifest and what was left out, per source and overall."""
+
+    task: str
+    classes: tuple[str, ...]
+    views: tuple[str, ...] | None
+    per_source: dict[str, dict] = field(default_factory=dict)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    duplicates: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "task": self.task, "classes": list(self.classes),
+            "views": list(self.views) if self.views else None,
+            "per_source": self.per_source,
+            "problems": [{"path": p, "reason": r} for p, r in self.problems],
+            "duplicates": self.duplicates,
+        }
+
+    def summary(self) -> str:
+        """A few plain lines: kept images per source and what was skipped."""
+        lines = []
+        for source, info in self.per_source.items():
+            kept = ", ".join(f"{k} {v}" for k, v in info["kept_by_label"].items()) or "none"
+            lines.append(f"{source}: {info['kept']} images kept ({kept}); {info['patients']} patients")
+            for reason, count in sorted(info["excluded"].items(), key=lambda kv: -kv[1]):
+                lines.append(f"    left out {count}: {reason}")
+        if self.problems:
+            lines.append(f"skipped {len(self.problems)} unreadable or missing file(s); first ones:")
+            lines += [f"    {p}: {r}" for p, r in self.problems[:5]]
+        if self.duplicates:
+            dropped = sum(len(d["dropped"]) for d in self.duplicates)
+            lines.append(f"dropped {dropped} duplicate image(s) (same bytes), {len(self.duplicates)} group(s)")
+        return "\n".join(lines)
+
+
+@dataclass
+class Manifest:
+    frame: pd.DataFrame
+    report: ManifestReport
+
+
+def _source_roots(sources: DrivePaths | Mapping[str, str | os.PathLike]) -> dict[str, Path]:
+    roots = sources.sources() if isinstance(sources, DrivePaths) else {k: Path(v) for k, v in sources.items() if v}
+    unknown = sorted(set(roots) - set(READERS))
+    if unknown:
+        raise ConfigError(f"unknown source key(s) {unknown}; known: {sorted(READERS)}")
+    if not roots:
+        raise ConfigError("no source folders given: set at least one source in drive_paths.yaml")
+    return roots
+
+
+def _inspect(path: str) -> tuple[str, images.ImageInfo | None, str | None]:
+    try:
+        return path, images.inspect_file(path), None
+    except BadFileError as exc:
+        return path, None, exc.reason
+
+
+def inspect_files(paths: Iterable[str], workers: int = 8, progress: bool = True) -> dict[str, images.ImageInfo | str]:
+    """``{path: ImageInfo}`` for readable images and ``{path: reason}`` for bad ones, read in parallel threads."""
+    unique = list(dict.fromkeys(paths))
+    results: dict[str, images.ImageInfo | str] = {}
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        iterator = pool.map(_inspect, unique)
+        for path, info, reason in tqdm(iterator, total=len(unique), desc="checking images", disable=not progress, unit="img"):
+            results[path] = info if info is not None else reason
+    return results
+
+
+def build_manifest(
+    sources: DrivePaths | Mapping[str, str | os.PathLike],
+    task: str = "covid_vs_normal",
+    views: Iterable[str] | None = DEFAULT_VIEWS,
+    keep_unknown_view: bool = True,
+    xray_only: bool = True,
+    workers: int = 8,
+    progress: bool = True,
+) -> Manifest:
+    """Read the sources, keep the task's classes, filter views and modality, check files, drop duplicates.
+
+    ``sources`` is a :class:`DrivePaths` or ``{"covid_chestxray_dataset": folder, ...}``.
+    ``views=None`` keeps every view. Images with no recorded view (Kaggle) are kept unless
+    ``keep_unknown_view`` is False. Unreadable files are reported and skipped; a missing
+    folder or label file raises :class:`SourceError` naming it.
+    """
+    if task not in TASKS:
+        raise ConfigError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+    classes = TASKS[task]
+    view_set = tuple(views) if views is not None else None
+    report = ManifestReport(task=task, classes=classes, views=view_set)
+
+    tables: list[SourceTable] = []
+    for key, root in _source_roots(sources).items():
+        tables.append(READERS[key](root))
+
+    frames = []
+    for table in tables:
+        rows = table.rows
+        report.problems += table.problems
+        off_task = ~rows["label"].isin(classes)
+        for label, count in rows.loc[off_task, "label"].value_counts().items():
+            table.exclude(f"label '{label}' not in task {task}", count)
+        rows = rows[~off_task]
+        # Unknown views stay until the files are read: a DICOM header may supply one (RSNA).
+        rows = _filter_views(rows, view_set, True, table)
+        if xray_only:
+            not_xray = rows["modality"].notna() & ~rows["modality"].str.lower().isin(_XRAY_MODALITIES)
+            for modality, count in rows.loc[not_xray, "modality"].value_counts().items():
+                table.exclude(f"modality {modality}", count)
+            rows = rows[~not_xray]
+        frames.append((table, rows))
+
+    all_paths = [p for _, rows in frames for p in rows["path"]]
+    inspected = inspect_files(all_paths, workers=workers, progress=progress)
+
+    kept_frames = []
+    for table, rows in frames:
+        good, bad = _attach_file_facts(rows, inspected)
+        for path, reason in bad:
+            report.problems.append((path, reason))
+            table.exclude("unreadable file", 1)
+        # DICOM headers can add a view or modality that filters must see (RSNA has them only there).
+        good = _filter_views(good, view_set, keep_unknown_view, table)
+        if xray_only:
+            not_xray = good["modality"].notna() & ~good["modality"].str.lower().isin(_XRAY_MODALITIES)
+            table.exclude("DICOM modality is not a radiograph", int(not_xray.sum()))
+            good = good[~not_xray]
+        kept_frames.append((table, good))
+
+    # An empty frame (a source with no images left) would turn the integer columns into objects.
+    non_empty = [g for _, g in kept_frames if len(g)]
+    combined = pd.concat(non_empty, ignore_index=True) if non_empty else pd.DataFrame(columns=MANIFEST_COLUMNS)
+    combined, report.duplicates = _drop_duplicates(combined)
+    combined = combined[MANIFEST_COLUMNS].sort_values(["source", "patient_id", "path"], kind="stable").reset_index(drop=True)
+
+    for table, _ in kept_frames:
+        kept = combined[combined["source"] == table.source]
+        dropped_dupes = sum(1 for d in report.duplicates for r in d["dropped"] if r["source"] == table.source)
+        table.exclude("duplicate image (same bytes as a kept one)", dropped_dupes)
+        report.per_source[table.source] = {
+            "kept": int(len(kept)),
+            "patients": int(kept["patient_id"].nunique()),
+            "kept_by_label": {k: int(v) for k, v in kept["label"].value_counts().sort_index().items()},
+            "excluded": dict(table.excluded),
+        }
+    if combined.empty:
+        raise SourceError(
+            "no images left after filtering: check the source folders, the task "
+            f"({task}: classes {list(classes)}) and the view filter ({list(view_set) if view_set else 'all'})"
+        )
+    return Manifest(combined, report)
+
+
+def _filter_views(rows: pd.DataFrame, views: tuple[str, ...] | None, keep_unknown: bool,
+                  table: SourceTable) -> pd.DataFrame:
+    if views is None:
+        return rows
+    known = rows["view"].notna()
+    wrong = known & ~rows["view"].isin(views)
+    for view, count in rows.loc[wrong, "view"].value_counts().items():
+        table.exclude(f"view {view}", count)
+    keep = ~wrong
+    if not keep_unknown:
+        table.exclude("view not recorded", int((~known).sum()))
+        keep &= known
+    return rows[keep]
+
+
+def _attach_file_facts(rows: pd.DataFrame, inspected: dict) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    good_rows, bad = [], []
+    for record in rows.to_dict("records"):
+        info = inspected[record["path"]]
+        if isinstance(info, str):
+            bad.append((record["path"], info))
+            continue
+        record.update(file_format=info.file_format, width=info.width, height=info.height,
+                      channels=info.channels, bit_depth=info.bit_depth, sha1=info.sha1)
+        header = info.dicom_header
+        if header is not None:
+            # NaN (pandas' missing value) is truthy, so test for a string, as for sex below.
+            record["view"] = record["view"] if isinstance(record["view"], str) else _view(header.view)
+            record["sex"] = record["sex"] if isinstance(record["sex"], str) else header.sex
+            if pd.isna(record["age"]) and header.age is not None:
+                record["age"] = header.age
+            record["modality"] = record["modality"] if isinstance(record["modality"], str) else header.modality
+        good_rows.append(record)
+    frame = pd.DataFrame(good_rows, columns=MANIFEST_COLUMNS)
+    frame["age"] = pd.to_numeric(frame["age"], errors="coerce")
+    return frame, bad
+
+
+def _view(value: str | None) -> str | None:
+    from .sources import normalise_view
+    return normalise_view(value)
+
+
+def _drop_duplicates(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
+    """Keep the first row of each group of identical files; drop every copy when copies disagree on the label."""
+    groups = []
+    drop_index = []
+    for sha1, group in frame.groupby("sha1", sort=False):
+        if len(group) < 2:
+            continue
+        labels = sorted(group["label"].unique())
+        if len(labels) > 1:
+            kept, dropped = None, group
+        else:
+            kept, dropped = group.iloc[0], group.iloc[1:]
+        drop_index += list(dropped.index)
+        groups.append({
+            "sha1": sha1,
+            "kept": None if kept is None else {"path": kept["path"], "source": kept["source"]},
+            "dropped": [{"path": r["path"], "source": r["source"]} for _, r in dropped.iterrows()],
+            "reason": "copies carry different labels: all dropped" if kept is None else "same bytes",
+        })
+    return frame.drop(index=drop_index), groups
+
+
+def save_manifest(manifest: Manifest, manifest_path: str | os.PathLike, report_path: str | os.PathLike | None = None) -> None:
+    """Write the manifest CSV (and the report JSON) atomically."""
+    write_csv_atomic(manifest_path, manifest.frame)
+    if report_path is not None:
+        write_json_atomic(report_path, manifest.report.to_dict())
+
+
+def load_manifest(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a manifest CSV written by :func:`save_manifest`; :class:`SourceError` if it is missing or not a manifest."""
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"{path}: manifest not found; run notebook 01 (or `python -m xraylib manifest`) first")
+    frame = pd.read_csv(path, dtype={"patient_id": str, "image_id": str, "sha1": str, "source_split": str})
+    missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
+    if missing:
+        raise SourceError(f"{path}: not an xraylib manifest, missing column(s) {missing}")
+    return frame
+
+
+def copy_images(frame: pd.DataFrame, dest: str | os.PathLike, progress: bool = True) -> pd.DataFrame:
+    """Copy the manifest's images to ``dest/<source>/<name>`` (``shutil.copy2``; sources are never moved).
+
+    Returns a copy of the manifest whose ``path`` points at the copies. Existing copies with the
+    same size are not copied again.
+    """
+    dest = Path(dest)
+    out = frame.copy()
+    new_paths = []
+    for record in tqdm(frame.to_dict("records"), desc="copying", disable=not progress, unit="img"):
+        source_path = Path(record["path"])
+        target = dest / record["source"] / f"{record['sha1'][:12]}_{source_path.name}"
+        if not (target.is_file() and target.stat().st_size == source_path.stat().st_size):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp")
+            shutil.copy2(source_path, tmp)
+            os.replace(tmp, target)
+        new_paths.append(str(target))
+    out["path"] = new_paths
+    return out
+
+
+def counts_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Images and patients per source and label (rows: source, label)."""
+    grouped = frame.groupby(["source", "label"])
+    return pd.DataFrame({"images": grouped.size(), "patients": grouped["patient_id"].nunique()}).reset_index()
+
+
+def label_counts(frame: pd.DataFrame) -> Counter:
+    return Counter(frame["label"])

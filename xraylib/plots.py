@@ -1,0 +1,213 @@
+"""Figures the notebooks show. Each function takes data and returns a matplotlib Figure."""
+from __future__ import annotations
+
+from typing import Sequence
+
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+import seaborn as sns
+from sklearn import metrics as skm  # as a module: the figures below are named roc_curve, confusion_matrix, ...
+
+from .errors import BadFileError
+from .evaluate import METRIC_LABELS, binary_metrics
+from .images import read_image
+
+
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] | None = None, ncols: int = 4,
+               size: float = 2.6) -> Figure:
+    """Show ``(H, W)`` uint8 images in a grid, gray colour map, one optional title each."""
+    n = max(1, len(images))
+    ncols = min(ncols, n)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + 0.3), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, image in enumerate(images):
+        ax = axes.flat[i]
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def example_images(manifest: pd.DataFrame, per_group: int = 3, seed: int = 0, ncols: int = 6) -> Figure:
+    """A few images of every (source, label) group of a manifest, read from their files."""
+    rng = np.random.default_rng(seed)
+    images, titles = [], []
+    for (source, label), group in manifest.groupby(["source", "label"], sort=True):
+        picks = group.iloc[rng.permutation(len(group))[:per_group]]
+        for row in picks.itertuples():
+            try:
+                images.append(read_image(row.path))
+            except BadFileError:
+                continue
+            titles.append(f"{source} / {label}\n{row.view if isinstance(row.view, str) else 'view ?'}")
+    return image_grid(images, titles, ncols=ncols)
+
+
+def split_counts(summary: pd.DataFrame, value: str = "patients") -> Figure:
+    """Bar chart of patients (or images) per split and label, from :func:`xraylib.split.split_summary`."""
+    table = summary.pivot(index="split", columns="label", values=value).fillna(0)
+    table = table.reindex([s for s in ("train", "val", "test") if s in table.index])
+    fig, ax = plt.subplots(figsize=(5, 3))
+    table.plot.bar(ax=ax, rot=0)
+    ax.set_ylabel(value)
+    ax.set_title(f"{value} per split and label")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation figures: data from xraylib.evaluate (confusion_table, binary_targets, breakdown).
+
+
+def confusion_matrix(cm: pd.DataFrame, title: str = "Confusion matrix") -> Figure:
+    """Heatmap of a confusion matrix (rows true, columns predicted, as :func:`xraylib.evaluate.confusion_table`
+    gives it), each cell annotated with its count and its share of the true class's row."""
+    counts = cm.to_numpy().astype(int)
+    row_totals = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, row_totals, out=np.zeros(counts.shape), where=row_totals > 0)
+    annotations = np.array([[f"{c}\n{s:.0%}" for c, s in zip(crow, srow)] for crow, srow in zip(counts, shares)])
+    side = 1.3 + 1.1 * max(len(cm.columns), 2)
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    sns.heatmap(shares, annot=annotations, fmt="", cmap="Blues", vmin=0, vmax=1, cbar=True, square=True,
+                linewidths=0.5, linecolor="white", annot_kws={"fontsize": 11}, ax=ax,
+                xticklabels=[str(c) for c in cm.columns], yticklabels=[str(i) for i in cm.index],
+                cbar_kws={"label": "share of true class", "shrink": 0.8})
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.tick_params(axis="y", rotation=0)
+    ax.set_title(f"{title}\n(n = {counts.sum()} images)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def roc_curve(y_true: np.ndarray, y_score: np.ndarray, auc_ci: tuple[float, float] | None = None,
+              threshold: float | None = None, title: str = "ROC curve") -> Figure:
+    """ROC curve of ``y_true`` (N,) 0/1 against ``y_score`` (N,), with the AUC (and its CI, if given)
+    in the legend and the operating point at ``threshold`` marked (positive when score >= threshold)."""
+    y_true = np.asarray(y_true)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="chance")
+    if len(np.unique(y_true)) < 2:
+        ax.text(0.5, 0.5, "ROC undefined:\nonly one class in y_true", ha="center", va="center")
+    else:
+        fpr, tpr, _ = skm.roc_curve(y_true, y_score)
+        auc = skm.roc_auc_score(y_true, y_score)
+        label = f"AUC {auc:.3f}"
+        if auc_ci is not None and all(np.isfinite(auc_ci)):
+            label += f" (95% CI {auc_ci[0]:.3f}–{auc_ci[1]:.3f})"
+        ax.plot(fpr, tpr, color="C0", linewidth=2, label=label)
+        if threshold is not None:
+            point = binary_metrics(y_true, y_score, threshold)
+            ax.plot(1 - point["specificity"], point["sensitivity"], "o", color="C3", markersize=8,
+                    label=f"threshold {threshold:.3g}: sens {point['sensitivity']:.2f}, spec {point['specificity']:.2f}")
+        ax.set_title(f"{title}\n({int(y_true.sum())} positive / {int((y_true == 0).sum())} negative images)", fontsize=11)
+    ax.set_xlabel("1 - specificity (false positive rate)")
+    ax.set_ylabel("sensitivity (true positive rate)")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def precision_recall_curve(y_true: np.ndarray, y_score: np.ndarray, title: str = "Precision-recall curve") -> Figure:
+    """Precision (PPV) against recall (sensitivity), with the average precision and the prevalence
+    (what a classifier without skill gets) for reference."""
+    y_true = np.asarray(y_true)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    if y_true.sum() == 0:
+        ax.text(0.5, 0.5, "precision-recall undefined:\nno positives in y_true", ha="center", va="center")
+    else:
+        precision, recall, _ = skm.precision_recall_curve(y_true, y_score)
+        average_precision = skm.average_precision_score(y_true, y_score)
+        prevalence = float(np.mean(y_true))
+        ax.step(recall, precision, where="post", color="C0", linewidth=2, label=f"average precision {average_precision:.3f}")
+        ax.axhline(prevalence, linestyle="--", color="0.6", linewidth=1, label=f"prevalence {prevalence:.3f} (no skill)")
+        ax.set_title(f"{title}\n({int(y_true.sum())} positive / {int((y_true == 0).sum())} negative images)", fontsize=11)
+    ax.set_xlabel("recall (sensitivity)")
+    ax.set_ylabel("precision (PPV)")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.03)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def training_history(history: pd.DataFrame, title: str = "Training history") -> Figure:
+    """Loss and accuracy per epoch, training vs validation, from a table with columns ``epoch``,
+    ``loss``, ``val_loss``, ``accuracy``, ``val_accuracy`` (any may be absent). The epoch with the
+    lowest validation loss is marked."""
+    epochs = history["epoch"].to_numpy() if "epoch" in history.columns else np.arange(1, len(history) + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    best_epoch = None
+    if "val_loss" in history.columns and history["val_loss"].notna().any():
+        best_epoch = epochs[int(np.nanargmin(history["val_loss"].to_numpy(dtype=float)))]
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        drawn = False
+        for column, style, name in ((metric, "-o", "training"), (f"val_{metric}", "-s", "validation")):
+            if column in history.columns and history[column].notna().any():
+                ax.plot(epochs, history[column].to_numpy(dtype=float), style, markersize=3, label=name)
+                drawn = True
+        if best_epoch is not None and drawn:
+            ax.axvline(best_epoch, color="0.5", linestyle=":", linewidth=1, label=f"lowest val loss (epoch {best_epoch})")
+        if not drawn:
+            ax.text(0.5, 0.5, f"no {metric} recorded", ha="center", va="center", transform=ax.transAxes)
+        else:
+            ax.legend(fontsize=8)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+    if len(epochs) and np.issubdtype(np.asarray(epochs).dtype, np.integer):
+        for ax in axes:
+            ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def metrics_by_group(table: pd.DataFrame, metrics: Sequence[str] = ("roc_auc", "sensitivity", "specificity"),
+                     title: str | None = None) -> Figure:
+    """Each metric per group with its CI as an error bar, one panel per metric, from a table of
+    :func:`xraylib.evaluate.breakdown` (``by_source`` or ``by_view``). Undefined values say "n/a"."""
+    groups = [str(g) for g in table.index]
+    labels = [f"{g}\n{int(r['n_patients'])} patients\n{int(r['n_positive'])} pos / {int(r['n_negative'])} neg images"
+              for g, (_, r) in zip(groups, table.iterrows())]
+    y = np.arange(len(groups))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.4 + 2.8 * len(metrics), 1.0 + 0.75 * max(len(groups), 2)),
+                             sharey=True, squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        values = table[metric].to_numpy(dtype=float)
+        low = table[f"{metric}_low"].to_numpy(dtype=float)
+        high = table[f"{metric}_high"].to_numpy(dtype=float)
+        for i in range(len(groups)):
+            if not np.isfinite(values[i]):
+                ax.text(0.5, y[i], "n/a (undefined)", ha="center", va="center", color="0.35", fontsize=8,
+                        bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+                continue
+            if np.isfinite(low[i]) and np.isfinite(high[i]):
+                ax.errorbar(values[i], y[i], xerr=[[values[i] - low[i]], [high[i] - values[i]]], fmt="o",
+                            color=f"C{i % 10}", capsize=4, markersize=6)
+            else:
+                ax.plot(values[i], y[i], "o", color=f"C{i % 10}")
+        if metric == "roc_auc":
+            ax.axvline(0.5, color="0.6", linestyle="--", linewidth=1)
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_title(METRIC_LABELS.get(metric, metric))
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(y)
+    axes[0][0].set_yticklabels(labels, fontsize=8)
+    axes[0][0].set_ylim(len(groups) - 0.5, -0.5)
+    by = table.index.name or "group"
+    fig.suptitle(title or f"Metrics by {by} (95% CI, bootstrap over patients)", fontsize=11)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,407 @@
+"""Decode, convert, resize and cache images as uint8 arrays, one memory-mapped ``.npy`` per split.
+
+The cache stores ``(N, S, S) uint8`` grayscale images: a quarter of the memory of the seeds'
+float32 RGB arrays. Replicating to three channels and the backbone's normalisation happen
+inside the model (see :mod:`xraylib.models`), so training and prediction cannot drift apart.
+The cache is keyed by the settings and the manifest (paths, hashes, labels, splits): a re-run
+on unchanged data does no work, and an interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from .errors import BadFileError, ConfigError, SourceError
+from .fileio import save_npy_atomic, write_csv_atomic, write_json_atomic
+from .images import read_image
+from .split import SPLITS, assert_patient_disjoint, split_by_patient
+
+RESIZE_MODES = ("stretch", "pad")
+
+#: How each backbone expects its input scaled (Keras' ``imagenet_utils`` modes), applied inside the model.
+NORMALISATION = {
+    "vgg16": "caffe", "resnet50": "caffe", "densenet121": "torch",
+    "mobilenet": "tf", "mobilenet_v2": "tf", "small_cnn": "unit",
+}
+# Keras' imagenet_utils constants: caffe means (0..255, RGB order) and torch mean/std (0..1).
+_CAFFE_MEAN_RGB = np.array([123.68, 116.779, 103.939], dtype=np.float32)
+_TORCH_MEAN_RGB = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+_TORCH_STD_RGB = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """How raw images become model inputs. Saved with every model and read back at prediction.
+
+    ``image_size``: side of the square output in pixels. ``resize``: "stretch" (the seeds' plain
+    resize, distorts the aspect ratio) or "pad" (keep the aspect ratio, pad with black).
+    """
+
+    image_size: int = 224
+    resize: str = "stretch"
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, (int, np.integer)):
+            raise ConfigError(f"image_size must be a whole number of pixels, got {self.image_size!r}")
+        object.__setattr__(self, "image_size", int(self.image_size))  # a NumPy integer would not go into JSON
+        if not 32 <= self.image_size <= 2048:
+            raise ConfigError(f"image_size must be between 32 and 2048 pixels, got {self.image_size}")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "stored_as": "uint8 grayscale (N, S, S)"}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PreprocessSettings":
+        return cls(image_size=int(data["image_size"]), resize=str(data["resize"]))
+
+
+def resize_image(pixels: np.ndarray, size: int, mode: str = "stretch") -> np.ndarray:
+    """Resize ``(H, W) uint8`` to ``(size, size) uint8`` by stretching or by aspect-preserving padding."""
+    if mode not in RESIZE_MODES:
+        raise ConfigError(f"resize must be one of {RESIZE_MODES}, got {mode!r}")
+    height, width = pixels.shape[:2]
+    if mode == "stretch":
+        interpolation = cv2.INTER_AREA if height > size or width > size else cv2.INTER_LINEAR
+        return cv2.resize(pixels, (size, size), interpolation=interpolation)
+    scale = size / max(height, width)
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(pixels, (new_w, new_h), interpolation=interpolation)
+    out = np.zeros((size, size), dtype=np.uint8)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    out[top:top + new_h, left:left + new_w] = resized
+    return out
+
+
+def preprocess_pixels(pixels: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
+    """A decoded ``(H, W) uint8`` image to the cached model input ``(S, S) uint8``."""
+    return resize_image(pixels, settings.image_size, settings.resize)
+
+
+def preprocess_file(path: str | os.PathLike, settings: PreprocessSettings) -> np.ndarray:
+    """Read any PNG/JPEG/DICOM file and preprocess it: ``(S, S) uint8``. Raises :class:`BadFileError`."""
+    return preprocess_pixels(read_image(path), settings)
+
+
+def to_rgb_float(images_uint8: np.ndarray) -> np.ndarray:
+    """``(N, S, S) uint8`` to ``(N, S, S, 3) float32`` in 0..255, the input the models take."""
+    images = np.asarray(images_uint8, dtype=np.float32)
+    return np.repeat(images[..., None], 3, axis=-1)
+
+
+def normalise(images_rgb: np.ndarray, backbone: str) -> np.ndarray:
+    """Apply a backbone's input normalisation in NumPy (for display; models do it internally).
+
+    ``images_rgb``: ``(..., 3)`` float32 in 0..255. "caffe": BGR minus the ImageNet mean;
+    "torch": 0..1 then ImageNet mean/std; "tf": -1..1; "unit": 0..1.
+    """
+    if backbone not in NORMALISATION:
+        raise ConfigError(f"unknown backbone {backbone!r}; known: {sorted(NORMALISATION)}")
+    mode = NORMALISATION[backbone]
+    x = np.asarray(images_rgb, dtype=np.float32)
+    if mode == "caffe":
+        return x[..., ::-1] - _CAFFE_MEAN_RGB[::-1]
+    if mode == "torch":
+        return (x / 255.0 - _TORCH_MEAN_RGB) / _TORCH_STD_RGB
+    if mode == "tf":
+        return x / 127.5 - 1.0
+    return x / 255.0
+
+
+def one_hot(labels: pd.Series | np.ndarray, classes: tuple[str, ...] | list[str]) -> np.ndarray:
+    """Label strings to ``(N, C) float32`` one-hot rows in ``classes`` order; :class:`ConfigError` on unknown labels."""
+    index = {c: i for i, c in enumerate(classes)}
+    labels = list(labels)
+    unknown = sorted({l for l in labels if l not in index})
+    if unknown:
+        raise ConfigError(f"label(s) {unknown} not among the classes {list(classes)}")
+    out = np.zeros((len(labels), len(classes)), dtype=np.float32)
+    out[np.arange(len(labels)), [index[l] for l in labels]] = 1.0
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The on-disk cache
+
+
+@dataclass
+class PreprocessedSplit:
+    """One split: ``images`` ``(N, S, S) uint8`` (memory-mapped), ``labels`` ``(N,)`` class indices, its manifest rows."""
+
+    name: str
+    images: np.ndarray
+    labels: np.ndarray
+    manifest: pd.DataFrame
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def one_hot(self) -> np.ndarray:
+        return np.eye(len(self.classes), dtype=np.float32)[self.labels]
+
+
+@dataclass
+class PreprocessedData:
+    """The cache folder's contents: settings, classes, and the three splits."""
+
+    folder: Path
+    settings: PreprocessSettings
+    classes: tuple[str, ...]
+    splits: dict[str, PreprocessedSplit]
+    key: str
+    report: dict = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> PreprocessedSplit:
+        return self.splits[name]
+
+    @property
+    def manifest(self) -> pd.DataFrame:
+        return pd.concat([s.manifest for s in self.splits.values()], ignore_index=True)
+
+
+def cache_key(split_manifest: pd.DataFrame, classes: tuple[str, ...], settings: PreprocessSettings) -> str:
+    """SHA-1 of the settings, the classes and every row's (path, content hash, label, split)."""
+    h = hashlib.sha1()
+    h.update(json.dumps({"settings": settings.to_dict(), "classes": list(classes)}, sort_keys=True).encode())
+    for row in split_manifest[["path", "sha1", "label", "split"]].itertuples(index=False):
+        h.update("\t".join(map(str, row)).encode() + b"\n")
+    return h.hexdigest()
+
+
+def _work(args: tuple[str, int, str]) -> tuple[bool, np.ndarray | str]:
+    path, size, mode = args
+    try:
+        return True, resize_image(read_image(path), size, mode)
+    except BadFileError as exc:
+        return False, exc.reason
+    except Exception as exc:  # a decoder bug must not kill a run of thousands of files
+        return False, f"unexpected {type(exc).__name__}: {exc}"
+
+
+def _chunks(n: int, size: int, start: int = 0) -> Iterator[tuple[int, int]]:
+    for begin in range(start, n, size):
+        yield begin, min(n, begin + size)
+
+
+def preprocess_dataset(
+    split_manifest: pd.DataFrame,
+    out_dir: str | os.PathLike,
+    classes: tuple[str, ...] | list[str],
+    settings: PreprocessSettings = PreprocessSettings(),
+    workers: int | None = None,
+    progress: bool = True,
+    chunk_size: int = 256,
+) -> PreprocessedData:
+    """Decode and resize every image of ``split_manifest`` (with a ``split`` column) into ``out_dir``.
+
+    Writes ``{split}_images.npy`` ``(N, S, S) uint8``, ``{split}_labels.npy``, ``manifest.csv``
+    (the rows kept, with ``split`` and ``row``) and ``preprocess.json``. Unreadable files are
+    reported (``report["problems"]``) and left out. Re-running with the same inputs loads the
+    cache; a run interrupted part-way resumes from its last finished chunk. ``workers``
+    processes decode in parallel (default: the number of CPU cores).
+    """
+    classes = tuple(classes)
+    if "split" not in split_manifest.columns:
+        raise ConfigError("the manifest has no 'split' column: split it first (xraylib.split.split_by_patient)")
+    if unknown_splits := sorted(set(split_manifest["split"].astype(str)) - set(SPLITS)):
+        raise ConfigError(f"split value(s) {unknown_splits} in the manifest are not among {list(SPLITS)}; those rows would be lost")
+    if unknown := sorted(set(split_manifest["label"].astype(str)) - set(classes)):
+        raise ConfigError(f"label(s) {unknown} in the manifest are not among the classes {list(classes)}")
+    assert_patient_disjoint(split_manifest)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = cache_key(split_manifest, classes, settings)
+    existing = _read_meta(out_dir)
+    if existing and existing.get("key") == key and existing.get("complete"):
+        data = load_preprocessed(out_dir)
+        data.report = {**existing.get("report", {}), "cached": int(sum(len(s) for s in data.splits.values())), "new": 0}
+        return data
+    if not existing or existing.get("key") != key:
+        # Without preprocess.json nothing says what the arrays here were built from: start again.
+        _clear(out_dir)
+    write_json_atomic(out_dir / "preprocess.json", {"key": key, "complete": False, "settings": settings.to_dict(),
+                                                    "classes": list(classes)})
+    workers = workers or os.cpu_count() or 1
+    problems: list[dict] = []
+    kept_frames = []
+    decoded_new = 0
+    for split in SPLITS:
+        rows = split_manifest[split_manifest["split"] == split].reset_index(drop=True)
+        ok_mask, new, split_problems = _fill_split(rows, out_dir, split, settings, workers, progress, chunk_size)
+        decoded_new += new
+        problems += split_problems
+        kept = rows[ok_mask].reset_index(drop=True)
+        _finalise_split(out_dir, split, ok_mask)
+        labels = np.array([classes.index(l) for l in kept["label"]], dtype=np.int64)
+        save_npy_atomic(out_dir / f"{split}_labels.npy", labels)
+        kept_frames.append(kept.assign(row=np.arange(len(kept))))
+    kept_all = pd.concat(kept_frames, ignore_index=True)
+    write_csv_atomic(out_dir / "manifest.csv", kept_all)
+    report = {"problems": problems, "skipped": len(problems), "cached": int(len(kept_all) - decoded_new), "new": decoded_new}
+    write_json_atomic(out_dir / "preprocess.json", {"key": key, "complete": True, "settings": settings.to_dict(),
+                                                    "classes": list(classes), "report": report,
+                                                    "counts": {s: int((kept_all["split"] == s).sum()) for s in SPLITS}})
+    data = load_preprocessed(out_dir)
+    data.report = report
+    return data
+
+
+def split_and_preprocess(
+    manifest: pd.DataFrame,
+    out_dir: str | os.PathLike,
+    classes: tuple[str, ...] | list[str],
+    settings: PreprocessSettings = PreprocessSettings(),
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    seed: int = 42,
+    external_test_sources: tuple[str, ...] | list[str] = (),
+    workers: int | None = None,
+    progress: bool = True,
+) -> PreprocessedData:
+    """Keep the rows of ``classes``, split them by patient, and fill the cache (notebook 02 and the CLI)."""
+    classes = tuple(classes)
+    rows = manifest[manifest["label"].isin(classes)]
+    if rows.empty:
+        raise ConfigError(f"the manifest has no images of the classes {list(classes)}; rebuild it for this task")
+    split_frame = split_by_patient(rows, fractions=fractions, seed=seed, external_test_sources=external_test_sources)
+    return preprocess_dataset(split_frame, out_dir, classes, settings, workers=workers, progress=progress)
+
+
+def _fill_split(rows: pd.DataFrame, out_dir: Path, split: str, settings: PreprocessSettings, workers: int,
+                progress: bool, chunk_size: int) -> tuple[np.ndarray, int, list[dict]]:
+    """Decode one split into ``{split}_images.partial.npy``, resuming from ``{split}_status.npy``.
+
+    Status per row: 0 to do, 1 decoded, 2 unreadable. Returns (ok mask, rows decoded now, problems).
+    """
+    n, size = len(rows), settings.image_size
+    partial = out_dir / f"{split}_images.partial.npy"
+    status_path = out_dir / f"{split}_status.npy"
+    final = out_dir / f"{split}_images.npy"
+    if final.exists() and status_path.exists():  # finished earlier in an interrupted run
+        status = np.load(status_path)
+        if len(status) == n and (status > 0).all():
+            return status == 1, 0, _problems(rows, status, out_dir, split)
+    if partial.exists() and status_path.exists() and len(np.load(status_path)) == n:
+        images = np.load(partial, mmap_mode="r+")
+        status = np.load(status_path)
+    else:
+        images = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(n, size, size))
+        status = np.zeros(n, dtype=np.int8)
+        save_npy_atomic(status_path, status)
+    reasons = _load_reasons(out_dir, split)
+    todo_start = int(np.argmin(status > 0)) if (status == 0).any() else n
+    new = 0
+    paths = rows["path"].tolist()
+    bar = tqdm(total=n, initial=todo_start, desc=f"preprocessing {split}", unit="img", disable=not progress or n == 0)
+    pool = _pool(workers, n - todo_start)
+    try:
+        for begin, end in _chunks(n, chunk_size, todo_start):
+            jobs = [(paths[i], size, settings.resize) for i in range(begin, end)]
+            results = pool.map(_work, jobs, chunksize=8) if pool else map(_work, jobs)
+            for offset, (ok, value) in enumerate(results):
+                i = begin + offset
+                if ok:
+                    images[i] = value
+                    status[i] = 1
+                    new += 1
+                else:
+                    status[i] = 2
+                    reasons[str(i)] = value
+                bar.update(1)
+            images.flush()  # pixels reach the disk before the status that says they are there
+            write_json_atomic(out_dir / f"{split}_problems.json", reasons)
+            save_npy_atomic(status_path, status)
+    finally:
+        bar.close()
+        if pool:
+            pool.shutdown()
+    del images
+    return status == 1, new, _problems(rows, status, out_dir, split)
+
+
+def _pool(workers: int, n_todo: int) -> ProcessPoolExecutor | None:
+    if workers <= 1 or n_todo < 32:
+        return None
+    # spawn: safe even when TensorFlow (which is not fork-safe) is already loaded in this process.
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _load_reasons(out_dir: Path, split: str) -> dict[str, str]:
+    path = out_dir / f"{split}_problems.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _problems(rows: pd.DataFrame, status: np.ndarray, out_dir: Path, split: str) -> list[dict]:
+    reasons = _load_reasons(out_dir, split)
+    return [{"path": rows["path"].iloc[i], "reason": reasons.get(str(i), "unreadable")} for i in np.flatnonzero(status == 2)]
+
+
+def _finalise_split(out_dir: Path, split: str, ok_mask: np.ndarray) -> None:
+    """Move the decoded rows into ``{split}_images.npy``: a rename when all are good, a chunked copy otherwise."""
+    partial = out_dir / f"{split}_images.partial.npy"
+    final = out_dir / f"{split}_images.npy"
+    if not partial.exists():
+        return  # already finalised
+    if ok_mask.all():
+        os.replace(partial, final)
+        return
+    source = np.load(partial, mmap_mode="r")
+    tmp = out_dir / f".{split}_images.npy.tmp"
+    target = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(int(ok_mask.sum()),) + source.shape[1:])
+    keep = np.flatnonzero(ok_mask)
+    for begin, end in _chunks(len(keep), 512):
+        target[begin:end] = source[keep[begin:end]]
+    target.flush()
+    del target, source
+    os.replace(tmp, final)
+    partial.unlink()
+
+
+def _read_meta(out_dir: Path) -> dict | None:
+    path = out_dir / "preprocess.json"
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except json.JSONDecodeError:
+        return None
+
+
+def _clear(out_dir: Path) -> None:
+    """Remove a cache built from other inputs or settings (only xraylib's own cache files)."""
+    for split in SPLITS:
+        for name in (f"{split}_images.npy", f"{split}_images.partial.npy", f"{split}_status.npy",
+                     f"{split}_labels.npy", f"{split}_problems.json"):
+            (out_dir / name).unlink(missing_ok=True)
+    (out_dir / "manifest.csv").unlink(missing_ok=True)
+
+
+def load_preprocessed(folder: str | os.PathLike) -> PreprocessedData:
+    """Open a finished cache (images memory-mapped read-only). :class:`SourceError` if there is none."""
+    folder = Path(folder)
+    meta = _read_meta(folder)
+    if not meta or not meta.get("complete"):
+        raise SourceError(f"{folder}: no finished preprocessed data; run notebook 02 (or `python -m xraylib preprocess`)")
+    classes = tuple(meta["classes"])
+    manifest = pd.read_csv(folder / "manifest.csv", dtype={"patient_id": str, "image_id": str, "sha1": str, "source_split": str})
+    splits = {}
+    for split in SPLITS:
+        images = np.load(folder / f"{split}_images.npy", mmap_mode="r")
+        labels = np.load(folder / f"{split}_labels.npy")
+        rows = manifest[manifest["split"] == split].reset_index(drop=True)
+        if len(rows) != len(images) or len(labels) != len(images):
+            raise SourceError(f"{folder}: {split} arrays and manifest disagree ({len(images)} images, {len(rows)} rows); delete the folder and preprocess again")
+        splits[split] = PreprocessedSplit(split, images, labels, rows, classes)
+    return PreprocessedData(folder, PreprocessSettings.from_dict(meta["settings"]), classes, splits, meta["key"], meta.get("report", {}))
