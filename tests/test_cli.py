@@ -23,11 +23,16 @@ def run_cli(*args: str, cwd: Path, check: bool = False) -> subprocess.CompletedP
     return result
 
 
+def _is_tensorflow_startup_log(line: str) -> bool:
+    """TensorFlow's C++ start-up messages (absl logging, not ours, and not silenced by TF_CPP_MIN_LOG_LEVEL)."""
+    return line.startswith(("WARNING: All log messages before absl", "I0000 ", "W0000 ", "E0000 ", "To enable the following"))
+
+
 def assert_user_error(result: subprocess.CompletedProcess, *words: str) -> str:
     """Exit status 2 and one ``error:`` line naming the problem, no traceback."""
     assert result.returncode == 2, f"exit {result.returncode}\nstderr:\n{result.stderr}"
     assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
+    lines = [l for l in result.stderr.strip().splitlines() if not _is_tensorflow_startup_log(l)]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for word in words:
         assert word in lines[0], lines[0]
@@ -40,7 +45,12 @@ def assert_user_error(result: subprocess.CompletedProcess, *words: str) -> str:
         ("sample-data", ["--n", "--seed", "--image-size", "--shortcut-marker"]),
         ("manifest", ["--paths", "--output-dir", "--data-root", "--sample", "--task", "--views", "--workers"]),
         ("preprocess", ["--output-dir", "--image-size", "--resize", "--fractions", "--seed", "--external-test-source"]),
-        ("demo", ["--output-dir", "--n", "--task", "--image-size"]),
+        ("demo", ["--output-dir", "--n", "--task", "--image-size", "--backbone", "--epochs"]),
+        ("train", ["--output-dir", "--run", "--backbone", "--weights", "--alpha", "--epochs", "--batch-size",
+                   "--learning-rate", "--fine-tune-epochs", "--fine-tune-learning-rate", "--no-augment", "--flip",
+                   "--no-class-weights", "--seed", "--resume", "--no-resume"]),
+        ("evaluate", ["--output-dir", "--run", "--split", "--n-boot"]),
+        ("predict", ["--model", "--csv"]),
     ],
 )
 def test_help_of_each_command(tmp_path, command, options):
@@ -135,3 +145,85 @@ def test_preprocess_rerun_uses_the_cache(pipeline):
     result = run_cli("preprocess", "--output-dir", "out", "--image-size", "64", "--workers", "1", "--quiet",
                      cwd=pipeline, check=True)
     assert "0 new" in result.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# The model stages: train, evaluate, predict, and the demo that chains everything
+
+
+@pytest.fixture(scope="module")
+def trained(pipeline):
+    """Train the small CNN for two epochs on the module's tiny preprocessed sample."""
+    out = pipeline / "out"
+    result = run_cli("train", "--output-dir", out, "--backbone", "small_cnn", "--weights", "none", "--epochs", "1",
+                     "--quiet", "--run", "cli", cwd=out)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_cli("train", "--output-dir", out, "--backbone", "small_cnn", "--weights", "none", "--epochs", "2",
+                     "--quiet", "--run", "cli", "--resume", cwd=out)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {"out": out, "run": out / "models" / "cli", "resume_stdout": result.stdout}
+
+
+def test_train_resume_continues_at_the_next_epoch(trained):
+    assert "resumed after epoch 1" in trained["resume_stdout"]
+    history = pd.read_csv(trained["run"] / "history.csv")
+    assert history["epoch"].tolist() == [1, 2]
+    for name in ("model.keras", "model.h5", "model.json"):
+        assert (trained["run"] / name).is_file()
+    metadata = json.loads((trained["run"] / "model.json").read_text())
+    assert metadata["model"]["backbone"] == "small_cnn" and metadata["classes"] == ["normal", "covid"]
+
+
+def test_train_with_other_settings_in_the_same_run_is_refused(trained):
+    result = run_cli("train", "--output-dir", trained["out"], "--backbone", "small_cnn", "--weights", "none",
+                     "--epochs", "2", "--learning-rate", "0.01", "--run", "cli", cwd=trained["out"])
+    assert_user_error(result, "other data or settings", "--no-resume")
+
+
+def test_train_with_missing_weights_file(trained):
+    result = run_cli("train", "--output-dir", trained["out"], "--backbone", "vgg16", "--weights", "nowhere.h5",
+                     "--epochs", "1", "--run", "bad", cwd=trained["out"])
+    assert_user_error(result, "nowhere.h5", "not found")
+
+
+def test_evaluate_writes_the_report(trained):
+    result = run_cli("evaluate", "--output-dir", trained["out"], "--run", "cli", "--n-boot", "50", cwd=trained["out"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Research software, not a diagnostic device" in result.stdout
+    report = trained["out"] / "reports" / "cli"
+    data = json.loads((report / "evaluation.json").read_text())
+    assert data["n_images"] > 0 and set(data["metrics"]) >= {"roc_auc", "sensitivity", "specificity"}
+    for name in ("evaluation.md", "confusion_matrix.png", "roc.png", "test_predictions.csv"):
+        assert (report / name).is_file(), name
+    assert "test" in json.loads((trained["run"] / "model.json").read_text())["metrics"]
+
+
+def test_predict_a_folder_with_a_bad_file(trained, tmp_path):
+    images = tmp_path / "mine"
+    images.mkdir()
+    sample = sorted((trained["out"] / "sample_data" / "chest-xray-pneumonia").rglob("*.jpeg"))[:2]
+    for path in sample:
+        (images / path.name).write_bytes(path.read_bytes())
+    (images / "notes.png").write_text("not an image")
+    result = run_cli("predict", "--model", trained["run"], images, "--csv", tmp_path / "out.csv", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "notes.png: skipped (a text file" in result.stdout
+    frame = pd.read_csv(tmp_path / "out.csv")
+    assert frame["ok"].tolist().count(True) == 2 and frame.loc[frame["ok"], "decision"].isin(["normal", "covid"]).all()
+
+
+def test_predict_with_a_missing_model(tmp_path):
+    assert_user_error(run_cli("predict", "--model", tmp_path / "nope", tmp_path, cwd=tmp_path), "nope")
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_pipeline(tmp_path):
+    out = tmp_path / "demo"
+    result = run_cli("demo", "--output-dir", out, "--n", "12", "--image-size", "48", "--epochs", "2", "--n-boot", "50",
+                     "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    text = result.stdout
+    for needle in ("not a diagnostic device", "roc_auc", "95% CI", "threshold", "model.keras", "model.h5",
+                   "evaluation.md", "roc.png", "predictions for a few sample files"):
+        assert needle in text, needle
+    assert (out / "models" / "run" / "model.keras").is_file() and (out / "reports" / "run" / "evaluation.json").is_file()

@@ -24,6 +24,9 @@ COMMON = {"DATA": "sample"}
 PARAMETERS = {
     "01_dataset_creation": {"SAMPLE_PATIENTS": 30, "SEED": 0, "WORKERS": 4},
     "02_preprocessing": {"IMAGE_SIZE": 64, "WORKERS": 2},
+    "03_training": {"RUN_NAME": "nbtest", "BACKBONE": "small_cnn", "WEIGHTS": None, "EPOCHS": 2},
+    "04_evaluation": {"RUN_NAME": "nbtest", "N_BOOT": 100},
+    "05_check_your_own_images": {"RUN_NAME": "nbtest", "MAX_IMAGES": 4},
 }
 
 

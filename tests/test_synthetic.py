@@ -319,7 +319,8 @@ def test_rsna_default_counts_and_windowed_16_bit_files(default: tuple[synthetic.
     assert classes["class"].value_counts().to_dict() == {
         "Normal": 11, "Lung Opacity": 9, "No Lung Opacity / Not Normal": 10,
     }
-    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in (sample.rsna_pneumonia / "stage_2_train_images").glob("*.dcm")]
+    files = (sample.rsna_pneumonia / "stage_2_train_images").glob("*.dcm")
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
     assert sum(ds.PhotometricInterpretation == "MONOCHROME1" for ds in headers) == 6
     assert sum(ds.BitsAllocated == 16 for ds in headers) == 8
     assert any("RescaleSlope" in ds and "WindowCenter" in ds for ds in headers)
@@ -397,7 +398,9 @@ def test_default_call_is_fast_and_its_json_matches_the_files(default: tuple[synt
     assert sample.counts["rsna-pneumonia"]["patients"] == 30
 
 
-def test_same_arguments_write_identical_bytes_and_another_seed_differs(tmp_path: Path, small: synthetic.SampleData) -> None:
+def test_same_arguments_write_identical_bytes_and_another_seed_differs(
+    tmp_path: Path, small: synthetic.SampleData
+) -> None:
     again = write_sample_data(tmp_path / "again", **SMALL)
     other = write_sample_data(tmp_path / "other", **{**SMALL, "seed": 2})
     reference = _file_hashes(small.root)

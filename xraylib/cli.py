@@ -85,20 +85,163 @@ def print_preprocess_summary(data: preprocess.PreprocessedData) -> None:
         print(f"  skipped {problem['path']}: {problem['reason']}")
 
 
+def _weights(value: str | None) -> str | None:
+    return None if value in (None, "none", "None", "") else value
+
+
+def _model_spec(args: argparse.Namespace, data: preprocess.PreprocessedData):
+    from . import models
+
+    return models.ModelSpec(backbone=args.backbone, weights=_weights(args.weights), image_size=data.settings.image_size,
+                            classes=data.classes, alpha=args.alpha, head_units=args.head_units, dropout=args.dropout)
+
+
+def _train_settings(args: argparse.Namespace):
+    from . import train
+
+    augment = None if args.no_augment else train.AugmentSettings(horizontal_flip=args.flip)
+    return train.TrainSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                               fine_tune_epochs=args.fine_tune_epochs, fine_tune_learning_rate=args.fine_tune_learning_rate,
+                               augment=augment, class_weighting=not args.no_class_weights, seed=args.seed)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from . import train
+
+    layout = config.OutputLayout(_output_dir(args))
+    data = preprocess.load_preprocessed(layout.preprocessed)
+    spec = _model_spec(args, data)
+    settings = _train_settings(args)
+    run_dir = layout.models / args.run
+    print(f"training {spec.backbone} (weights={spec.weights}) on {len(data['train'])} images, "
+          f"validating on {len(data['val'])}; run folder {run_dir}")
+    result = train.train(data, spec, settings, run_dir=run_dir, resume=args.resume, verbose=2 if args.quiet else "auto")
+    _print_train_result(result)
+
+
+def _print_train_result(result) -> None:
+    weights = ", ".join(f"{k}: {v:.2f}" for k, v in result.class_weights.items())
+    print(f"class weights (from the training split): {weights or 'off'}")
+    if result.resumed_from_epoch:
+        print(f"resumed after epoch {result.resumed_from_epoch}")
+    last = result.history.iloc[-1] if len(result.history) else None
+    if last is not None:
+        print(f"epoch {int(last['epoch'])}: loss {last['loss']:.4f}, val_loss {last.get('val_loss', float('nan')):.4f}")
+    print(f"threshold chosen on validation: {result.threshold:.4f}")
+    print(f"saved: {result.paths.model_keras}, {result.paths.model_h5}, {result.paths.model_json}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from . import evaluate
+
+    layout = config.OutputLayout(_output_dir(args))
+    data = preprocess.load_preprocessed(layout.preprocessed)
+    result = evaluate.evaluate_model(layout.models / args.run, data, out_dir=layout.reports / args.run,
+                                     split=args.split, n_boot=args.n_boot)
+    print(result.evaluation.to_markdown())
+    print("written:", ", ".join(str(p) for p in result.files.values()))
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from . import predict
+    from .fileio import write_csv_atomic
+
+    frame = predict.predict_files(args.model, args.images if len(args.images) > 1 else args.images[0])
+    _print_predictions(frame)
+    if args.csv:
+        write_csv_atomic(args.csv, frame)
+        print(f"wrote {args.csv}")
+
+
+def _print_predictions(frame) -> None:
+    prob_columns = [c for c in frame.columns if c.startswith("prob_")]
+    for row in frame.itertuples(index=False):
+        row = row._asdict()
+        if not row["ok"]:
+            print(f"  {row['path']}: skipped ({row['error']})")
+            continue
+        probs = ", ".join(f"{c[5:]} {row[c]:.3f}" for c in prob_columns)
+        print(f"  {row['path']}: {row['decision']}  ({probs}; threshold {row['threshold']:.3f})")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
+    from . import evaluate, predict, train
+
     out = Path(args.output_dir).expanduser().resolve()
     layout = config.OutputLayout(out)
-    print("xraylib demo on the built-in synthetic sample data (research software, not a diagnostic device)\n")
-    _write_sample(layout.sample_data, args.n, args.seed)
+    print("xraylib demo on the built-in synthetic sample data")
+    print("(research software, not a diagnostic device; synthetic images, so the numbers say the code works, "
+          "not that a model can diagnose anything)\n")
+    print("1/5 sample data")
+    sample = _write_sample(layout.sample_data, args.n, args.seed)
     paths = config.sample_drive_paths(out)
+    print("\n2/5 manifest (notebook 01)")
     result = manifest.build_manifest(paths, task=args.task, progress=not args.quiet)
     manifest.save_manifest(result, layout.manifest, layout.manifest_report)
     print(result.report.summary())
+    print("\n3/5 patient-level split and preprocessing (notebook 02)")
     settings = preprocess.PreprocessSettings(image_size=args.image_size)
     data = preprocess.split_and_preprocess(result.frame, layout.preprocessed, manifest.TASKS[args.task], settings,
                                            fractions=(0.6, 0.2, 0.2), seed=args.seed, progress=not args.quiet)
     print_preprocess_summary(data)
-    print(f"\ndone: manifest {layout.manifest}, preprocessed arrays {layout.preprocessed}")
+    print(f"\n4/5 training (notebook 03): {args.backbone}, {args.epochs} epochs")
+    spec = _model_spec(args, data)
+    trained = train.train(data, spec, _train_settings(args), run_dir=layout.models / args.run, resume=True,
+                          verbose=2 if args.quiet else "auto")
+    _print_train_result(trained)
+    print("\n5/5 evaluation on the held-out test patients (notebook 04) and predictions (notebook 05)")
+    evaluation = evaluate.evaluate_model(layout.models / args.run, data, out_dir=layout.reports / args.run, n_boot=args.n_boot)
+    ev = evaluation.evaluation
+    print(f"test set: {ev.n_patients} patients, {ev.n_images} images; threshold {float(ev.threshold):.3f} "
+          "chosen on the validation split")
+    table = ev.metrics_table()
+    for metric, row in table.iterrows():
+        print(f"  {metric:12s} {row['value']:.3f}  (95% CI {row['low']:.3f} to {row['high']:.3f}; "
+              f"{int(row['numerator'])}/{int(row['denominator'])})")
+    for warning in ev.warnings:
+        print(f"  warning: {warning}")
+    examples = _demo_examples(data)
+    print("predictions for a few sample files, preprocessed from the model's JSON:")
+    _print_predictions(predict.predict_files(layout.models / args.run, examples))
+    print("\nfiles:")
+    print(f"  model:   {trained.paths.model_keras}\n           {trained.paths.model_h5}\n           {trained.paths.model_json}")
+    print(f"  report:  {evaluation.files['md']}\n           {evaluation.files['json']}")
+    print("  plots:   " + "\n           ".join(str(p) for k, p in evaluation.files.items() if k.endswith(".png")))
+    print("\nnext: open notebooks/01_dataset_creation.ipynb, or try `python -m xraylib predict --model "
+          f"{trained.paths.root} YOUR_IMAGES`")
+
+
+def _demo_examples(data: preprocess.PreprocessedData) -> list[str]:
+    """One test image per class and format (PNG/JPEG/DICOM) where there is one."""
+    test = data["test"].manifest
+    picks = test.groupby(["label", "file_format"], sort=True).head(1)
+    return picks["path"].head(5).tolist()
+
+
+def _add_training_options(p: argparse.ArgumentParser, backbone: str = "vgg16", weights: str = "imagenet",
+                          epochs: int = 25) -> None:
+    from .preprocess import NORMALISATION
+
+    p.add_argument("--run", default="run", help="run name: files go to OUTPUT_DIR/models/RUN (default run)")
+    p.add_argument("--backbone", choices=sorted(NORMALISATION), default=backbone,
+                   help=f"model: vgg16 (the seeds'), resnet50, densenet121, mobilenet_v2, mobilenet, small_cnn (default {backbone})")
+    p.add_argument("--weights", default=weights,
+                   help="imagenet (downloaded by Keras; needs internet), none (random), or a local .h5 weights file "
+                        f"for the backbone without its top (default {weights})")
+    p.add_argument("--alpha", type=float, default=None, help="MobileNet width multiplier, e.g. 0.25")
+    p.add_argument("--head-units", type=int, default=64, help="units of the head's dense layer (default 64)")
+    p.add_argument("--dropout", type=float, default=0.5, help="dropout before the softmax (default 0.5)")
+    p.add_argument("--epochs", type=int, default=epochs, help=f"epochs with the backbone frozen (default {epochs})")
+    p.add_argument("--batch-size", type=int, default=8, help="batch size (default 8, the seeds')")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--fine-tune-epochs", type=int, default=0,
+                   help="extra epochs with the backbone's top block unfrozen (default 0: no fine-tuning)")
+    p.add_argument("--fine-tune-learning-rate", type=float, default=1e-5, help="learning rate for fine-tuning (default 1e-5)")
+    p.add_argument("--no-augment", action="store_true", help="turn off augmentation (rotation, shift, zoom, brightness)")
+    p.add_argument("--flip", action="store_true",
+                   help="add horizontal flips (off by default: a chest X-ray is not left-right symmetric)")
+    p.add_argument("--no-class-weights", action="store_true", help="do not weight classes by their frequency")
+    p.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,13 +285,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_preprocess)
 
+    p = sub.add_parser("train", help="train a model on the preprocessed arrays (notebook 03)")
+    _add_output(p)
+    _add_training_options(p)
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue an interrupted run at its next epoch with its optimizer state (default); "
+                        "--no-resume starts the run over")
+    p.add_argument("--quiet", action="store_true", help="one line per epoch instead of progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a trained model on the held-out test split (notebook 04)")
+    _add_output(p)
+    p.add_argument("--run", default="run", help="run name: the model is read from OUTPUT_DIR/models/RUN (default run)")
+    p.add_argument("--split", default="test", choices=["test", "val"], help="split to evaluate (default test)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (default 1000)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="predict your own PNG/JPEG/DICOM files with a trained model (notebook 05)")
+    p.add_argument("--model", required=True, help="a run folder (OUTPUT_DIR/models/RUN), model.keras or model.h5")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--csv", help="also write the predictions to this CSV file")
+    p.set_defaults(func=cmd_predict)
+
     p = sub.add_parser("demo", help="the main job on the built-in sample data, end to end")
     p.add_argument("--output-dir", default="outputs/demo", help="where everything is written (default outputs/demo)")
-    p.add_argument("--n", type=int, default=30, help="patients per source in the sample data (default 30)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--n", type=int, default=60, help="patients per source in the sample data (default 60)")
     p.add_argument("--task", choices=sorted(manifest.TASKS), default="covid_vs_normal", help="classes")
-    p.add_argument("--image-size", type=int, default=224, help="model input side in pixels (default 224)")
+    p.add_argument("--image-size", type=int, default=128, help="model input side in pixels (default 128)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_training_options(p, backbone="small_cnn", weights="none", epochs=30)
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -889,3 +889,84 @@ def _md_group_table(table: pd.DataFrame, title: str) -> list[str]:
              *[_fmt_ci(r[m], (r[f"{m}_low"], r[f"{m}_high"])) for m in ("roc_auc", "sensitivity", "specificity", "accuracy")]]
             for group, r in table.iterrows()]
     return _md_table(header, rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluating a saved model on the preprocessed splits (notebook 04, `python -m xraylib evaluate`)
+
+
+@dataclass
+class ModelEvaluation:
+    """A saved model evaluated on a held-out split: the :class:`Evaluation`, the prediction tables, the files written."""
+
+    evaluation: Evaluation
+    val_predictions: pd.DataFrame
+    test_predictions: pd.DataFrame
+    history: pd.DataFrame | None
+    files: dict[str, Path]
+
+
+def evaluate_model(
+    model_dir: str | os.PathLike,
+    data: Any,
+    out_dir: str | os.PathLike | None = None,
+    split: str = "test",
+    n_boot: int = 1000,
+    seed: int = 0,
+    save_plots: bool = True,
+) -> ModelEvaluation:
+    """Predict the validation and ``split`` sets with the model in ``model_dir`` and evaluate ``split``.
+
+    The threshold is the one saved with the model (chosen on the validation split at
+    training), so the numbers describe the model as it will be used. Writes into ``out_dir``
+    (default: ``model_dir/evaluation``) ``evaluation.json``, ``evaluation.md``, the prediction
+    CSVs and the plots, and adds the test metrics to ``model.json``. Needs TensorFlow.
+    """
+    from . import plots
+    from .fileio import write_csv_atomic
+    from .models import load_model
+    from .predict import predict_split
+
+    loaded = load_model(model_dir)
+    if tuple(loaded.classes) != tuple(data.classes):
+        raise EvaluationError(f"{loaded.path}: model classes {list(loaded.classes)} differ from the data's {list(data.classes)}")
+    if split not in data.splits:
+        raise EvaluationError(f"no split {split!r}; the preprocessed data has {sorted(data.splits)}")
+    out = Path(out_dir) if out_dir is not None else Path(model_dir) / "evaluation"
+    val = predict_split(loaded.model, data["val"])
+    test = predict_split(loaded.model, data[split])
+    saved = loaded.metadata.get("threshold", {})
+    threshold = Threshold(loaded.threshold, saved.get("rule", "saved with the model") + " (on the validation split)")
+    result = evaluate(test, data.classes, threshold, positive_class=loaded.positive_class, n_boot=n_boot, seed=seed)
+    files = write_report(result, out)
+    for name, frame in (("val_predictions.csv", val), (f"{split}_predictions.csv", test)):
+        write_csv_atomic(out / name, frame)
+        files[name] = out / name
+    history_path = Path(model_dir) / "history.csv"
+    history = pd.read_csv(history_path) if history_path.exists() else None
+    if save_plots:
+        y_true, y_score, _ = binary_targets(test, data.classes, loaded.positive_class)
+        figures = {
+            "confusion_matrix.png": plots.confusion_matrix(result.confusion, title=f"Confusion matrix ({split})"),
+            "roc.png": plots.roc_curve(y_true, y_score, auc_ci=result.ci["roc_auc"], threshold=float(threshold)),
+            "precision_recall.png": plots.precision_recall_curve(y_true, y_score),
+            "by_source.png": plots.metrics_by_group(result.by_source),
+        }
+        if history is not None:
+            figures["training_history.png"] = plots.training_history(history)
+        for name, figure in figures.items():
+            files[name] = plots.save_figure(figure, out / name)
+    _record_metrics(loaded.path.parent / "model.json", {split: result.to_dict()["metrics"], f"{split}_n_images": result.n_images,
+                               f"{split}_n_patients": result.n_patients})
+    return ModelEvaluation(result, val, test, history, files)
+
+
+def _record_metrics(model_json: Path, metrics: dict[str, Any]) -> None:
+    """Add evaluation metrics to the model's JSON (atomically), keeping what is there."""
+    import json
+
+    from .fileio import write_json_atomic
+
+    metadata = json.loads(model_json.read_text(encoding="utf-8"))
+    metadata.setdefault("metrics", {}).update(metrics)
+    write_json_atomic(model_json, metadata)

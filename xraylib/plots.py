@@ -45,7 +45,7 @@ def example_images(manifest: pd.DataFrame, per_group: int = 3, seed: int = 0, nc
                 images.append(read_image(row.path))
             except BadFileError:
                 continue
-            titles.append(f"{source} / {label}\n{row.view if isinstance(row.view, str) else 'view ?'}")
+            titles.append(f"{source} / {label}\n{row.view if isinstance(row.view, str) else 'view not recorded'}")
     return image_grid(images, titles, ncols=ncols)
 
 
@@ -209,5 +209,158 @@ def metrics_by_group(table: pd.DataFrame, metrics: Sequence[str] = ("roc_auc", "
     axes[0][0].set_ylim(len(groups) - 0.5, -0.5)
     by = table.index.name or "group"
     fig.suptitle(title or f"Metrics by {by} (95% CI, bootstrap over patients)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(figure: Figure, path: "str | os.PathLike", dpi: int = 110) -> "Path":
+    """Save a figure as PNG atomically, close it, and return the path."""
+    from pathlib import Path
+
+    from .fileio import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+    plt.close(figure)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Grad-CAM: heatmaps from xraylib.explain.gradcam.
+
+
+def gradcam_grid(images: Sequence[np.ndarray], heatmaps: Sequence[np.ndarray], titles: Sequence[str] | None = None,
+                 ncols: int = 4, alpha: float = 0.4, outlines: Sequence[np.ndarray] | None = None,
+                 size: float = 2.6) -> Figure:
+    """Grad-CAM overlays in a grid: each ``(S, S)`` uint8 image with its ``(S, S)`` heatmap in [0, 1]
+    (from :func:`xraylib.explain.gradcam`) in colour on top, one optional title each.
+
+    ``outlines``: optional ``(S, S)`` bool masks, one per image, drawn as white contours (a lesion's
+    ground truth, :func:`xraylib.explain.lung_field_mask`), so the eye can judge where the heat is.
+    The colour bar reads relative heat: each map is scaled to its own maximum, so colours compare
+    regions within one image, not images with each other.
+    """
+    from matplotlib import cm, colors
+
+    from .explain import overlay  # NumPy/OpenCV only: keeps this module free of TensorFlow
+
+    if len(images) != len(heatmaps):
+        raise ValueError(f"need one heatmap per image, got {len(images)} images and {len(heatmaps)} heatmaps")
+    for name, extra in (("title", titles), ("outline", outlines)):
+        if extra is not None and len(extra) != len(images):
+            raise ValueError(f"need one {name} per image, got {len(extra)} for {len(images)} images")
+    n = max(1, len(images))
+    ncols = max(1, min(ncols, n))
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols + 0.8, size * nrows + 0.3), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (image, heatmap) in enumerate(zip(images, heatmaps)):
+        ax = axes.flat[i]
+        ax.imshow(overlay(image, heatmap, alpha=alpha))
+        if outlines is not None and np.asarray(outlines[i]).any():
+            ax.contour(np.asarray(outlines[i], dtype=float), levels=[0.5], colors="white", linewidths=0.8)
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=8)
+    # OpenCV's COLORMAP_JET (what overlay uses) and matplotlib's "jet" are the same map.
+    mappable = cm.ScalarMappable(norm=colors.Normalize(0, 1), cmap="jet")
+    fig.colorbar(mappable, ax=axes, shrink=0.8, label="relative heat (per image)")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Data audit figures: data from xraylib.audit (a manifest, the border table, the mean images).
+
+
+def age_distribution(manifest: pd.DataFrame, title: str = "Age per class and source") -> Figure:
+    """Ages (years) of every (class, source) group of a manifest: a box plot over the recorded ages
+    with each image as a dot. A group whose files record no ages shows its source's documented
+    population (:data:`xraylib.audit.SOURCE_POPULATION`, hatched band) or says that the ages are unknown.
+    The dashed line marks 18 years."""
+    from .audit import ADULT_AGE, SOURCE_POPULATION
+
+    ages = pd.to_numeric(manifest["age"], errors="coerce") if "age" in manifest.columns else pd.Series(np.nan, index=manifest.index)
+    frame = manifest.assign(_age=ages)
+    groups = list(frame.groupby(["label", "source"], sort=True))
+    labels = sorted(frame["label"].astype(str).unique())
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    rng = np.random.default_rng(0)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * max(len(groups), 2), 4.6))
+    top = 100.0
+    notes = []
+    for x, ((label, source), group) in enumerate(groups):
+        values = group["_age"].dropna().to_numpy(dtype=float)
+        colour = colours[str(label)]
+        if len(values):
+            ax.boxplot([values], positions=[x], widths=0.55, showfliers=False, patch_artist=True,
+                       boxprops={"facecolor": colour, "alpha": 0.25, "edgecolor": colour},
+                       medianprops={"color": colour, "linewidth": 2}, whiskerprops={"color": colour},
+                       capprops={"color": colour})
+            ax.scatter(x + rng.uniform(-0.18, 0.18, len(values)), values, s=7, color=colour, alpha=0.5, linewidths=0)
+            top = max(top, float(values.max()) + 5)
+            note = f"{len(values)} of {len(group)} aged"
+        elif source in SOURCE_POPULATION:
+            low, high = SOURCE_POPULATION[source]
+            ax.add_patch(plt.Rectangle((x - 0.28, low), 0.56, high - low, facecolor=colour, alpha=0.25,
+                                       edgecolor=colour, hatch="///"))
+            ax.text(x, high + 3, f"no per-image ages:\ndocumented\n{low:g}-{high:g} years", ha="center", va="bottom", fontsize=7)
+            note = f"0 of {len(group)} aged"
+        else:
+            ax.text(x, 50, "ages not\nrecorded", ha="center", va="center", fontsize=8, color="0.35")
+            note = f"0 of {len(group)} aged"
+        notes.append(note)
+    ax.axhline(ADULT_AGE, color="0.5", linestyle="--", linewidth=1)
+    ax.text(len(groups) - 0.5, ADULT_AGE + 1, f"{ADULT_AGE:g} years", ha="right", va="bottom", fontsize=7, color="0.4")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{label}\n{source}\n({note})" for ((label, source), _), note in zip(groups, notes)], fontsize=8)
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.set_ylim(0, top)
+    ax.set_ylabel("age (years)")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def border_profiles_plot(table: pd.DataFrame, title: str = "Mean intensity near the edges, per group") -> Figure:
+    """One 3x3 map per group of :func:`xraylib.audit.border_summary` (``audit(...).tables["border"]``):
+    the mean intensity (0-255) of each corner, each edge band and the centre, laid out where they
+    are on the film, with the share of images with a burned-in mark in the title. A group whose
+    corners or bands are much brighter than the others' may carry text or markers."""
+    layout = [["top_left", "top", "top_right"], ["left", "centre", "right"], ["bottom_left", "bottom", "bottom_right"]]
+    key_columns = [c for c in ("source", "label") if c in table.columns]
+    n = max(1, len(table))
+    ncols = min(4, n)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols + 0.9, 2.9 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    image = None
+    for ax, (_, row) in zip(axes.flat, table.iterrows()):
+        values = np.array([[float(row[c]) for c in line] for line in layout])
+        image = ax.imshow(values, cmap="gray", vmin=0, vmax=255)
+        for (i, j), value in np.ndenumerate(values):
+            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=9, color="black" if value > 128 else "white")
+        name = " / ".join(str(row[c]) for c in key_columns) or "all"
+        mark = f"marks {float(row['marker_share']):.0%}" if "marker_share" in row else ""
+        if mark and isinstance(row.get("marker_zone"), str) and row["marker_zone"]:
+            mark += f" ({row['marker_zone'].replace('_', '-')})"
+        ax.set_title(f"{name} (n={int(row['images'])})\n{mark}", fontsize=9)
+        ax.axis("off")
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="mean intensity (0-255)")
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def mean_image_grid(mean_images: "dict[str, np.ndarray]", ncols: int = 4, size: float = 2.6,
+                    title: str = "Average image per group") -> Figure:
+    """The average image of each group (``audit(...).mean_images``, ``{"source / label": (S, S)}``):
+    anatomy blurs away, while a marker or text burned in at the same place stays sharp."""
+    names = list(mean_images)
+    fig = image_grid([np.clip(mean_images[k], 0, 255).astype(np.uint8) for k in names], names, ncols=ncols, size=size)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig

@@ -458,12 +458,12 @@ def _draw_frontal(
     elif label == "pneumonia":
         for side in (-1, 1) if bilateral else (None,):
             lesion = np.maximum(lesion, _consolidation(half, side_masks, rng_lesion, hh, wh, side))
-        texture = 0.85 + 0.15 * _coarse_noise(rng_lesion, hh, wh, 12)
+        texture = 0.8 + 0.2 * _coarse_noise(rng_lesion, hh, wh, 16)
         bronchi = np.zeros((hh, wh), np.float32)
         for side in (-1, 1):
             _draw_vessel_tree(bronchi, half, rng_lesion, side * 0.28, 0.45, side, 0.004 * half.lh, depth=2)
         texture -= 0.3 * cv2.GaussianBlur(bronchi, (0, 0), 0.6)
-        density += rng_lesion.uniform(0.55, 0.7) * lesion * texture
+        density += rng_lesion.uniform(0.6, 0.75) * lesion * texture
     if extra == "nodule":
         nodule = np.zeros((hh, wh), np.float32)
         side = -1 if rng_lesion.random() < 0.5 else 1
@@ -473,14 +473,14 @@ def _draw_frontal(
     elif extra == "effusion":
         fluid = np.zeros((hh, wh), np.float32)
         side = -1 if rng_lesion.random() < 0.5 else 1
-        level = rng_lesion.uniform(0.72, 0.85)
+        level = rng_lesion.uniform(0.62, 0.75)
         mm = np.linspace(0.1, 1.2, 12)
         top = half.fixed(side * mm, level + 0.25 - 0.22 * mm**3)
         meniscus = np.concatenate([top, half.fixed(side * mm[::-1], np.full(12, 1.4))])
         cv2.fillPoly(fluid, [meniscus], 1.0, cv2.LINE_8, 4)
         # Fluid layers at the base: densest at the bottom, fading up the meniscus.
         gradient = np.clip((half.rows(hh) - level) / 0.25, 0.3, 1.0)[:, None]
-        density += 0.5 * _blur_coarse(fluid * gradient, 0.025 * half.lh, 2) * side_masks[side]
+        density += 0.6 * _blur_coarse(fluid * gradient, 0.025 * half.lh, 2) * side_masks[side]
 
     # Full size from here: upsample the smooth part, then add the bones.
     bone_weight = (rib_contrast * 0.2) * inside * (0.45 + 0.55 * soft)
@@ -602,29 +602,35 @@ def _ground_glass(
 def _consolidation(
     frame: _Frame, side_masks: dict[int, np.ndarray], rng: np.random.Generator, h: int, w: int, side: int | None
 ) -> np.ndarray:
-    """Lobar pneumonia: a dense opacity in part of one lobe, sharp along its fissure, [0, 1] float32."""
-    lobes = {  # side, blob centre (m, v), blob axes, fissure level v, opacity lies below the fissure
-        "RLL": (-1, (0.55, 0.85), (0.3, 0.2), 0.55, True),
-        "RML": (-1, (0.4, 0.72), (0.3, 0.18), 0.5, True),
-        "RUL": (-1, (0.5, 0.28), (0.32, 0.22), 0.45, False),
-        "LLL": (1, (0.7, 0.85), (0.24, 0.2), 0.58, True),
-        "LUL": (1, (0.55, 0.32), (0.3, 0.22), 0.5, False),
+    """Lobar pneumonia: a dense opacity in part of one lobe, [0, 1] float32.
+
+    On a frontal film only the horizontal fissure is seen edge-on, so right middle and right
+    upper lobe opacities end at a sharp straight line; the others fade out.
+    """
+    lobes = {  # side, blob centre (m, v), blob axes, horizontal fissure level v and which side of it
+        "RLL": (-1, (0.58, 0.82), (0.34, 0.24), None, None),
+        "RML": (-1, (0.45, 0.72), (0.34, 0.2), 0.48, "below"),
+        "RUL": (-1, (0.52, 0.28), (0.36, 0.26), 0.48, "above"),
+        "LLL": (1, (0.7, 0.84), (0.28, 0.24), None, None),
+        "LUL": (1, (0.58, 0.32), (0.34, 0.26), None, None),
     }
-    weights = {"RLL": 0.35, "RML": 0.2, "RUL": 0.15, "LLL": 0.2, "LUL": 0.1}
+    weights = {"RLL": 0.3, "RML": 0.2, "RUL": 0.2, "LLL": 0.2, "LUL": 0.1}
     names = [n for n in lobes if side is None or lobes[n][0] == side]
     p = np.array([weights[n] for n in names])
     lobe_side, (mc, vc), (am, av), fissure, below = lobes[names[int(rng.choice(len(names), p=p / p.sum()))]]
     blob = np.zeros((h, w), np.float32)
     _ellipse(
         blob, frame, lobe_side * (mc + rng.uniform(-0.05, 0.05)), vc + rng.uniform(-0.05, 0.05),
-        am * rng.uniform(0.95, 1.2), av * rng.uniform(0.95, 1.3), rng.uniform(-20, 20), 1.0,
+        am * rng.uniform(1.0, 1.25), av * rng.uniform(1.0, 1.3), rng.uniform(-20, 20), 1.0,
     )
     blob = np.minimum(1.3 * _blur_coarse(blob, 0.045 * frame.lh, 2), 1.0)
-    # The fissure is a straight, slightly tilted line: the sharp edge of a lobar opacity.
+    lung = cv2.GaussianBlur(side_masks[lobe_side], (0, 0), 0.004 * frame.lh + 0.3)
+    if fissure is None:
+        return blob * lung
+    # The fissure is a straight, slightly tilted line.
     level = fissure + rng.uniform(-0.04, 0.04) + rng.uniform(-0.08, 0.08) * (lobe_side * frame.cols(w))
     rows = frame.rows(h)[:, None]
-    edge = (rows > level[None, :]) if below else (rows < level[None, :])
-    lung = cv2.GaussianBlur(side_masks[lobe_side], (0, 0), 0.004 * frame.lh + 0.3)
+    edge = (rows > level[None, :]) if below == "below" else (rows < level[None, :])
     return blob * edge * lung
 
 

@@ -1,0 +1,206 @@
+"""Prediction: on cached splits and on the user's own PNG/DICOM files, with the preprocessing and threshold saved with the model."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import write_dicom, write_raster
+from xraylib import models, synthetic
+from xraylib.errors import ConfigError
+from xraylib.fileio import sha1_file
+from xraylib.predict import (
+    collect_image_paths, decide, predict_files, predict_images, predict_split, preprocess_for_model, probability_columns,
+)
+from xraylib.preprocess import PreprocessSettings, preprocess_file, split_and_preprocess
+from xraylib.train import RunPaths, TrainSettings, finish_run
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Invalid value for VR AS"),
+    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
+]
+
+CLASSES = ("normal", "covid")
+SIZE = 32
+
+
+def phantom(seed: int, height: int = 80, width: int = 64, label: str = "normal") -> np.ndarray:
+    return synthetic.make_phantom(label, np.random.default_rng(seed), height, width).image
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A cache of 12 PNG phantoms at 32 px: 6 train, 3 val, 3 test."""
+    root = tmp_path_factory.mktemp("predict_data")
+    rows = []
+    for i, label in enumerate(["normal", "covid"] * 6):
+        path = write_raster(root / "images" / f"{i:02d}.png", phantom(200 + i, 64, 64, label))
+        rows.append({"path": str(path), "label": label, "source": "synthetic", "patient_id": f"synthetic:{i}",
+                     "view": "PA", "sha1": sha1_file(path)})
+    return split_and_preprocess(pd.DataFrame(rows), root / "cache", CLASSES, PreprocessSettings(image_size=SIZE),
+                                fractions=(0.5, 0.25, 0.25), seed=0, workers=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def model_dir(data, tmp_path_factory) -> Path:
+    """An (untrained) small CNN saved the way training saves it: model.keras, model.h5 and its JSON."""
+    folder = tmp_path_factory.mktemp("model") / "run"
+    spec = models.ModelSpec(backbone="small_cnn", weights=None, image_size=SIZE, classes=CLASSES)
+    keras.utils.set_random_seed(5)
+    finish_run(models.build_model(spec), data, spec, TrainSettings(), RunPaths(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir) -> models.LoadedModel:
+    return models.load_model(model_dir)
+
+
+def spread(probs: np.ndarray) -> float:
+    return float(np.ptp(np.asarray(probs, dtype=np.float64)[:, 0]))
+
+
+# --------------------------------------------------------------------------------------------
+# Decisions
+
+
+def test_decide_with_two_classes_uses_the_threshold_not_the_argmax():
+    probs = np.array([[0.75, 0.25], [0.7, 0.3], [0.6, 0.4], [0.1, 0.9]])
+    assert decide(probs, CLASSES, "covid", 0.3) == ["normal", "covid", "covid", "covid"]  # 0.3 >= 0.3 is positive
+    assert decide(probs, CLASSES, "covid", 0.95) == ["normal"] * 4
+    assert decide(probs[1], CLASSES, "covid", 0.3) == ["covid"]  # one row as a vector
+
+
+def test_decide_with_three_classes_falls_back_to_the_likeliest_other_class():
+    classes = ("normal", "pneumonia", "covid")
+    probs = np.array([
+        [0.5, 0.3, 0.2],     # covid reaches 0.2
+        [0.2, 0.61, 0.19],   # below: the likelier of the others
+        [0.61, 0.2, 0.19],
+        [0.02, 0.09, 0.89],  # covid is the argmax but below a strict threshold
+    ])
+    assert decide(probs, classes, "covid", 0.2) == ["covid", "pneumonia", "normal", "covid"]
+    assert decide(probs, classes, "covid", 0.9) == ["normal", "pneumonia", "normal", "pneumonia"]
+    assert decide(probs, classes, "pneumonia", 0.3) == ["pneumonia", "pneumonia", "normal", "covid"]
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the files
+
+
+def test_collect_image_paths_searches_folders_recursively_and_skips_other_and_hidden_files(tmp_path):
+    image = phantom(0)
+    wanted = [write_raster(tmp_path / "a.png", image), write_raster(tmp_path / "sub" / "deeper" / "b.JPG", image),
+              write_dicom(tmp_path / "sub" / "c.dcm", image)]
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "sub" / "labels.csv").write_text("path,label\n")
+    write_raster(tmp_path / "._a.png", image)  # macOS resource fork
+    write_raster(tmp_path / ".ipynb_checkpoints" / "a-checkpoint.png", image)
+    assert collect_image_paths(tmp_path) == sorted(wanted)
+    assert collect_image_paths(str(tmp_path / "a.png")) == [tmp_path / "a.png"]
+    assert collect_image_paths([str(wanted[2]), wanted[0]]) == [wanted[2], wanted[0]]  # a list is kept as given
+
+
+def test_collect_image_paths_errors_name_the_path(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    with pytest.raises(ConfigError, match="no such file or folder") as caught:
+        collect_image_paths(missing)
+    assert str(missing) in str(caught.value)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("x")
+    with pytest.raises(ConfigError, match="no .png"):
+        collect_image_paths(tmp_path / "empty")
+
+
+# --------------------------------------------------------------------------------------------
+# Predicting
+
+
+def test_predict_split_adds_a_probability_column_per_class(loaded, data):
+    split = data["test"]
+    table = predict_split(loaded.model, split)
+    assert probability_columns(CLASSES) == ["prob_normal", "prob_covid"]
+    assert list(table.columns) == list(split.manifest.columns) + ["prob_normal", "prob_covid"]
+    pd.testing.assert_frame_equal(table[split.manifest.columns], split.manifest)  # same rows, same order
+    probs = table[["prob_normal", "prob_covid"]].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(probs, loaded.model.predict(np.asarray(split.images, np.float32)[..., None], verbose=0), atol=1e-6)
+
+
+def test_predict_images_in_chunks_equals_one_pass(loaded):
+    images = np.random.default_rng(0).integers(0, 256, size=(520, SIZE, SIZE), dtype=np.uint8)  # more than a 512 chunk
+    probs = predict_images(loaded.model, images, batch_size=64)
+    assert probs.shape == (520, 2) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs, loaded.model.predict(images.astype(np.float32)[..., None], verbose=0), atol=1e-6)
+    assert predict_images(loaded.model, images[:0]).shape == (0, 2)
+
+
+def test_png_and_dicom_of_the_same_pixels_get_the_same_probabilities(model_dir, tmp_path):
+    """8-bit MONOCHROME2 DICOM pixels are used as stored, like a PNG's."""
+    pixels = phantom(1, 90, 70, "covid")
+    png = write_raster(tmp_path / "x.png", pixels)
+    dcm = write_dicom(tmp_path / "x.dcm", pixels, bits=8, photometric="MONOCHROME2")
+    other = write_raster(tmp_path / "y.png", phantom(2, 90, 70))
+    table = predict_files(model_dir, [png, dcm, other])
+    assert table["ok"].all() and table["error"].isna().all()
+    probs = table[["prob_normal", "prob_covid"]].to_numpy(dtype=np.float64)
+    np.testing.assert_allclose(probs[0], probs[1], atol=1e-7)
+    assert np.abs(probs[0] - probs[2]).max() > 1e-5  # the model does tell images apart: the equality above means something
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_a_bad_file_is_reported_in_its_row_and_the_others_are_predicted(model_dir, loaded, tmp_path):
+    write_raster(tmp_path / "a.png", phantom(3))
+    (tmp_path / "b.png").write_text("this is a text file that someone named .png\n")
+    write_dicom(tmp_path / "c" / "c.dcm", phantom(4))
+    table = predict_files(model_dir, tmp_path)
+    assert [Path(p).name for p in table["path"]] == ["a.png", "b.png", "c.dcm"]
+    assert list(table["ok"]) == [True, False, True]
+    bad = table.iloc[1]
+    assert "text file" in bad["error"]
+    assert np.isnan(bad["prob_normal"]) and np.isnan(bad["prob_covid"]) and bad["decision"] is None
+    good = table[table["ok"]]
+    np.testing.assert_allclose(good[["prob_normal", "prob_covid"]].sum(axis=1), 1.0, atol=1e-5)
+    assert set(good["decision"]) <= set(CLASSES)
+    assert (table["threshold"] == loaded.threshold).all()
+
+
+def test_the_decision_uses_the_threshold_saved_with_the_model(loaded, model_dir, tmp_path):
+    meta = json.loads((model_dir / "model.json").read_text())
+    assert meta["threshold"]["positive_class"] == "covid" and loaded.threshold == pytest.approx(meta["threshold"]["value"])
+    paths = [write_raster(tmp_path / f"{i}.png", phantom(10 + i)) for i in range(3)]
+    table = predict_files(loaded, paths)
+    assert list(table["decision"]) == decide(table[["prob_normal", "prob_covid"]].to_numpy(), CLASSES, "covid", loaded.threshold)
+
+    def with_threshold(value: float) -> models.LoadedModel:
+        return dataclasses.replace(loaded, metadata={**loaded.metadata, "threshold": {**meta["threshold"], "value": value}})
+
+    assert list(predict_files(with_threshold(0.0), paths)["decision"]) == ["covid"] * 3
+    assert list(predict_files(with_threshold(1.01), paths)["decision"]) == ["normal"] * 3
+    middle = float(np.median(table["prob_covid"]))  # between the probabilities: the decisions split
+    decisions = predict_files(with_threshold(middle), paths)["decision"]
+    assert list(decisions) == ["covid" if p >= middle else "normal" for p in table["prob_covid"]]
+
+
+def test_the_preprocessing_comes_from_the_models_json(tmp_path):
+    """A model trained on 48 px padded images gets 48 px padded images at prediction, not what a caller might assume."""
+    pad = PreprocessSettings(image_size=48, resize="pad")
+    spec = models.ModelSpec(backbone="small_cnn", weights=None, image_size=48, classes=CLASSES)
+    keras.utils.set_random_seed(6)
+    model = models.build_model(spec)
+    models.save_model(model, tmp_path / "run", {"classes": list(CLASSES), "preprocessing": pad.to_dict(),
+                                                "model": spec.to_dict(), "threshold": {"value": 0.5, "positive_class": "covid"}})
+    tall = write_raster(tmp_path / "tall.png", phantom(7, 120, 60))  # 2:1, so padding and stretching differ
+    table = predict_files(tmp_path / "run", tall)
+    probs = table[["prob_normal", "prob_covid"]].to_numpy(dtype=np.float32)
+
+    padded = preprocess_file(tall, pad)
+    np.testing.assert_array_equal(preprocess_for_model(models.load_model(tmp_path / "run"), tall), padded)
+    np.testing.assert_allclose(probs, predict_images(model, padded[None]), atol=1e-6)
+    stretched = preprocess_file(tall, PreprocessSettings(image_size=48, resize="stretch"))
+    assert np.abs(predict_images(model, stretched[None]) - probs).max() > 1e-5

@@ -1,0 +1,110 @@
+"""Predict with a trained model: on cached arrays, or on your own PNG/JPEG/DICOM files.
+
+Files are preprocessed exactly as in training: the settings come from the JSON saved with
+the model, never re-typed. The decision uses the threshold chosen on the validation split.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from .errors import BadFileError, ConfigError
+from .models import LoadedModel, load_model
+from .preprocess import PreprocessedSplit, PreprocessSettings, preprocess_file
+from .sources import IMAGE_SUFFIXES
+
+
+def predict_images(model, images_uint8: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Class probabilities ``(N, C) float32`` for ``(N, S, S) uint8`` images, in chunks (memory stays flat)."""
+    n = len(images_uint8)
+    if n == 0:
+        return np.zeros((0, int(model.output_shape[-1])), dtype=np.float32)
+    chunks = []
+    for begin in range(0, n, 512):
+        x = np.asarray(images_uint8[begin:begin + 512], dtype=np.float32)[..., None]
+        chunks.append(np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32))
+    return np.concatenate(chunks)
+
+
+def probability_columns(classes: Iterable[str]) -> list[str]:
+    return [f"prob_{c}" for c in classes]
+
+
+def predict_split(model, split: PreprocessedSplit, batch_size: int = 32) -> pd.DataFrame:
+    """The split's manifest rows with one ``prob_<class>`` column per class."""
+    probs = predict_images(model, split.images, batch_size)
+    out = split.manifest.copy()
+    out[probability_columns(split.classes)] = probs
+    return out
+
+
+def decide(probs: np.ndarray, classes: tuple[str, ...], positive_class: str, threshold: float) -> list[str]:
+    """The decision per row: the positive class when its probability reaches ``threshold``, else the likeliest other class."""
+    probs = np.atleast_2d(probs)
+    pos = classes.index(positive_class)
+    others = [i for i in range(len(classes)) if i != pos]
+    decisions = []
+    for row in probs:
+        if row[pos] >= threshold:
+            decisions.append(classes[pos])
+        else:
+            decisions.append(classes[others[int(np.argmax(row[others]))]])
+    return decisions
+
+
+def collect_image_paths(target: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """A file, a list of files, or a folder (searched recursively for .png/.jpg/.jpeg/.dcm) as a sorted list."""
+    if isinstance(target, (str, os.PathLike)):
+        path = Path(target)
+        if path.is_dir():
+            # Hidden files and folders (macOS "._x.png", .ipynb_checkpoints, .Trash) are never the user's images.
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise ConfigError(f"{path}: no .png, .jpg, .jpeg or .dcm files in this folder")
+            return found
+        if not path.exists():
+            raise ConfigError(f"{path}: no such file or folder")
+        return [path]
+    return [Path(p) for p in target]
+
+
+def predict_files(model: LoadedModel | str | os.PathLike, target, batch_size: int = 16) -> pd.DataFrame:
+    """Predict PNG/JPEG/DICOM files (a file, a list or a folder) with a saved model.
+
+    Returns one row per file: ``path``, ``ok``, ``error`` (why a file was skipped), one
+    ``prob_<class>`` column per class, ``decision`` (at the model's threshold) and ``threshold``.
+    A bad file is reported in its row, not fatal.
+    """
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    settings = PreprocessSettings.from_dict(loaded.metadata["preprocessing"])
+    classes = loaded.classes
+    paths = collect_image_paths(target)
+    images, rows = [], []
+    for path in paths:
+        try:
+            images.append(preprocess_file(path, settings))
+            rows.append({"path": str(path), "ok": True, "error": None})
+        except BadFileError as exc:
+            rows.append({"path": str(path), "ok": False, "error": exc.reason})
+    frame = pd.DataFrame(rows)
+    columns = probability_columns(classes)
+    for column in columns:
+        frame[column] = np.nan
+    frame["decision"] = None
+    frame["threshold"] = loaded.threshold
+    if images:
+        probs = predict_images(loaded.model, np.stack(images), batch_size)
+        ok = frame["ok"].to_numpy()
+        frame.loc[ok, columns] = probs
+        frame.loc[ok, "decision"] = decide(probs, classes, loaded.positive_class, loaded.threshold)
+    return frame
+
+
+def preprocess_for_model(loaded: LoadedModel, path: str | os.PathLike) -> np.ndarray:
+    """One file preprocessed as the model's training data was: ``(S, S) uint8``."""
+    return preprocess_file(path, PreprocessSettings.from_dict(loaded.metadata["preprocessing"]))
