@@ -164,6 +164,22 @@ def _print_predictions(frame) -> None:
         print(f"  {row['path']}: {row['decision']}  ({probs}; threshold {row['threshold']:.3f})")
 
 
+def cmd_audit(args: argparse.Namespace) -> None:
+    from . import audit
+
+    layout = config.OutputLayout(_output_dir(args))
+    frame = manifest.load_manifest(layout.manifest)
+    has_cache = (layout.preprocessed / "preprocess.json").exists() and not args.no_pixels
+    data = preprocess.load_preprocessed(layout.preprocessed) if has_cache else None
+    report = audit.audit(None if data is not None else frame, data, classes=manifest.TASKS[args.task],
+                         progress=not args.quiet)
+    files = audit.write_audit(report, layout.reports)
+    print(report.to_markdown())
+    print(f"{len(report.warnings)} warning(s); written: {files['md']}, {files['json']}")
+    if not has_cache:
+        print("pixel checks (borders, burned-in marks, near-duplicates) need the preprocessed arrays: run preprocess first")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from . import evaluate, predict, train
 
@@ -284,6 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPU cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("audit", help="audit the data set for confounds before training (counts, ages, views, marks, duplicates)")
+    _add_output(p)
+    p.add_argument("--task", choices=sorted(manifest.TASKS), default="covid_vs_normal", help="classes (and their order)")
+    p.add_argument("--no-pixels", action="store_true", help="metadata checks only, even when preprocessed arrays exist")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("train", help="train a model on the preprocessed arrays (notebook 03)")
     _add_output(p)
