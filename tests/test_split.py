@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from xraylib.errors import ConfigError
 from xraylib.split import (
-    SplitLeakError, assert_patient_disjoint, patients_in_several_splits, split_by_image, split_by_patient,
-    split_summary,
+    SplitLeakError, assert_patient_disjoint, patient_groups, patients_in_several_splits, split_by_image,
+    split_by_patient, split_summary,
 )
 
 SOURCE_LABELS = {"ieee8023": ("covid", "normal", "pneumonia"), "kaggle": ("normal", "pneumonia"), "nih": ("normal",)}
@@ -171,3 +171,112 @@ def test_split_summary_counts_images_and_patients_in_split_order():
     assert list(summary["split"].drop_duplicates()) == ["train", "val", "test"]
     assert summary["images"].sum() == len(manifest)
     assert summary["patients"].sum() == manifest["patient_id"].nunique()
+
+
+# ---------------------------------------------------------------------------------------------
+# Near-duplicates: one picture filed under two patient ids links them into one group
+
+
+def test_without_links_the_split_is_what_it_always_was():
+    """The default (and an empty list of links) reproduce the split made before linking existed:
+    the digest below is the patient -> split assignment of the previous split_by_patient."""
+    import hashlib
+
+    manifest = random_manifest(12, n_patients=60)
+    for links in (None, [], pd.DataFrame(columns=["patient_a", "patient_b"])):
+        split = split_by_patient(manifest, seed=12, linked_patients=links)
+        digest = hashlib.sha1("".join(split["patient_id"] + "=" + split["split"] + ";").encode()).hexdigest()
+        assert digest == "1ffb8eab7c96bb237f0bb5f53d60949f401e4319"
+
+
+def test_patient_groups_are_transitive_and_named_by_their_first_patient():
+    manifest = random_manifest(1, n_patients=12)
+    ids = sorted(manifest["patient_id"].unique())
+    groups = patient_groups(manifest, [(ids[3], ids[1]), (ids[1], ids[7]), (ids[9], "not-in-the-manifest")])
+    assert set(groups.index) == set(ids)
+    assert groups[ids[3]] == groups[ids[7]] == groups[ids[1]] == ids[1]
+    alone = [i for i in ids if i not in (ids[1], ids[3], ids[7])]
+    assert (groups[alone] == alone).all()
+    by_name = patient_groups(manifest, {ids[0]: "re-upload", ids[5]: "re-upload", ids[6]: None})
+    assert by_name[ids[5]] == ids[0] and by_name[ids[6]] == ids[6]
+    with pytest.raises(ConfigError, match="pairs"):
+        patient_groups(manifest, ["ieee8023:1"])
+    with pytest.raises(ConfigError, match="patient_a"):
+        patient_groups(manifest, pd.DataFrame({"path_a": ["x"]}))
+
+
+@settings(max_examples=30, deadline=None, database=None)
+@given(manifest_seed=st.integers(0, 10_000), split_seed=st.integers(0, 2**31 - 1), n_links=st.integers(1, 15))
+def test_linked_patients_always_share_a_split(manifest_seed, split_seed, n_links):
+    manifest = random_manifest(manifest_seed, n_patients=80)
+    ids = manifest["patient_id"].unique()
+    rng = np.random.default_rng(manifest_seed)
+    links = [tuple(rng.choice(ids, size=2, replace=False)) for _ in range(n_links)]
+    split = patient_splits(split_by_patient(manifest, seed=split_seed, linked_patients=links))
+    for a, b in links:
+        assert split[a] == split[b], (a, b)
+
+
+def test_a_patient_linked_to_an_external_source_goes_to_test():
+    manifest = random_manifest(3, n_patients=100)
+    inside = manifest.loc[manifest["source"] == "ieee8023", "patient_id"].iloc[0]
+    outside = manifest.loc[manifest["source"] == "nih", "patient_id"].iloc[0]
+    split = patient_splits(split_by_patient(manifest, seed=0, external_test_sources=["nih"],
+                                            linked_patients=[(inside, outside)]))
+    assert split[inside] == split[outside] == "test"
+
+
+def test_the_audits_near_duplicates_keep_re_uploaded_patients_together(tmp_path):
+    """ieee8023 holds the same picture under two patient ids (patients 97 and 178 on the real data): a
+    JPEG re-encode, slightly brightened, is not an exact copy, so the manifest keeps both. The audit
+    finds the pair from the pixels; splitting again with its duplicates table keeps them in one split."""
+    import cv2
+
+    from xraylib import audit
+    from xraylib.fileio import sha1_file
+    from xraylib.preprocess import PreprocessSettings, preprocess_dataset
+    from xraylib.synthetic import make_phantom
+
+    rows = []
+    for i in range(16):
+        label = "covid" if i % 2 else "normal"
+        image = make_phantom(label, np.random.default_rng(300 + i), 96, 96).image
+        path = tmp_path / f"{i:03d}.png"
+        assert cv2.imwrite(str(path), image)
+        rows.append({"path": str(path), "label": label, "source": "ieee8023", "patient_id": f"ieee8023:{i}"})
+    copy = cv2.imread(rows[1]["path"], cv2.IMREAD_GRAYSCALE)
+    copy_path = tmp_path / "178.jpg"
+    assert cv2.imwrite(str(copy_path), cv2.convertScaleAbs(copy, alpha=1.05, beta=6), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    rows.append({"path": str(copy_path), "label": "covid", "source": "ieee8023", "patient_id": "ieee8023:178"})
+    manifest = pd.DataFrame(rows)
+    manifest["sha1"] = manifest["path"].map(sha1_file)
+
+    def apart(frame):
+        splits = patient_splits(frame)
+        return splits["ieee8023:1"] != splits["ieee8023:178"]
+
+    seed = next(s for s in range(50) if apart(split_by_patient(manifest, fractions=(0.5, 0.25, 0.25), seed=s)))
+    leaky = split_by_patient(manifest, fractions=(0.5, 0.25, 0.25), seed=seed)
+    data = preprocess_dataset(leaky, tmp_path / "cache", ("normal", "covid"), PreprocessSettings(image_size=64),
+                              workers=1, progress=False)
+    report = audit.audit(None, data)
+    pair = report.duplicates[report.duplicates["kind"] == "near"]
+    # (Phantoms drawn alike can also pass as near-copies at 64 px; linking them costs nothing but stratification.)
+    assert ("ieee8023:1", "ieee8023:178") in {tuple(sorted(p)) for p in zip(pair["patient_a"], pair["patient_b"])}
+    fixed = split_by_patient(manifest, fractions=(0.5, 0.25, 0.25), seed=seed, linked_patients=report.duplicates)
+    assert not apart(fixed)
+    # Only linked patients moved; the split is still patient-level and complete.
+    linked = set(pair["patient_a"]) | set(pair["patient_b"])
+    moved = set(fixed.loc[fixed["split"] != leaky["split"], "patient_id"])
+    assert moved and moved <= linked
+    assert patients_in_several_splits(fixed) == [] and fixed["split"].notna().all()
+
+
+def test_links_move_only_the_linked_patients_to_their_first_patients_split():
+    manifest = random_manifest(4, n_patients=120)
+    before = patient_splits(split_by_patient(manifest, seed=9))
+    a, b = sorted(before[before == "train"].index)[0], sorted(before[before == "test"].index)[0]
+    after = patient_splits(split_by_patient(manifest, seed=9, linked_patients=[(b, a)]))
+    first = min(a, b)
+    assert after[a] == after[b] == before[first]
+    assert (after.drop([a, b]) == before.drop([a, b])).all()

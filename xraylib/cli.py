@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import config, manifest, preprocess, split, synthetic
+from . import config, manifest, preprocess, serve, split, synthetic
 from .errors import XraylibError
 
 
@@ -142,6 +142,26 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print("written:", ", ".join(str(p) for p in result.files.values()))
 
 
+def cmd_shortcuts(args: argparse.Namespace) -> None:
+    from . import modelcard, plots, shortcuts
+
+    layout = config.OutputLayout(_output_dir(args))
+    data = preprocess.load_preprocessed(layout.preprocessed)
+    model_dir = layout.models / args.run
+    results = shortcuts.run_shortcut_tests(model_dir, data, model_dir / "shortcut_runs", tests=args.tests,
+                                           split=args.split, train_masked=args.train_masked, n_boot=args.n_boot,
+                                           verbose=2 if args.quiet else "auto")
+    out = layout.reports / args.run
+    files = shortcuts.write_shortcut_report(results, out)
+    for result in results:
+        if isinstance(result, shortcuts.SaliencyResult):
+            figure = plots.mean_heatmaps(result.mean_maps, result.lung_mask, result.shares)
+            files["heatmaps"] = plots.save_figure(figure, out / "mean_heatmaps.png")
+    files["card"] = modelcard.write_model_card(model_dir, data=data, shortcut_results=results)
+    print(shortcuts.shortcut_report_markdown(results))
+    print("written:", ", ".join(str(p) for p in files.values()))
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     from . import predict
     from .fileio import write_csv_atomic
@@ -223,8 +243,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"  model:   {trained.paths.model_keras}\n           {trained.paths.model_h5}\n           {trained.paths.model_json}")
     print(f"  report:  {evaluation.files['md']}\n           {evaluation.files['json']}")
     print("  plots:   " + "\n           ".join(str(p) for k, p in evaluation.files.items() if k.endswith(".png")))
-    print("\nnext: open notebooks/01_dataset_creation.ipynb, or try `python -m xraylib predict --model "
-          f"{trained.paths.root} YOUR_IMAGES`")
+    print("\nnext: open notebooks/01_dataset_creation.ipynb, try `python -m xraylib predict --model "
+          f"{trained.paths.root} YOUR_IMAGES`, or the web page: `python -m xraylib serve --model {trained.paths.root}`")
 
 
 def _demo_examples(data: preprocess.PreprocessedData) -> list[str]:
@@ -324,11 +344,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (default 1000)")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("shortcuts", help="shortcut tests of a trained model: source prediction, lungs hidden, "
+                                         "leave one source out, Grad-CAM heat (notebook 04)")
+    _add_output(p)
+    p.add_argument("--run", default="run", help="run name: the model is read from OUTPUT_DIR/models/RUN (default run)")
+    p.add_argument("--tests", nargs="+", choices=["source", "lungs", "loso", "saliency"],
+                   default=["source", "lungs", "loso", "saliency"],
+                   help="which tests (default all four; source and loso retrain the pipeline)")
+    p.add_argument("--split", default="test", choices=["test", "val"], help="split to test on (default test)")
+    p.add_argument("--train-masked", action="store_true",
+                   help="lungs hidden: also train and test a model that never sees the lungs")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (default 1000)")
+    p.add_argument("--quiet", action="store_true", help="one line per epoch instead of progress bars")
+    p.set_defaults(func=cmd_shortcuts)
+
     p = sub.add_parser("predict", help="predict your own PNG/JPEG/DICOM files with a trained model (notebook 05)")
     p.add_argument("--model", required=True, help="a run folder (OUTPUT_DIR/models/RUN), model.keras or model.h5")
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--csv", help="also write the predictions to this CSV file")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="a local web page (and JSON API) to check your own images with a trained model")
+    serve.add_arguments(p)
+    p.set_defaults(func=serve.cmd_serve)
 
     p = sub.add_parser("demo", help="the main job on the built-in sample data, end to end")
     p.add_argument("--output-dir", default="outputs/demo", help="where everything is written (default outputs/demo)")

@@ -18,6 +18,24 @@ from .errors import ConfigError
 #: The source keys of drive_paths.yaml, in the order the manifest lists sources.
 SOURCE_KEYS = ("covid_chestxray_dataset", "rsna_pneumonia", "chest_xray_pneumonia", "nih_chestxray14")
 
+#: Where Colab mounts Google Drive (``drive.mount("/content/drive")``); "My Drive" is ``MyDrive`` inside it.
+DRIVE_MOUNT = Path("/content/drive")
+
+
+def drive_hint(path: str | os.PathLike) -> str:
+    """A sentence for error messages about ``path``: how to mount Drive when ``path`` is on an unmounted Drive.
+
+    Empty for paths elsewhere, or when Drive is mounted (then the path itself is wrong).
+    """
+    path = Path(path)
+    on_drive = path == DRIVE_MOUNT or DRIVE_MOUNT in path.parents
+    if not on_drive or os.path.ismount(DRIVE_MOUNT):
+        return ""
+    return (f" Is Google Drive mounted? {DRIVE_MOUNT} is not mounted: in Colab run "
+            f"`from google.colab import drive; drive.mount('{DRIVE_MOUNT}')` (the notebooks' first cell does it), "
+            "then run this again.")
+
+
 #: The folder names the built-in sample data (and ../shared/data) use for each source.
 SOURCE_FOLDERS = {
     "covid_chestxray_dataset": "covid-chestxray-dataset",
@@ -42,11 +60,18 @@ class DrivePaths:
         return {k: getattr(self, k) for k in SOURCE_KEYS if getattr(self, k) is not None}
 
     def check_sources_exist(self) -> None:
-        """Raise :class:`ConfigError` naming the first configured source folder that is missing."""
+        """Raise :class:`ConfigError` naming the first configured source folder that is missing.
+
+        Also refuses an ``output_dir`` on an unmounted Google Drive: written there, outputs would go
+        to the runtime's own disk (and block the mount) instead of Drive, and be lost at the next disconnect.
+        """
         for key, folder in self.sources().items():
             if not folder.is_dir():
-                hint = " Is Google Drive mounted?" if str(folder).startswith("/content/drive") else ""
-                raise ConfigError(f"{key}: folder not found: {folder}.{hint} Fix the path in drive_paths.yaml or set it to null.")
+                raise ConfigError(f"{key}: folder not found: {folder}.{drive_hint(folder)} "
+                                  "Fix the path in drive_paths.yaml or set it to null.")
+        if hint := drive_hint(self.output_dir):
+            raise ConfigError(f"output_dir: {self.output_dir} is on Google Drive, which is not mounted: outputs "
+                              f"written now would be lost.{hint}")
 
     @property
     def layout(self) -> "OutputLayout":
@@ -93,7 +118,8 @@ def load_drive_paths(yaml_path: str | os.PathLike, output_dir: str | os.PathLike
     yaml_path = Path(yaml_path)
     if not yaml_path.is_file():
         raise ConfigError(
-            f"{yaml_path}: file not found. Copy drive_paths.example.yaml to drive_paths.yaml and set your folders."
+            f"{yaml_path}: file not found.{drive_hint(yaml_path)} "
+            "Copy drive_paths.example.yaml to drive_paths.yaml and set your folders."
         )
     try:
         data = yaml.safe_load(yaml_path.read_text(encoding="utf-8")) or {}
@@ -176,7 +202,7 @@ def resolve_paths(data: str = "sample", drive_paths_yaml: str | os.PathLike | No
         if output_dir is None:
             raise ConfigError(f"DATA is the folder {folder}: also set OUTPUT_DIR, where the outputs go")
         return folder_drive_paths(folder, output_dir)
-    raise ConfigError(f"DATA must be 'sample', 'drive' or an existing folder, got {data!r}")
+    raise ConfigError(f"DATA must be 'sample', 'drive' or an existing folder, got {data!r}.{drive_hint(folder)}")
 
 
 def shared_data_dir() -> Path | None:

@@ -46,6 +46,7 @@ class DicomHeader:
     frames: int
     has_pixels: bool
     transfer_syntax: str | None
+    transfer_syntax_uid: str | None = None
 
 
 def parse_age(value: object) -> float | None:
@@ -87,7 +88,19 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
 def read_header(data: bytes, path: str = "<bytes>") -> DicomHeader:
     """The header of a DICOM file given as bytes; raises :class:`BadFileError` if it is not DICOM."""
     ds = _read_dataset(data, path)
-    return _header(ds)
+    return _checked_header(ds, path)
+
+
+def _checked_header(ds: pydicom.Dataset, path: str) -> DicomHeader:
+    try:
+        return _header(ds)
+    except Exception as exc:  # pydicom parses elements lazily: a damaged one fails here, not in dcmread
+        raise BadFileError(path, f"damaged DICOM header ({_one_line(exc)})") from None
+
+
+def _one_line(exc: Exception) -> str:
+    """``Type: message`` on one line (pydicom's messages span lines; reports want one line)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def _header(ds: pydicom.Dataset) -> DicomHeader:
@@ -108,6 +121,7 @@ def _header(ds: pydicom.Dataset) -> DicomHeader:
         frames=int(ds.get("NumberOfFrames", 1) or 1),
         has_pixels="PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds,
         transfer_syntax=syntax.name if syntax is not None else None,
+        transfer_syntax_uid=str(syntax) if syntax is not None else None,
     )
 
 
@@ -119,7 +133,7 @@ def decode_dicom(data: bytes, path: str = "<bytes>") -> tuple[np.ndarray, DicomH
     (the message says what to ``pip install``).
     """
     ds = _read_dataset(data, path)
-    header = _header(ds)
+    header = _checked_header(ds, path)
     if not header.has_pixels:
         raise BadFileError(path, "DICOM file has no pixel data (no PixelData element)")
     try:
@@ -131,14 +145,26 @@ def decode_dicom(data: bytes, path: str = "<bytes>") -> tuple[np.ndarray, DicomH
             pixels = ds.pixel_array
     except Exception as exc:
         raise BadFileError(path, _decode_failure_message(header, exc, ds)) from None
+    try:
+        image = _display_pixels(pixels, header, ds)
+    except Exception as exc:  # a damaged LUT, rescale or window element (pydicom reads them only now)
+        raise BadFileError(path, f"cannot apply the DICOM file's pixel transforms; the file may be damaged: "
+                                 f"{_one_line(exc)}") from None
+    if image.ndim != 2:
+        raise BadFileError(path, f"unexpected DICOM pixel array shape {pixels.shape}")
+    return image, header
+
+
+def _display_pixels(pixels: np.ndarray, header: DicomHeader, ds: pydicom.Dataset) -> np.ndarray:
+    """Decoded pixels to ``(H, W) uint8`` display values: LUTs, 8-bit scaling, MONOCHROME1 inversion."""
     if header.frames > 1 and pixels.ndim >= 3 and pixels.shape[0] == header.frames:
         pixels = pixels[0]
     if pixels.ndim == 3:  # colour DICOM (e.g. a secondary capture in RGB)
         rgb = np.asarray(pixels, dtype=np.float64)
         gray = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
-        return _to_uint8(gray), header
+        return _to_uint8(gray)
     if pixels.ndim != 2:
-        raise BadFileError(path, f"unexpected DICOM pixel array shape {pixels.shape}")
+        return pixels  # refused by the caller, which knows the path
     has_luts = any(k in ds for k in ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence", "WindowCenter", "VOILUTSequence"))
     if pixels.dtype == np.uint8 and not has_luts:
         # Plain 8-bit pixels are already display values: keep them as they are, as for a PNG,
@@ -148,12 +174,33 @@ def decode_dicom(data: bytes, path: str = "<bytes>") -> tuple[np.ndarray, DicomH
         values = apply_modality_lut(pixels, ds)
         if "WindowCenter" in ds or "VOILUTSequence" in ds:
             values = apply_voi_lut(values, ds, index=0)
+        if not np.isfinite(values).all():  # e.g. RescaleSlope 1e308: scaling would give noise, not an image
+            raise ValueError("pixel values are not finite after the rescale slope/intercept and window")
         image = _to_uint8(values)
     if header.photometric == "MONOCHROME1":
         # Invert after scaling, so a MONOCHROME1 file reads as exactly 255 - x of the same pixels
         # labelled MONOCHROME2 (inverting before the rounding made ties round the other way).
         image = 255 - image
-    return image, header
+    return image
+
+
+def missing_decoder_message(header: DicomHeader) -> str | None:
+    """For pixel data compressed in a way no installed plugin decodes: what to ``pip install``; else None.
+
+    Read from the header alone, so the manifest can refuse such a file without decoding it.
+    """
+    if header.transfer_syntax_uid is None or header.transfer_syntax is None:
+        return None
+    try:
+        syntax = pydicom.uid.UID(header.transfer_syntax_uid)
+        if not syntax.is_compressed or get_decoder(syntax).is_available:
+            return None
+    except Exception:  # an unknown or private syntax: left to the decoder, which says what it can
+        return None
+    for key, hint in _PLUGIN_HINTS.items():
+        if key.lower() in header.transfer_syntax.lower():
+            return f"cannot decode DICOM pixel data compressed as '{header.transfer_syntax}'; install a decoder: {hint}"
+    return None
 
 
 def _decode_failure_message(header: DicomHeader, exc: Exception, ds: pydicom.Dataset) -> str:
@@ -162,8 +209,7 @@ def _decode_failure_message(header: DicomHeader, exc: Exception, ds: pydicom.Dat
         for key, hint in _PLUGIN_HINTS.items():
             if key.lower() in syntax.lower():
                 return f"cannot decode DICOM pixel data compressed as '{syntax}'; install a decoder: {hint}"
-    detail = " ".join(str(exc).split())  # pydicom's messages span lines; reports want one line
-    return f"cannot decode DICOM pixel data ({syntax}); the file may be damaged: {type(exc).__name__}: {detail}"
+    return f"cannot decode DICOM pixel data ({syntax}); the file may be damaged: {_one_line(exc)}"
 
 
 def _decoder_available(ds: pydicom.Dataset) -> bool:
@@ -174,7 +220,7 @@ def _decoder_available(ds: pydicom.Dataset) -> bool:
         return False
     try:
         return bool(get_decoder(syntax_uid).is_available)
-    except (NotImplementedError, ValueError):
+    except Exception:  # an unknown or damaged (e.g. multi-valued) UID: no decoder
         return False
 
 

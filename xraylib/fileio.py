@@ -100,8 +100,14 @@ def read_bytes(
 ) -> bytes:
     """Read a whole file, retrying transient I/O errors (as Drive's mount gives) with backoff.
 
-    Raises :class:`BadFileError` naming the file when it is missing, unreadable or still
-    failing after ``retries`` retries.
+    A transient error (errno in :data:`TRANSIENT_ERRNOS`) is retried up to ``retries`` times,
+    after ``backoff_s``, ``2 * backoff_s``, ``4 * backoff_s``, ... seconds. Raises
+    :class:`BadFileError` naming the file when it is missing, unreadable or still failing after
+    ``retries`` retries. ``opener(path, "rb")`` opens the file (default :func:`open`); every
+    function that reads source files passes its own ``opener`` argument down to here
+    (``images.read_image``, ``images.inspect_file``, ``manifest.build_manifest``,
+    ``preprocess.preprocess_dataset``), so tests can inject faults. For the worker processes of
+    preprocessing it must be picklable (a module-level function or an instance of a module-level class).
     """
     path = str(path)
     for attempt in range(retries + 1):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -77,7 +78,8 @@ def inspect_bytes(data: bytes, path: str = "<bytes>") -> ImageInfo:
     """Format, size, channels, bit depth and SHA-1 of an image file's bytes, without decoding pixels.
 
     Checks that the file is complete (a JPEG ends with its end marker, a PNG has its IEND
-    chunk, a DICOM has pixel data) and not a decompression bomb. Raises :class:`BadFileError`.
+    chunk, a DICOM has pixel data that an installed plugin can decode) and not a decompression
+    bomb. Raises :class:`BadFileError`.
     """
     fmt = detect_format(data, path)
     if fmt == "png":
@@ -90,14 +92,20 @@ def inspect_bytes(data: bytes, path: str = "<bytes>") -> ImageInfo:
         header = dicom.read_header(data, path)
         if not header.has_pixels:
             raise BadFileError(path, "DICOM file has no pixel data (no PixelData element)")
+        if (missing := dicom.missing_decoder_message(header)) is not None:
+            raise BadFileError(path, missing)
         info = ImageInfo("dicom", header.columns, header.rows, 1, header.bits_stored, sha1_bytes(data), header)
     _check_size(info.width, info.height, path)
     return info
 
 
-def inspect_file(path: str | os.PathLike) -> ImageInfo:
-    """:func:`inspect_bytes` of a file (read with retries on transient I/O errors)."""
-    return inspect_bytes(read_bytes(path), str(path))
+def inspect_file(path: str | os.PathLike, opener: Callable[[str, str], Any] = open) -> ImageInfo:
+    """:func:`inspect_bytes` of a file (read with retries on transient I/O errors).
+
+    ``opener`` opens the file (``opener(path, "rb")``, default :func:`open`), as in
+    :func:`xraylib.fileio.read_bytes`: tests pass a fault-injecting one.
+    """
+    return inspect_bytes(read_bytes(path, opener=opener), str(path))
 
 
 def decode_bytes(data: bytes, path: str = "<bytes>") -> np.ndarray:
@@ -112,9 +120,12 @@ def decode_bytes(data: bytes, path: str = "<bytes>") -> np.ndarray:
     return pixels
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read one image file to ``(H, W) uint8`` grayscale. Raises :class:`BadFileError` naming the file."""
-    return decode_bytes(read_bytes(path), str(path))
+def read_image(path: str | os.PathLike, opener: Callable[[str, str], Any] = open) -> np.ndarray:
+    """Read one image file to ``(H, W) uint8`` grayscale. Raises :class:`BadFileError` naming the file.
+
+    ``opener``: as for :func:`inspect_file`.
+    """
+    return decode_bytes(read_bytes(path, opener=opener), str(path))
 
 
 def _decode_raster(data: bytes, path: str) -> np.ndarray:

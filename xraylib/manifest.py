@@ -12,8 +12,9 @@ import shutil
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import pandas as pd
 from tqdm import tqdm
@@ -94,19 +95,23 @@ def _source_roots(sources: DrivePaths | Mapping[str, str | os.PathLike]) -> dict
     return roots
 
 
-def _inspect(path: str) -> tuple[str, images.ImageInfo | None, str | None]:
+def _inspect(path: str, opener: Callable[[str, str], Any] = open) -> tuple[str, images.ImageInfo | None, str | None]:
     try:
-        return path, images.inspect_file(path), None
+        return path, images.inspect_file(path, opener=opener), None
     except BadFileError as exc:
         return path, None, exc.reason
 
 
-def inspect_files(paths: Iterable[str], workers: int = 8, progress: bool = True) -> dict[str, images.ImageInfo | str]:
-    """``{path: ImageInfo}`` for readable images and ``{path: reason}`` for bad ones, read in parallel threads."""
+def inspect_files(paths: Iterable[str], workers: int = 8, progress: bool = True,
+                  opener: Callable[[str, str], Any] = open) -> dict[str, images.ImageInfo | str]:
+    """``{path: ImageInfo}`` for readable images and ``{path: reason}`` for bad ones, read in parallel threads.
+
+    ``opener`` opens each file (default :func:`open`; see :func:`xraylib.fileio.read_bytes`).
+    """
     unique = list(dict.fromkeys(paths))
     results: dict[str, images.ImageInfo | str] = {}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        iterator = pool.map(_inspect, unique)
+        iterator = pool.map(partial(_inspect, opener=opener), unique)
         for path, info, reason in tqdm(iterator, total=len(unique), desc="checking images", disable=not progress, unit="img"):
             results[path] = info if info is not None else reason
     return results
@@ -120,13 +125,15 @@ def build_manifest(
     xray_only: bool = True,
     workers: int = 8,
     progress: bool = True,
+    opener: Callable[[str, str], Any] = open,
 ) -> Manifest:
     """Read the sources, keep the task's classes, filter views and modality, check files, drop duplicates.
 
     ``sources`` is a :class:`DrivePaths` or ``{"covid_chestxray_dataset": folder, ...}``.
     ``views=None`` keeps every view. Images with no recorded view (Kaggle) are kept unless
     ``keep_unknown_view`` is False. Unreadable files are reported and skipped; a missing
-    folder or label file raises :class:`SourceError` naming it.
+    folder or label file raises :class:`SourceError` naming it. ``opener`` opens each image
+    file (default :func:`open`; tests pass a fault-injecting one, see :func:`xraylib.fileio.read_bytes`).
     """
     if task not in TASKS:
         raise ConfigError(f"task must be one of {sorted(TASKS)}, got {task!r}")
@@ -149,14 +156,14 @@ def build_manifest(
         # Unknown views stay until the files are read: a DICOM header may supply one (RSNA).
         rows = _filter_views(rows, view_set, True, table)
         if xray_only:
-            not_xray = rows["modality"].notna() & ~rows["modality"].str.lower().isin(_XRAY_MODALITIES)
+            not_xray = _not_radiograph(rows["modality"])
             for modality, count in rows.loc[not_xray, "modality"].value_counts().items():
                 table.exclude(f"modality {modality}", count)
             rows = rows[~not_xray]
         frames.append((table, rows))
 
     all_paths = [p for _, rows in frames for p in rows["path"]]
-    inspected = inspect_files(all_paths, workers=workers, progress=progress)
+    inspected = inspect_files(all_paths, workers=workers, progress=progress, opener=opener)
 
     kept_frames = []
     for table, rows in frames:
@@ -167,7 +174,7 @@ def build_manifest(
         # DICOM headers can add a view or modality that filters must see (RSNA has them only there).
         good = _filter_views(good, view_set, keep_unknown_view, table)
         if xray_only:
-            not_xray = good["modality"].notna() & ~good["modality"].str.lower().isin(_XRAY_MODALITIES)
+            not_xray = _not_radiograph(good["modality"])
             table.exclude("DICOM modality is not a radiograph", int(not_xray.sum()))
             good = good[~not_xray]
         kept_frames.append((table, good))
@@ -194,6 +201,14 @@ def build_manifest(
             f"({task}: classes {list(classes)}) and the view filter ({list(view_set) if view_set else 'all'})"
         )
     return Manifest(combined, report)
+
+
+def _not_radiograph(modality: pd.Series) -> pd.Series:
+    """True where a modality is recorded and is not a plain radiograph.
+
+    Element-wise, not ``.str``: a column with no modality at all is read as float NaN, which ``.str`` refuses.
+    """
+    return modality.map(lambda m: isinstance(m, str) and m.strip().lower() not in _XRAY_MODALITIES).astype(bool)
 
 
 def _filter_views(rows: pd.DataFrame, views: tuple[str, ...] | None, keep_unknown: bool,

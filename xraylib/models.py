@@ -9,11 +9,13 @@ Keras' safe mode without any xraylib code. The backbone's layers sit directly in
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import keras
 import numpy as np
@@ -142,28 +144,111 @@ def _small_cnn(x: keras.KerasTensor) -> keras.KerasTensor:
     return x
 
 
-def build_model(spec: ModelSpec | None = None, **overrides: Any) -> keras.Model:
+def build_model(spec: ModelSpec | None = None, *, dtype_policy: str | None = None, **overrides: Any) -> keras.Model:
     """Build the (uncompiled) model: input handling, backbone (frozen), and a new head.
 
     ``build_model(backbone="vgg16", weights="imagenet")`` is the seeds' recipe. Keyword
     arguments override the fields of ``spec`` (or of the default :class:`ModelSpec`).
-    Output: ``(N, len(classes))`` softmax probabilities. The spec is kept as ``model.xraylib_spec``.
+    ``dtype_policy``: "float32" or "mixed_float16" (see :func:`choose_dtype_policy`); None
+    keeps Keras' global policy. Output: ``(N, len(classes))`` float32 softmax probabilities
+    (the last layer stays float32 under mixed precision). The spec is kept as ``model.xraylib_spec``.
     """
     spec = ModelSpec(**{**(spec.to_dict() if spec else {}), **overrides}) if overrides or spec is None else spec
-    size = int(spec.image_size)
-    inputs = keras.Input((size, size, 1), name="image")
-    x = input_layers(inputs, spec.backbone)
-    if spec.backbone == "small_cnn":
-        features = _small_cnn(x)
-    else:
-        base = _backbone(spec, x)
-        for layer in base.layers:
-            layer.trainable = False
-        features = base.output
-    outputs = head(len(spec.classes), spec.head_units, spec.dropout, spec.head_pooling)(features)
-    model = keras.Model(inputs, outputs, name=f"xraylib_{spec.backbone}")
+    with dtype_policy_scope(dtype_policy):
+        size = int(spec.image_size)
+        inputs = keras.Input((size, size, 1), name="image")
+        x = input_layers(inputs, spec.backbone)
+        if spec.backbone == "small_cnn":
+            features = _small_cnn(x)
+        else:
+            base = _backbone(spec, x)
+            for layer in base.layers:
+                layer.trainable = False
+            features = base.output
+        outputs = head(len(spec.classes), spec.head_units, spec.dropout, spec.head_pooling)(features)
+        model = keras.Model(inputs, outputs, name=f"xraylib_{spec.backbone}")
     model.xraylib_spec = spec
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# Precision: mixed float16 on GPUs with tensor cores, float32 everywhere else
+
+#: Values of the ``mixed_precision`` setting: "auto" (mixed on a GPU that supports it), "on", "off".
+MIXED_PRECISION_SETTINGS = ("auto", "on", "off")
+#: Tensor cores (Volta and newer: V100 7.0, T4 7.5, A100 8.0) are what make float16 faster.
+MIN_MIXED_PRECISION_CAPABILITY = (7, 0)
+
+
+def gpu_compute_capabilities() -> list[tuple[int, int]]:
+    """The CUDA compute capability of each visible GPU, e.g. ``[(7, 5)]`` on Colab's T4; ``[]`` without one."""
+    import tensorflow as tf
+
+    capabilities = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            details = tf.config.experimental.get_device_details(gpu)
+        except Exception:  # no details (not CUDA): treat as too old for float16
+            details = {}
+        capability = details.get("compute_capability")
+        capabilities.append(tuple(int(v) for v in capability) if capability else (0, 0))
+    return capabilities
+
+
+def choose_dtype_policy(mixed_precision: str = "auto", capabilities: list[tuple[int, int]] | None = None) -> str:
+    """"mixed_float16" or "float32" for the ``mixed_precision`` setting.
+
+    "auto": mixed float16 when every visible GPU has compute capability >= 7.0 (T4, V100,
+    A100, ...), float32 otherwise and always on a CPU, where float16 is slower, not faster.
+    "on": mixed float16 wherever (on a CPU it works but is slow). "off": float32.
+    ``capabilities`` defaults to :func:`gpu_compute_capabilities`.
+    """
+    if mixed_precision not in MIXED_PRECISION_SETTINGS:
+        raise ModelError(f"mixed_precision must be one of {MIXED_PRECISION_SETTINGS}, got {mixed_precision!r}")
+    if mixed_precision == "off":
+        return "float32"
+    if mixed_precision == "on":
+        return "mixed_float16"
+    capabilities = gpu_compute_capabilities() if capabilities is None else capabilities
+    if capabilities and all(tuple(c) >= MIN_MIXED_PRECISION_CAPABILITY for c in capabilities):
+        return "mixed_float16"
+    return "float32"
+
+
+@contextlib.contextmanager
+def dtype_policy_scope(name: str | None) -> Iterator[None]:
+    """Build layers under Keras' dtype policy ``name`` (None: leave it), then restore the previous one.
+
+    Keras reads the policy from global state when a layer is created (``keras.applications``
+    take no dtype argument), so it is set only for the time of the build.
+    """
+    if name is None:
+        yield
+        return
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def uses_mixed_precision(model: keras.Model) -> bool:
+    return any(getattr(layer.dtype_policy, "name", "float32") != "float32" for layer in model.layers
+               if layer.name != "predictions")
+
+
+def as_float32(model: keras.Model, spec: ModelSpec) -> keras.Model:
+    """A float32 copy of a mixed-precision model (the same weights), so a model trained on a GPU in float16
+    predicts in float32 on any CPU; a float32 model is returned as it is."""
+    if not uses_mixed_precision(model):
+        return model
+    clone = build_model(dataclasses_replace(spec, weights=None), dtype_policy="float32")
+    for layer in clone.layers:
+        source = model.get_layer(layer.name)
+        layer.set_weights([np.asarray(keras.ops.convert_to_numpy(w), dtype=np.float32) for w in source.weights])
+        layer.trainable = source.trainable
+    return clone
 
 
 class _Head:
@@ -268,11 +353,22 @@ def save_model(model: keras.Model, folder: str | os.PathLike, metadata: dict[str
 
 @dataclass
 class LoadedModel:
-    """A model ready to predict, with the metadata saved beside it (classes, preprocessing, threshold)."""
+    """A model ready to predict, with the metadata saved beside it (classes, preprocessing, threshold).
+
+    ``file_format``: "keras" (``.keras``), "h5" or "savedmodel" (a TensorFlow SavedModel folder,
+    wrapped in one :class:`keras.layers.TFSMLayer`: it predicts, but has no inner layers for
+    Grad-CAM or feature extraction; see :attr:`has_layers`).
+    """
 
     model: Any
     metadata: dict[str, Any]
     path: Path
+    file_format: str = "keras"
+
+    @property
+    def has_layers(self) -> bool:
+        """Whether the model's own layers are reachable (Grad-CAM, backbone features): not for a SavedModel."""
+        return self.file_format != "savedmodel"
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -292,31 +388,55 @@ class LoadedModel:
 
 
 def _metadata_path(path: Path) -> Path:
+    if is_saved_model_dir(path) and not (path / "model.json").is_file():
+        return path.parent / "model.json"  # an export inside the run folder: run/saved_model/
     return (path if path.is_dir() else path.parent) / "model.json"
 
 
-def load_model(path: str | os.PathLike) -> LoadedModel:
-    """Load a saved model (``.keras``, ``.h5``, or the run folder, which prefers ``model.keras``) and its JSON.
+#: The folder name :func:`load_model` looks for inside a run folder that has no ``.keras`` or ``.h5`` file.
+SAVED_MODEL_DIR = "saved_model"
 
-    Loads in Keras' safe mode (no arbitrary code). Raises :class:`ModelError` naming the file,
-    its format, the Keras version it was saved with, and what to do.
+
+def is_saved_model_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a TensorFlow SavedModel folder (it holds ``saved_model.pb``)."""
+    return Path(path).is_dir() and (Path(path) / "saved_model.pb").is_file()
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """Load a saved model and its JSON: a ``.keras`` or ``.h5`` file, a TensorFlow SavedModel folder
+    (``model.export(folder)``), or the run folder (which prefers ``model.keras``, then ``model.h5``,
+    then a ``saved_model/`` folder).
+
+    ``.keras`` and ``.h5`` load in Keras' safe mode (no arbitrary code). A SavedModel is loaded with
+    :class:`keras.layers.TFSMLayer` (endpoint ``serve``, else ``serving_default``): it runs a
+    TensorFlow graph, not Python code, but graph ops can read and write files, so load only
+    SavedModels you trust. Its ``model.json`` is read from the folder or, for ``run/saved_model``,
+    from the run folder. Raises :class:`ModelError` naming the file, its format, the Keras version
+    it was saved with (from the JSON), and what to do.
     """
     path = Path(path)
     if path.is_dir() and (path / "model.keras").is_file():
         model_file = path / "model.keras"
     elif path.is_dir() and (path / "model.h5").is_file():
         model_file = path / "model.h5"
+    elif path.is_dir() and not is_saved_model_dir(path) and is_saved_model_dir(path / SAVED_MODEL_DIR):
+        model_file = path / SAVED_MODEL_DIR
     else:
         model_file = path
-    if not model_file.is_file():  # a missing path, or a folder without model.keras / model.h5
-        raise ModelError(f"{path}: no model file here (expected model.keras or model.h5 from xraylib's training)")
+    saved_model = is_saved_model_dir(model_file)
+    if not (model_file.is_file() or saved_model):  # a missing path, or a folder without a model
+        raise ModelError(f"{path}: no model file here (expected model.keras or model.h5 from xraylib's training, "
+                         "or a TensorFlow SavedModel folder with saved_model.pb)")
     meta_path = _metadata_path(model_file)
     if not meta_path.is_file():
         raise ModelError(f"{meta_path}: missing; xraylib needs the model's JSON (classes, preprocessing, threshold) "
                          "saved next to it by training")
     metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+    versions = metadata.get("versions", {})
+    saved_with = versions.get("keras", "unknown")
+    if saved_model:
+        return _load_saved_model(model_file, metadata)
     fmt = {".keras": "Keras v3 (.keras)", ".h5": "HDF5 (.h5)"}.get(model_file.suffix, "unknown")
-    saved_with = metadata.get("versions", {}).get("keras", "unknown")
     try:
         model = keras.models.load_model(model_file, compile=False, safe_mode=True)
     except Exception as exc:
@@ -325,4 +445,47 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
             f"({type(exc).__name__}: {exc}). Try the other file of the pair (model.keras / model.h5), or install "
             f"keras=={saved_with}."
         ) from None
-    return LoadedModel(model, metadata, model_file)
+    return LoadedModel(model, metadata, model_file, "h5" if model_file.suffix == ".h5" else "keras")
+
+
+def _load_saved_model(folder: Path, metadata: dict[str, Any]) -> LoadedModel:
+    """A SavedModel folder as a Keras model ``(N, S, S, 1) -> (N, C)``: one TFSMLayer behind an Input."""
+    versions = metadata.get("versions", {})
+    saved_with = versions.get("keras", "unknown")
+    tf_saved_with = versions.get("tensorflow", "unknown")
+    try:
+        import tensorflow as tf
+        tf_here = tf.__version__
+    except ImportError:
+        tf_here = "not installed"
+    size = int(metadata.get("input_size", [0])[0] or metadata.get("model", {}).get("image_size", 0)
+               or metadata.get("preprocessing", {}).get("image_size", 0))
+    try:
+        if not size:
+            raise ValueError("model.json gives no input size (input_size, model.image_size or preprocessing.image_size)")
+        layer = None
+        for endpoint in ("serve", "serving_default"):  # Keras' model.export() / tf.saved_model.save()
+            try:
+                layer = keras.layers.TFSMLayer(str(folder), call_endpoint=endpoint, name="saved_model")
+                break
+            except ValueError as exc:
+                if "endpoint" not in str(exc):
+                    raise
+                missing = exc
+        if layer is None:
+            raise missing
+        inputs = keras.Input((size, size, 1), name="image")
+        outputs = layer(inputs)
+        if isinstance(outputs, dict):  # serving_default returns {name: tensor}
+            if len(outputs) != 1:
+                raise ValueError(f"the SavedModel has {len(outputs)} outputs ({sorted(outputs)}); xraylib needs one")
+            outputs = next(iter(outputs.values()))
+        model = keras.Model(inputs, outputs, name="xraylib_saved_model")
+    except Exception as exc:
+        raise ModelError(
+            f"{folder}: cannot load this TensorFlow SavedModel folder saved with Keras {saved_with} "
+            f"(TensorFlow {tf_saved_with}) into Keras {keras.__version__} (TensorFlow {tf_here}) "
+            f"({type(exc).__name__}: {exc}). Load model.keras or model.h5 from the same run instead, or install "
+            f"tensorflow=={tf_saved_with}."
+        ) from None
+    return LoadedModel(model, metadata, folder, "savedmodel")

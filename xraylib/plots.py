@@ -364,3 +364,36 @@ def mean_image_grid(mean_images: "dict[str, np.ndarray]", ncols: int = 4, size: 
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Shortcut tests: data from xraylib.shortcuts.
+
+
+def mean_heatmaps(mean_maps: "dict[str, np.ndarray]", lung_mask: np.ndarray | None = None,
+                  shares: "dict[str, float] | None" = None, size: float = 3.0,
+                  title: str = "Mean Grad-CAM map per class") -> Figure:
+    """The mean Grad-CAM map of each class (``shortcuts.saliency_heat_share(...).mean_maps``,
+    ``{class: (S, S)}`` in [0, 1]) side by side, on one colour scale, with the lung-field mask
+    (``lung_mask``, ``(S, S)`` bool) drawn as a white contour and, where given, each class's
+    share of heat on the lung fields (``shares``, ``{class: 0..1}``) in its title. Heat that
+    gathers in a corner or along an edge is heat on a marker, text or the film's border."""
+    from matplotlib import cm, colors
+
+    names = list(mean_maps)
+    n = max(1, len(names))
+    fig, axes = plt.subplots(1, n, figsize=(size * n + 0.9, size + 0.5), squeeze=False, layout="constrained")
+    top = max([float(np.nanmax(mean_maps[k])) for k in names if np.size(mean_maps[k])] + [1e-6])
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
+        ax.imshow(np.asarray(mean_maps[name], dtype=float), cmap="jet", vmin=0.0, vmax=top)
+        if lung_mask is not None and np.asarray(lung_mask).any():
+            ax.contour(np.asarray(lung_mask, dtype=float), levels=[0.5], colors="white", linewidths=1.0)
+        share = None if shares is None else shares.get(name)
+        ax.set_title(name if share is None or not np.isfinite(share) else f"{name}\n{share:.0%} of the heat on the lung fields",
+                     fontsize=9)
+    fig.colorbar(cm.ScalarMappable(norm=colors.Normalize(0, top), cmap="jet"), ax=axes, shrink=0.8,
+                 label="mean Grad-CAM heat")
+    fig.suptitle(title, fontsize=11)
+    return fig

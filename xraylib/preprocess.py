@@ -15,7 +15,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import cv2
 import numpy as np
@@ -91,9 +91,13 @@ def preprocess_pixels(pixels: np.ndarray, settings: PreprocessSettings) -> np.nd
     return resize_image(pixels, settings.image_size, settings.resize)
 
 
-def preprocess_file(path: str | os.PathLike, settings: PreprocessSettings) -> np.ndarray:
-    """Read any PNG/JPEG/DICOM file and preprocess it: ``(S, S) uint8``. Raises :class:`BadFileError`."""
-    return preprocess_pixels(read_image(path), settings)
+def preprocess_file(path: str | os.PathLike, settings: PreprocessSettings,
+                    opener: Callable[[str, str], Any] = open) -> np.ndarray:
+    """Read any PNG/JPEG/DICOM file and preprocess it: ``(S, S) uint8``. Raises :class:`BadFileError`.
+
+    ``opener`` opens the file (default :func:`open`; see :func:`xraylib.fileio.read_bytes`).
+    """
+    return preprocess_pixels(read_image(path, opener=opener), settings)
 
 
 def to_rgb_float(images_uint8: np.ndarray) -> np.ndarray:
@@ -183,10 +187,10 @@ def cache_key(split_manifest: pd.DataFrame, classes: tuple[str, ...], settings: 
     return h.hexdigest()
 
 
-def _work(args: tuple[str, int, str]) -> tuple[bool, np.ndarray | str]:
-    path, size, mode = args
+def _work(args: tuple[str, int, str, Callable[[str, str], Any]]) -> tuple[bool, np.ndarray | str]:
+    path, size, mode, opener = args
     try:
-        return True, resize_image(read_image(path), size, mode)
+        return True, resize_image(read_image(path, opener=opener), size, mode)
     except BadFileError as exc:
         return False, exc.reason
     except Exception as exc:  # a decoder bug must not kill a run of thousands of files
@@ -206,6 +210,7 @@ def preprocess_dataset(
     workers: int | None = None,
     progress: bool = True,
     chunk_size: int = 256,
+    opener: Callable[[str, str], Any] = open,
 ) -> PreprocessedData:
     """Decode and resize every image of ``split_manifest`` (with a ``split`` column) into ``out_dir``.
 
@@ -213,7 +218,8 @@ def preprocess_dataset(
     (the rows kept, with ``split`` and ``row``) and ``preprocess.json``. Unreadable files are
     reported (``report["problems"]``) and left out. Re-running with the same inputs loads the
     cache; a run interrupted part-way resumes from its last finished chunk. ``workers``
-    processes decode in parallel (default: the number of CPU cores).
+    processes decode in parallel (default: the number of CPU cores). ``opener`` opens each image
+    file (default :func:`open`; picklable, for the workers; see :func:`xraylib.fileio.read_bytes`).
     """
     classes = tuple(classes)
     if "split" not in split_manifest.columns:
@@ -242,7 +248,7 @@ def preprocess_dataset(
     decoded_new = 0
     for split in SPLITS:
         rows = split_manifest[split_manifest["split"] == split].reset_index(drop=True)
-        ok_mask, new, split_problems = _fill_split(rows, out_dir, split, settings, workers, progress, chunk_size)
+        ok_mask, new, split_problems = _fill_split(rows, out_dir, split, settings, workers, progress, chunk_size, opener)
         decoded_new += new
         problems += split_problems
         kept = rows[ok_mask].reset_index(drop=True)
@@ -271,6 +277,7 @@ def split_and_preprocess(
     external_test_sources: tuple[str, ...] | list[str] = (),
     workers: int | None = None,
     progress: bool = True,
+    opener: Callable[[str, str], Any] = open,
 ) -> PreprocessedData:
     """Keep the rows of ``classes``, split them by patient, and fill the cache (notebook 02 and the CLI)."""
     classes = tuple(classes)
@@ -278,11 +285,12 @@ def split_and_preprocess(
     if rows.empty:
         raise ConfigError(f"the manifest has no images of the classes {list(classes)}; rebuild it for this task")
     split_frame = split_by_patient(rows, fractions=fractions, seed=seed, external_test_sources=external_test_sources)
-    return preprocess_dataset(split_frame, out_dir, classes, settings, workers=workers, progress=progress)
+    return preprocess_dataset(split_frame, out_dir, classes, settings, workers=workers, progress=progress, opener=opener)
 
 
 def _fill_split(rows: pd.DataFrame, out_dir: Path, split: str, settings: PreprocessSettings, workers: int,
-                progress: bool, chunk_size: int) -> tuple[np.ndarray, int, list[dict]]:
+                progress: bool, chunk_size: int,
+                opener: Callable[[str, str], Any] = open) -> tuple[np.ndarray, int, list[dict]]:
     """Decode one split into ``{split}_images.partial.npy``, resuming from ``{split}_status.npy``.
 
     Status per row: 0 to do, 1 decoded, 2 unreadable. Returns (ok mask, rows decoded now, problems).
@@ -310,7 +318,7 @@ def _fill_split(rows: pd.DataFrame, out_dir: Path, split: str, settings: Preproc
     pool = _pool(workers, n - todo_start)
     try:
         for begin, end in _chunks(n, chunk_size, todo_start):
-            jobs = [(paths[i], size, settings.resize) for i in range(begin, end)]
+            jobs = [(paths[i], size, settings.resize, opener) for i in range(begin, end)]
             results = pool.map(_work, jobs, chunksize=8) if pool else map(_work, jobs)
             for offset, (ok, value) in enumerate(results):
                 i = begin + offset
@@ -325,6 +333,10 @@ def _fill_split(rows: pd.DataFrame, out_dir: Path, split: str, settings: Preproc
             images.flush()  # pixels reach the disk before the status that says they are there
             write_json_atomic(out_dir / f"{split}_problems.json", reasons)
             save_npy_atomic(status_path, status)
+            # A fresh mapping for each chunk: the pages written so far leave this process's RSS (they stay in the
+            # page cache), so memory stays flat in the number of images instead of growing to the file's size.
+            del images
+            images = np.load(partial, mmap_mode="r+")
     finally:
         bar.close()
         if pool:

@@ -76,8 +76,13 @@ def _read_csv(path: Path, what: str, required: tuple[str, ...]) -> pd.DataFrame:
         # utf-8-sig drops a BOM; the real metadata.csv has a few cp1252 bytes in free-text columns.
         frame = pd.read_csv(path, dtype=str, encoding="utf-8-sig", encoding_errors="replace", keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeError) as exc:
-        raise SourceError(f"{path}: cannot be read as CSV ({exc})") from None
+        detail = " ".join(str(exc).split())  # pandas' tokenizer messages end in a newline; errors are one line
+        raise SourceError(f"{path}: cannot be read as CSV ({detail})") from None
     frame.columns = [str(c).strip() for c in frame.columns]
+    # "patientid" and "patientid " are two columns to pandas but one once stripped: the later would win silently.
+    twice = sorted({c for c in required if list(frame.columns).count(c) > 1})
+    if twice:
+        raise SourceError(f"{path}: column(s) {twice} appear more than once ({what}); keep one of each")
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise SourceError(f"{path}: missing column(s) {missing} ({what}); found {list(frame.columns)[:12]}")
@@ -133,9 +138,11 @@ def read_covid_chestxray(root: str | os.PathLike) -> SourceTable:
     table = SourceTable("ieee8023", pd.DataFrame(columns=SOURCE_COLUMNS))
     rows = []
     for record in meta.to_dict("records"):
-        label = ieee8023_label(record.get("finding"))
+        finding = record.get("finding")
+        label = ieee8023_label(finding)
         if label is None:
-            table.exclude(f"finding not used: {record.get('finding')}", 1)
+            # A blank cell is NaN here: say so rather than "finding not used: nan".
+            table.exclude(f"finding not used: {finding}" if isinstance(finding, str) else "no finding recorded", 1)
             continue
         folder = record.get("folder") if isinstance(record.get("folder"), str) else "images"
         filename = record.get("filename")

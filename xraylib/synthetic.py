@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -791,12 +792,14 @@ def write_sample_data(
     Same arguments, byte-identical files. If ``dest`` already holds sample data written with
     the same arguments nothing is rewritten; sample data written with other arguments is
     replaced. The data are written into a temporary sibling folder and renamed into place,
-    so an interrupted run never leaves a complete-looking ``dest``. Raises
+    so an interrupted run never leaves a complete-looking ``dest``; the temporary folders that a
+    killed earlier call left beside ``dest`` are removed by the next call. Raises
     :class:`~xraylib.errors.ConfigError` for bad arguments or when ``dest`` is a non-empty
     folder that is not xraylib sample data.
     """
     params = _check_params(n_patients, seed, image_size, shortcut_marker)
     dest = Path(dest)
+    _remove_stale_temporaries(dest)
     existing = _read_sample_marker(dest)
     # Bump _FORMAT_VERSION whenever the output changes, so that old sample data is redrawn.
     current = existing is not None and existing.get("format_version") == _FORMAT_VERSION
@@ -811,7 +814,7 @@ def write_sample_data(
                 "sample data; refusing to overwrite it. Pass an empty or new folder as dest."
             )
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=f".{os.getpid()}.partial", dir=dest.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the data are not secret
         counts = _write_all(tmp, params)
@@ -856,7 +859,7 @@ def _read_sample_marker(dest: Path) -> dict | None:
 def _replace_dir(new: Path, dest: Path) -> None:
     """Rename ``new`` onto ``dest``; an old ``dest`` is moved aside first and removed after."""
     if dest.exists() and any(dest.iterdir()):
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=f".{os.getpid()}.old", dir=dest.parent))
         os.replace(dest, old / "data")
         os.replace(new, dest)
         shutil.rmtree(old, ignore_errors=True)
@@ -864,6 +867,47 @@ def _replace_dir(new: Path, dest: Path) -> None:
         if dest.exists():
             dest.rmdir()
         os.replace(new, dest)
+
+
+#: What the temporary folders beside ``dest`` may hold: a partial write, or an old ``dest`` moved aside.
+_TEMPORARY_CONTENTS = {
+    "partial": {"covid-chestxray-dataset", "rsna-pneumonia", "chest-xray-pneumonia", SAMPLE_DATA_FILE},
+    "old": {"data"},
+}
+
+
+def _remove_stale_temporaries(dest: Path) -> None:
+    """Remove the ``.<dest name>.<random>.<pid>.partial`` and ``.old`` folders of killed earlier calls.
+
+    Only folders of this module's making (the names :func:`write_sample_data` and :func:`_replace_dir`
+    give them, holding only what they put there) whose process is gone: a folder of a live process
+    (another notebook writing the same data right now) is left alone. Folders of xraylib versions
+    that did not put the pid in the name count as stale.
+    """
+    if not dest.parent.is_dir():
+        return
+    pattern = re.compile(rf"^\.{re.escape(dest.name)}\.[a-z0-9_]{{8}}(?:\.(\d+))?\.(partial|old)$")
+    for folder in dest.parent.iterdir():
+        match = pattern.match(folder.name)
+        if not match or folder.is_symlink() or not folder.is_dir():
+            continue
+        pid, kind = match.group(1), match.group(2)
+        if pid is not None and _process_alive(int(pid)):
+            continue
+        if {p.name for p in folder.iterdir()} <= _TEMPORARY_CONTENTS[kind]:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
 
 
 def _sample_data(root: Path, counts: dict) -> SampleData:

@@ -1,0 +1,797 @@
+"""Speed benchmark: xraylib against the seeds' way of doing the same jobs, side by side in one script.
+
+    .venv/bin/python benchmarks/speed.py            # the full benchmark (hours on a 2-core CPU: VGG16 at 224 px)
+    .venv/bin/python benchmarks/speed.py --quick    # a short run (about 20 minutes on a 2-core CPU)
+
+Writes ``benchmarks/results/speed.json`` (every timing, the medians, the ratios, the machine) and
+``benchmarks/results/speed.md`` (the tables). Each figure is the median of ``--repeats`` runs, and
+the two sides of a comparison alternate inside each repeat, so a noisy machine slows both alike.
+
+1. Training wall time, same data, same model and head, same epochs (10 and 25), same class
+   weights, no augmentation on either side: the seeds' loop (every image as float32 in memory,
+   ``model.fit`` through the frozen backbone every epoch, the model saved as .h5) against
+   ``xraylib.train.train`` with its default settings (features cached once, checkpoints, model
+   saved as .keras + .h5 + JSON), with the test AUC of both. VGG16 runs with weights=None: its
+   ImageNet weights cannot be downloaded on this machine; the timing does not depend on the
+   weights' values. MobileNet(alpha=0.25) runs with its real ImageNet weights from ../shared/weights.
+2. Preprocessing throughput (images/s), JPEG/PNG (real files from ../shared/data) and DICOM
+   (1024x1024 synthetic files written with pydicom), 1 and 2 worker processes, against a plain
+   loop of ``cv2.imread`` + ``cv2.resize`` (``pydicom.dcmread`` + ``cv2.resize`` for DICOM).
+3. Inference throughput (images/s) for a folder of image files: ``xraylib.predict.predict_files``
+   (batched) against one ``model.predict`` per image, as the seeds' "check your own images" did.
+4. Peak memory (RSS) of building the manifest and the preprocessed cache for 1,000 and 8,000
+   synthetic 256x256 DICOMs in the RSNA layout, each in a fresh process.
+5. GPU rows (training and inference with and without mixed precision): measured only where a
+   GPU is visible; otherwise marked "not measured".
+
+Not part of the tests. Needs ../shared/data (or $XRAYLIB_SHARED_DATA) and ../shared/weights.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+CLASSES = ("normal", "covid")
+
+# --quick and the full run: the same measurements, fewer images and repeats.
+MODES = {
+    "quick": {"repeats": 3, "train_repeats": {"vgg16": 1, "mobilenet": 3}, "train_images": {"vgg16": 80, "mobilenet": 200},
+              "raster_files": 300, "dicom_files": 150, "infer_files": {"vgg16": 24, "mobilenet": 96},
+              "memory_sizes": (1000, 8000), "memory_repeats": 1, "streaming": ("mobilenet",), "epochs": (10, 25)},
+    "full": {"repeats": 3, "train_repeats": {"vgg16": 3, "mobilenet": 3}, "train_images": {"vgg16": 400, "mobilenet": 400},
+             "raster_files": 960, "dicom_files": 400, "infer_files": {"vgg16": 100, "mobilenet": 400},
+             "memory_sizes": (1000, 8000), "memory_repeats": 3, "streaming": ("vgg16", "mobilenet"), "epochs": (10, 25)},
+    # Checks the script itself in a few minutes; its numbers mean nothing.
+    "smoke": {"repeats": 1, "train_repeats": {"vgg16": 1, "mobilenet": 1}, "train_images": {"vgg16": 16, "mobilenet": 40},
+              "raster_files": 40, "dicom_files": 40, "infer_files": {"vgg16": 4, "mobilenet": 8},
+              "memory_sizes": (100, 300), "memory_repeats": 1, "streaming": ("mobilenet",), "epochs": (2, 3)},
+}
+EPOCHS = (10, 25)  # set from the mode in main()
+BATCH_SIZE = 8  # the seeds'
+FULL_RSNA_IMAGES = 26_684 + 600  # RSNA stage 2 training patients plus the COVID-19 sets (ieee8023: 575 rows)
+
+
+def median(values: list[float]) -> float:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and np.isnan(v))]
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def log(message: str) -> None:
+    print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The machine
+
+
+def machine_info() -> dict:
+    cpu_model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        cpu_model = platform.processor() or "unknown"
+    quota = None
+    try:
+        text = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        quota = None if text[0] == "max" else round(int(text[0]) / int(text[1]), 2)
+    except (OSError, ValueError, IndexError):
+        pass
+    memory_gb = None
+    try:
+        memory_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    return {
+        "cpu_model": cpu_model,
+        "cores_logical": os.cpu_count(),
+        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cgroup_cpu_quota": quota,
+        "memory_gb": memory_gb,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def tf_info() -> dict:
+    import keras
+    import tensorflow as tf
+
+    from xraylib import models
+
+    gpus = tf.config.list_physical_devices("GPU")
+    return {"tensorflow": tf.__version__, "keras": keras.__version__,
+            "gpus": [g.name for g in gpus], "gpu_compute_capabilities": models.gpu_compute_capabilities(),
+            "dtype_policy_auto": models.choose_dtype_policy("auto")}
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Training
+
+
+def training_manifest(data_root: Path, work: Path, n_images: int, seed: int) -> pd.DataFrame:
+    """``n_images`` rows, half COVID-19 (ieee8023), half normal (NIH adults first, then Kaggle), whole patients."""
+    from xraylib import config, manifest
+
+    paths = config.folder_drive_paths(data_root, work)
+    frame = manifest.build_manifest(paths, task="covid_vs_normal", progress=False).frame
+    rng = np.random.default_rng(seed)
+    picked = []
+    for label, source_order in (("covid", None), ("normal", ("nih", "kaggle", "ieee8023"))):
+        rows = frame[frame["label"] == label]
+        patients = list(rows["patient_id"].unique())
+        rng.shuffle(patients)
+        if source_order:
+            first_source = rows.groupby("patient_id")["source"].first()
+            rank = {s: i for i, s in enumerate(source_order)}
+            patients.sort(key=lambda p: rank.get(first_source[p], len(rank)))  # stable: random within a source
+        count = 0
+        for patient in patients:
+            if count >= n_images // 2:
+                break
+            group = rows[rows["patient_id"] == patient]
+            picked.append(group)
+            count += len(group)
+    return pd.concat(picked, ignore_index=True)
+
+
+def training_data(data_root: Path, work: Path, n_images: int, seed: int = 0):
+    from xraylib.preprocess import PreprocessSettings, split_and_preprocess
+
+    rows = training_manifest(data_root, work, n_images, seed)
+    return split_and_preprocess(rows, work / "preprocessed", CLASSES, PreprocessSettings(image_size=224),
+                                fractions=(0.7, 0.15, 0.15), seed=seed, workers=2, progress=False)
+
+
+def test_auc(model, data) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    from xraylib import predict
+
+    labels = data["test"].labels
+    if len(set(labels)) < 2:
+        return float("nan")
+    probabilities = predict.predict_images(model, data["test"].images)
+    return float(roc_auc_score(labels == CLASSES.index("covid"), probabilities[:, CLASSES.index("covid")]))
+
+
+def seeds_loop(data, spec, work: Path, seed: int) -> dict:
+    """The seeds' loop: every image as float32 in memory, ``model.fit`` through the frozen backbone every epoch."""
+    import keras
+
+    from xraylib import models
+    from xraylib import train as xt
+
+    started = time.perf_counter()
+    x_train = np.asarray(data["train"].images, dtype=np.float32)[..., None]
+    x_val = np.asarray(data["val"].images, dtype=np.float32)[..., None]
+    keras.utils.set_random_seed(seed)
+    model = models.build_model(spec)
+    xt.compile_model(model, 1e-3)
+    weights = xt.class_weights(data["train"].labels, len(CLASSES))
+    at_mark: dict[int, float] = {}
+    heads: dict[int, dict] = {}
+    paused = [0.0]
+
+    class Marks(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch + 1 in EPOCHS:
+                at_mark[epoch + 1] = time.perf_counter() - started - paused[0]
+                copy_started = time.perf_counter()  # keeping the head for its AUC is not the seeds' work
+                heads[epoch + 1] = {n: model.get_layer(n).get_weights() for n in models.head_layer_names()}
+                paused[0] += time.perf_counter() - copy_started
+
+    model.fit(x_train, data["train"].one_hot, batch_size=BATCH_SIZE, epochs=max(EPOCHS),
+              validation_data=(x_val, data["val"].one_hot), class_weight=weights, shuffle=True, verbose=0,
+              callbacks=[Marks()])
+    save_started = time.perf_counter()
+    model.save(work / "seeds_model.h5")  # the seeds saved their model as .h5
+    save_seconds = time.perf_counter() - save_started
+    out = {"seconds": {}, "test_auc": {}}
+    for epochs in EPOCHS:
+        for name, values in heads[epochs].items():
+            model.get_layer(name).set_weights(values)
+        out["seconds"][epochs] = at_mark[epochs] + save_seconds
+        out["test_auc"][epochs] = test_auc(model, data)
+    return out
+
+
+def xraylib_run(data, spec, epochs: int, run_dir: Path, seed: int, fresh_cache: bool = True,
+                feature_cache: bool = True) -> dict:
+    """``xraylib.train.train`` with its default settings (a fresh run, and a fresh feature cache unless told)."""
+    from xraylib.features import FEATURES_DIR
+    from xraylib.train import TrainSettings, train
+
+    if fresh_cache:
+        shutil.rmtree(Path(data.folder) / FEATURES_DIR, ignore_errors=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    settings = TrainSettings(epochs=epochs, seed=seed, feature_cache=feature_cache)
+    started = time.perf_counter()
+    result = train(data, spec, settings, run_dir, resume=False, verbose=0)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "test_auc": test_auc(result.model, data), "execution": result.execution}
+
+
+def bench_training(backbone: str, data_root: Path, weights_dir: Path | None, work: Path, mode: dict, seed: int) -> dict:
+    from xraylib import models
+
+    if backbone == "vgg16":
+        spec_kwargs = {"backbone": "vgg16", "weights": None}
+        weights_note = "none (random): ImageNet VGG16 weights cannot be downloaded on this machine"
+    else:
+        if weights_dir is None:
+            return {"backbone": backbone, "status": "not measured: ../shared/weights not found"}
+        spec_kwargs = {"backbone": "mobilenet", "alpha": 0.25, "weights": str(weights_dir / "mobilenet_2_5_224_tf_no_top.h5")}
+        weights_note = "ImageNet (../shared/weights/mobilenet_2_5_224_tf_no_top.h5)"
+    folder = work / f"train_{backbone}"
+    data = training_data(data_root, folder, mode["train_images"][backbone], seed)
+    spec = models.ModelSpec(image_size=224, classes=CLASSES, **spec_kwargs)
+    manifest = data.manifest
+    out = {
+        "backbone": backbone + (" (alpha 0.25)" if backbone == "mobilenet" else ""),
+        "weights": weights_note,
+        "image_size": 224,
+        "images": {name: len(split) for name, split in data.splits.items()},
+        "images_by_source_and_label": {f"{s}/{l}": int(n) for (s, l), n in manifest.groupby(["source", "label"]).size().items()},
+        "batch_size": BATCH_SIZE,
+        "augmentation": "none on either side (xraylib's default caches one plain view per image: augment_views=1)",
+        "repeats": mode["train_repeats"][backbone],
+        "runs": [],
+    }
+    streaming = backbone in mode["streaming"]
+    for repeat in range(mode["train_repeats"][backbone]):
+        log(f"training {backbone}, repeat {repeat + 1}: the seeds' loop ({max(EPOCHS)} epochs)")
+        run = {"seeds_loop": seeds_loop(data, spec, folder, seed)}
+        for epochs in EPOCHS:
+            log(f"training {backbone}, repeat {repeat + 1}: xraylib default, {epochs} epochs")
+            run[f"xraylib_{epochs}"] = xraylib_run(data, spec, epochs, folder / f"run_{epochs}", seed)
+        log(f"training {backbone}, repeat {repeat + 1}: xraylib, features already cached (a second run), {EPOCHS[0]} epochs")
+        run["xraylib_cached_10"] = xraylib_run(data, spec, EPOCHS[0], folder / "run_cached", seed, fresh_cache=False)
+        if streaming and repeat == 0:
+            for epochs in EPOCHS:
+                log(f"training {backbone}: xraylib streaming (feature_cache=False), {epochs} epochs")
+                run[f"streaming_{epochs}"] = xraylib_run(data, spec, epochs, folder / f"run_stream_{epochs}", seed,
+                                                         feature_cache=False)
+        out["runs"].append(run)
+    summary = {}
+    for epochs in EPOCHS:
+        seeds_s = median([r["seeds_loop"]["seconds"][epochs] for r in out["runs"]])
+        ours_s = median([r[f"xraylib_{epochs}"]["seconds"] for r in out["runs"]])
+        seeds_auc = median([r["seeds_loop"]["test_auc"][epochs] for r in out["runs"]])
+        ours_auc = median([r[f"xraylib_{epochs}"]["test_auc"] for r in out["runs"]])
+        row = {"seeds_loop_seconds": seeds_s, "xraylib_seconds": ours_s, "speedup": seeds_s / ours_s,
+               "seeds_loop_test_auc": seeds_auc, "xraylib_test_auc": ours_auc, "auc_difference": ours_auc - seeds_auc,
+               "train_images_per_second": {"seeds_loop": epochs * len(data["train"]) / seeds_s,
+                                           "xraylib": epochs * len(data["train"]) / ours_s}}
+        if streaming:
+            stream = out["runs"][0][f"streaming_{epochs}"]
+            row["streaming_seconds"] = stream["seconds"]
+            row["streaming_test_auc"] = stream["test_auc"]
+            row["cached_minus_streaming_auc"] = ours_auc - stream["test_auc"]
+        summary[epochs] = row
+    summary["xraylib_cached_10_seconds"] = median([r["xraylib_cached_10"]["seconds"] for r in out["runs"]])
+    # Both sides are a fixed cost plus a cost per image: the seeds' loop almost all per image; xraylib's fixed part
+    # (build, head training, saving) is what a second run with the features cached costs.
+    n_images = len(data["train"]) + len(data["val"])
+    target = 400 * 0.85  # train + val of 400 images split 70/15/15
+    if n_images < target:
+        fixed = summary["xraylib_cached_10_seconds"]
+        extraction = max(summary[EPOCHS[0]]["xraylib_seconds"] - fixed, 0.0)
+        seeds = summary[EPOCHS[0]]["seeds_loop_seconds"] * target / n_images
+        ours = fixed + extraction * target / n_images
+        summary["extrapolated_400_images"] = {
+            "epochs": EPOCHS[0], "seeds_loop_seconds": seeds, "xraylib_seconds": ours, "speedup": seeds / ours,
+            "how": f"measured on {n_images} train+val images; seeds' loop scaled by images; xraylib = the second run's "
+                   "time (features cached: the fixed part) + the first run's extra time (the extraction) scaled by images"}
+    out["median"] = summary
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Preprocessing throughput
+
+
+def raster_files(data_root: Path, n: int, seed: int) -> list[Path]:
+    files = sorted(p for p in data_root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg") and p.is_file())
+    rng = np.random.default_rng(seed)
+    return [files[i] for i in sorted(rng.choice(len(files), size=min(n, len(files)), replace=False))]
+
+
+def write_dicom(path: Path, pixels: np.ndarray, patient_id: str) -> None:
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientID, ds.PatientName, ds.PatientSex, ds.PatientAge = patient_id, patient_id, "F", "045Y"
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    del pydicom
+
+
+def phantoms(n: int, size: int, seed: int) -> list[np.ndarray]:
+    from xraylib import synthetic
+
+    return [synthetic.make_phantom(("normal", "pneumonia")[i % 2], np.random.default_rng(seed + i), size, size).image
+            for i in range(n)]
+
+
+def dicom_files(folder: Path, n: int, size: int, seed: int) -> list[Path]:
+    bases = phantoms(8, size, seed)
+    paths = []
+    for i in range(n):
+        path = folder / f"image_{i:05d}.dcm"
+        pixels = bases[i % len(bases)].copy()
+        pixels[0, :8] = np.frombuffer(i.to_bytes(8, "big"), dtype=np.uint8)  # every file's pixels differ
+        write_dicom(path, pixels, f"patient-{i:05d}")
+        paths.append(path)
+    return paths
+
+
+def plain_loop(files: list[Path], size: int = 224) -> None:
+    """The seeds' way: read and resize each file in turn."""
+    import cv2
+    import pydicom
+
+    for path in files:
+        if path.suffix.lower() == ".dcm":
+            image = pydicom.dcmread(path).pixel_array
+        else:
+            image = cv2.imread(str(path))
+        cv2.resize(image, (size, size))
+
+
+def xraylib_preprocess(files: list[Path], out_dir: Path, workers: int) -> None:
+    from xraylib.preprocess import PreprocessSettings, preprocess_dataset
+
+    frame = pd.DataFrame({"path": [str(p) for p in files], "label": [CLASSES[i % 2] for i in range(len(files))],
+                          "patient_id": [f"p{i}" for i in range(len(files))], "sha1": "",
+                          "split": [("train", "val", "test")[i % 3] for i in range(len(files))]})
+    shutil.rmtree(out_dir, ignore_errors=True)
+    data = preprocess_dataset(frame, out_dir, CLASSES, PreprocessSettings(image_size=224), workers=workers, progress=False)
+    if data.report.get("skipped"):
+        log(f"  ({data.report['skipped']} unreadable files skipped)")
+
+
+def pool_start() -> None:
+    """What preprocess_dataset pays per split before decoding: start 2 spawned workers, each importing xraylib's
+    decoding code for a first (missing) file, and shut them down."""
+    from xraylib.preprocess import _pool, _work
+
+    pool = _pool(2, 100)
+    jobs = [(f"/nonexistent/{i}.png", 224, "stretch", open) for i in range(4)]
+    list(pool.map(_work, jobs, chunksize=1))
+    pool.shutdown()
+
+
+def bench_preprocessing(kind: str, files: list[Path], work: Path, repeats: int) -> dict:
+    times: dict[str, list[float]] = {"plain_loop": [], "xraylib_1_worker": [], "xraylib_2_workers": [], "pool_start": []}
+    for repeat in range(repeats):
+        log(f"preprocessing {kind}, repeat {repeat + 1}: {len(files)} files")
+        for name, run in (("plain_loop", lambda: plain_loop(files)),
+                          ("xraylib_1_worker", lambda: xraylib_preprocess(files, work / "prep1", 1)),
+                          ("xraylib_2_workers", lambda: xraylib_preprocess(files, work / "prep2", 2)),
+                          ("pool_start", pool_start)):
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+    rates = {name: len(files) / median(values) for name, values in times.items() if name != "pool_start"}
+    # preprocess_dataset starts one pool per split (3): on a few hundred files that start-up, not decoding, dominates.
+    steady = median(times["xraylib_2_workers"]) - 3 * median(times["pool_start"])
+    rates["xraylib_2_workers_without_pool_starts"] = len(files) / steady if steady > 0 else float("nan")
+    return {"kind": kind, "files": len(files), "repeats": repeats, "seconds": times, "images_per_second": rates,
+            "pool_start_seconds": median(times["pool_start"]),
+            "speedup_2_workers_vs_plain_loop": rates["xraylib_2_workers"] / rates["plain_loop"],
+            "speedup_2_workers_without_pool_starts_vs_plain_loop":
+                rates["xraylib_2_workers_without_pool_starts"] / rates["plain_loop"],
+            "speedup_2_workers_vs_1_worker": rates["xraylib_2_workers"] / rates["xraylib_1_worker"]}
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Inference throughput
+
+
+def bench_inference(backbone: str, run_dir: Path, files: list[Path], repeats: int) -> dict:
+    from xraylib import models, predict
+    from xraylib.preprocess import PreprocessSettings, preprocess_file
+
+    loaded = models.load_model(run_dir)
+    settings = PreprocessSettings.from_dict(loaded.metadata["preprocessing"])
+    folder = run_dir.parent / f"infer_{backbone}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for i, path in enumerate(files):
+        shutil.copy(path, folder / f"{i:04d}{path.suffix.lower()}")
+    predict.predict_files(loaded, folder)  # warm-up: both sides then run with a built predict function
+    times: dict[str, list[float]] = {"one_predict_per_image": [], "xraylib_batched": []}
+    for repeat in range(repeats):
+        log(f"inference {backbone}, repeat {repeat + 1}: {len(files)} files")
+        started = time.perf_counter()
+        for path in sorted(folder.iterdir()):
+            x = preprocess_file(path, settings).astype(np.float32)[None, ..., None]
+            loaded.model.predict(x, verbose=0)
+        times["one_predict_per_image"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        frame = predict.predict_files(loaded, folder)
+        times["xraylib_batched"].append(time.perf_counter() - started)
+        assert int(frame["ok"].sum()) == len(files)
+    rates = {name: len(files) / median(values) for name, values in times.items()}
+    return {"backbone": backbone, "files": len(files), "repeats": repeats, "seconds": times, "images_per_second": rates,
+            "speedup": rates["xraylib_batched"] / rates["one_predict_per_image"],
+            "note": "both sides decode and preprocess each file the same way (from the model's JSON); "
+                    "the difference is one model.predict per image against batches"}
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Peak memory of manifest + cache, in fresh processes
+
+
+def write_rsna(folder: Path, n: int, seed: int) -> None:
+    """``n`` 256x256 DICOMs in the RSNA layout (half Normal, half Lung Opacity) with the two label CSVs."""
+    images = folder / "stage_2_train_images"
+    images.mkdir(parents=True, exist_ok=True)
+    bases = phantoms(8, 256, seed)
+    labels, classes = [], []
+    for i in range(n):
+        patient = f"{i:08d}-0000-4000-8000-{seed:012d}"
+        pixels = bases[i % len(bases)].copy()
+        pixels[0, :8] = np.frombuffer(i.to_bytes(8, "big"), dtype=np.uint8)
+        write_dicom(images / f"{patient}.dcm", pixels, patient)
+        opacity = i % 2 == 1
+        labels.append(f"{patient},{'10,10,50,50,1' if opacity else ',,,,0'}")
+        classes.append(f"{patient},{'Lung Opacity' if opacity else 'Normal'}")
+    (folder / "stage_2_train_labels.csv").write_text("patientId,x,y,width,height,Target\n" + "\n".join(labels) + "\n")
+    (folder / "stage_2_detailed_class_info.csv").write_text("patientId,class\n" + "\n".join(classes) + "\n")
+
+
+def _status_kb(pid: int | str, keys: tuple[str, ...]) -> dict[str, int]:
+    values = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key = line.split(":", 1)[0]
+            if key in keys:
+                values[key] = int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return values
+
+
+def _children() -> list[str]:
+    pids = []
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            pids += (task / "children").read_text().split()
+        except OSError:
+            pass
+    return pids
+
+
+def memory_child(source: Path, out: Path, workers: int) -> dict:
+    """Run in a fresh process: manifest + split + preprocessed cache.
+
+    Peaks: ``VmHWM`` (the kernel's peak RSS of this process; ``ru_maxrss`` would also count the parent's
+    pages from before the exec), and sampled every 20 ms: this process's anonymous and file-backed RSS,
+    and the RSS of this process plus its worker processes together.
+    """
+    peaks = {"RssAnon": 0, "RssFile": 0, "total": 0, "workers": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            own = _status_kb("self", ("VmRSS", "RssAnon", "RssFile"))
+            workers_kb = sum(_status_kb(pid, ("VmRSS",)).get("VmRSS", 0) for pid in _children())
+            peaks["RssAnon"] = max(peaks["RssAnon"], own.get("RssAnon", 0))
+            peaks["RssFile"] = max(peaks["RssFile"], own.get("RssFile", 0))
+            peaks["workers"] = max(peaks["workers"], workers_kb)
+            peaks["total"] = max(peaks["total"], own.get("VmRSS", 0) + workers_kb)
+            stop.wait(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    from xraylib import manifest, preprocess
+
+    built = manifest.build_manifest({"rsna_pneumonia": source}, task="pneumonia_vs_normal", progress=False)
+    data = preprocess.split_and_preprocess(built.frame, out, ("normal", "pneumonia"),
+                                           preprocess.PreprocessSettings(image_size=224), workers=workers, progress=False)
+    seconds = time.perf_counter() - started
+    stop.set()
+    sampler.join()
+    return {
+        "images": int(sum(len(s) for s in data.splits.values())),
+        "seconds": seconds,
+        "peak_rss_mb": _status_kb("self", ("VmHWM",))["VmHWM"] / 1024,
+        "peak_anonymous_mb": peaks["RssAnon"] / 1024,
+        "peak_file_backed_mb": peaks["RssFile"] / 1024,
+        "peak_rss_workers_mb": peaks["workers"] / 1024,
+        "peak_rss_with_workers_mb": peaks["total"] / 1024,
+    }
+
+
+def bench_memory(work: Path, sizes: tuple[int, ...], repeats: int, seed: int) -> dict:
+    runs: dict[int, list[dict]] = {}
+    for n in sizes:
+        source = work / f"rsna_{n}"
+        if not (source / "stage_2_detailed_class_info.csv").exists():
+            log(f"memory: writing {n} synthetic 256x256 DICOMs")
+            shutil.rmtree(source, ignore_errors=True)
+            write_rsna(source, n, seed)
+        runs[n] = []
+        for repeat in range(repeats):
+            log(f"memory: manifest + cache for {n} DICOMs in a fresh process, repeat {repeat + 1}")
+            out = work / f"cache_{n}"
+            shutil.rmtree(out, ignore_errors=True)
+            child = subprocess.run([sys.executable, __file__, "--memory-child", str(source), str(out)],
+                                   capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+            if child.returncode != 0:
+                raise RuntimeError(f"memory child failed:\n{child.stderr[-3000:]}")
+            runs[n].append(json.loads(child.stdout.strip().splitlines()[-1]))
+            shutil.rmtree(out, ignore_errors=True)
+    small, large = min(sizes), max(sizes)
+    peak = {n: median([r["peak_rss_mb"] for r in runs[n]]) for n in sizes}
+    anonymous = {n: median([r["peak_anonymous_mb"] for r in runs[n]]) for n in sizes}
+    with_workers = {n: median([r["peak_rss_with_workers_mb"] for r in runs[n]]) for n in sizes}
+    slope = (peak[large] - peak[small]) / (large - small)
+    return {
+        "image_size_on_disk": "256x256 8-bit DICOM (pydicom); cached at 224x224",
+        "workers": 2, "repeats": repeats, "runs": {str(n): r for n, r in runs.items()},
+        "peak_rss_mb": {str(n): v for n, v in peak.items()},
+        "peak_anonymous_mb": {str(n): v for n, v in anonymous.items()},
+        "peak_rss_with_workers_mb": {str(n): v for n, v in with_workers.items()},
+        "growth_percent": 100 * (peak[large] / peak[small] - 1),
+        "with_workers_growth_percent": 100 * (with_workers[large] / with_workers[small] - 1),
+        "anonymous_growth_percent": 100 * (anonymous[large] / anonymous[small] - 1),
+        "mb_per_1000_images": 1000 * slope,
+        "extrapolated_full_rsna": {"images": FULL_RSNA_IMAGES, "peak_rss_mb": peak[large] + slope * (FULL_RSNA_IMAGES - large)},
+        "seeds_float32_rgb_arrays_gb": {"8000": 8000 * 224 * 224 * 3 * 4 / 1e9,
+                                        str(FULL_RSNA_IMAGES): FULL_RSNA_IMAGES * 224 * 224 * 3 * 4 / 1e9},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+def fmt(value, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    machine = results["machine"]
+    lines = [
+        "# xraylib speed benchmark",
+        "",
+        f"Mode `{results['mode']}`, {results['started']} to {results['finished']}. Machine: {machine['cpu_model']}, "
+        f"{machine['cores_available']} cores available ({machine['cores_logical']} logical), {machine.get('memory_gb')} GB, "
+        f"TensorFlow {machine['tensorflow']}, Keras {machine['keras']}, Python {machine['python']}, "
+        f"GPU: {', '.join(machine['gpus']) or 'none'}.",
+    ]
+    provenance = results.get("provenance", {})
+    if len({p["started"] for p in provenance.values()}) > 1:
+        lines += ["", "Parts measured in separate runs of this script on the same machine: " + "; ".join(
+            f"{part} from the run started {p['started']} (load average {p['load_average_start']} to {p['load_average_end']})"
+            for part, p in sorted(provenance.items())) + "."]
+    if results.get("loaded_machine_note"):
+        lines += ["", f"**{results['loaded_machine_note']}** Load average at start {machine['load_average_start']}, "
+                      f"at end {machine['load_average_end']}. Ratios are measured side by side and hold better than the "
+                      "absolute times."]
+    lines += ["", "## Training (frozen backbone, same data, head and epochs; test AUC of both)", "",
+              "| backbone | weights | images train/val/test | epochs | seeds' loop (s) | xraylib default (s) | speedup | "
+              "AUC seeds' loop | AUC xraylib | AUC xraylib streaming | runs |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in results["training"]:
+        if "median" not in row:
+            lines.append(f"| {row['backbone']} | {row.get('status')} | | | | | | | | | |")
+            continue
+        counts = row["images"]
+        for epochs in EPOCHS:
+            m = row["median"][epochs] if epochs in row["median"] else row["median"][str(epochs)]
+            lines.append(
+                f"| {row['backbone']} | {row['weights'].split(':')[0].split(' (')[0]} | {counts['train']}/{counts['val']}/{counts['test']} | "
+                f"{epochs} | {fmt(m['seeds_loop_seconds'])} | {fmt(m['xraylib_seconds'])} | **{fmt(m['speedup'])}x** | "
+                f"{fmt(m['seeds_loop_test_auc'], 3)} | {fmt(m['xraylib_test_auc'], 3)} | {fmt(m.get('streaming_test_auc'), 3)} | "
+                f"{row['repeats']} |")
+    lines += ["", f"A second xraylib run on the same data (features already cached), {EPOCHS[0]} epochs: " + ", ".join(
+        f"{row['backbone']} {fmt(row['median']['xraylib_cached_10_seconds'])} s" for row in results["training"] if "median" in row) + "."]
+    for row in results["training"]:
+        extra = row.get("median", {}).get("extrapolated_400_images")
+        if extra:
+            lines.append(f"Extrapolated to 400 images ({row['backbone']}, {extra['epochs']} epochs): seeds' loop "
+                         f"{fmt(extra['seeds_loop_seconds'])} s, xraylib {fmt(extra['xraylib_seconds'])} s, "
+                         f"**{fmt(extra['speedup'])}x** ({extra['how']}).")
+    lines += ["", "The seeds' loop runs the backbone over every training and validation image in every epoch; xraylib runs it "
+                  "once per image. At 10 epochs that is 10 times fewer backbone passes, so the ratio approaches 10x as the "
+                  "data grows (fixed costs: building the model, training the head, saving .keras + .h5) and grows with the epochs."]
+    lines += ["", "## Preprocessing throughput (images/s, decode + resize to 224)", "",
+              "| files | n | plain loop (cv2/pydicom) | xraylib 1 worker | xraylib 2 workers | 2 workers vs plain loop | "
+              "2 workers without the 3 pool starts (derived) | runs |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in results["preprocessing"]:
+        rates = row["images_per_second"]
+        lines.append(f"| {row['kind']} | {row['files']} | {fmt(rates['plain_loop'])} | {fmt(rates['xraylib_1_worker'])} | "
+                     f"{fmt(rates['xraylib_2_workers'])} | **{fmt(row['speedup_2_workers_vs_plain_loop'], 2)}x** | "
+                     f"{fmt(rates.get('xraylib_2_workers_without_pool_starts'))} "
+                     f"({fmt(row.get('speedup_2_workers_without_pool_starts_vs_plain_loop'), 2)}x) | {row['repeats']} |")
+    if results["preprocessing"] and "pool_start_seconds" in results["preprocessing"][0]:
+        lines += ["", "`preprocess_dataset` starts a pool of spawned worker processes for each of the three splits "
+                      f"({fmt(results['preprocessing'][0]['pool_start_seconds'], 2)} s each here): on a few hundred files "
+                      "that start-up, not decoding, sets the 2-worker rate. The plain loop does less per file: no file-type "
+                      "check, no DICOM LUTs or MONOCHROME1, `INTER_LINEAR` instead of `INTER_AREA`, no cache written."]
+    lines += ["", "## Inference throughput for a folder of files (images/s, decode + preprocess + predict)", "",
+              "| model | files | one model.predict per image | xraylib predict_files (batched) | speedup | runs |",
+              "|---|---|---|---|---|---|"]
+    for row in results["inference"]:
+        rates = row["images_per_second"]
+        lines.append(f"| {row['backbone']} | {row['files']} | {fmt(rates['one_predict_per_image'])} | "
+                     f"{fmt(rates['xraylib_batched'])} | **{fmt(row['speedup'])}x** | {row['repeats']} |")
+    memory = results.get("memory")
+    if memory:
+        sizes = list(memory["peak_rss_mb"])
+        lines += ["", "## Peak memory: manifest + preprocessed cache (fresh process each, 2 workers)", "",
+                  "| DICOMs (256x256) | peak RSS, main process (MB) | of which anonymous (MB) | peak RSS with the 2 workers (MB) | seconds | seeds' float32 RGB arrays |",
+                  "|---|---|---|---|---|---|"]
+        for n in sizes:
+            runs = memory["runs"][n]
+            lines.append(f"| {n} | {fmt(memory['peak_rss_mb'][n])} | {fmt(memory['peak_anonymous_mb'][n])} | "
+                         f"{fmt(memory['peak_rss_with_workers_mb'][n])} | {fmt(median([r['seconds'] for r in runs]))} | "
+                         f"{fmt(int(n) * 224 * 224 * 3 * 4 / 1e9, 2)} GB |")
+        extra = memory["extrapolated_full_rsna"]
+        lines += ["", f"Peak RSS of the main process grows {fmt(memory['growth_percent'])}% from {sizes[0]} to {sizes[-1]} images "
+                      f"(with the workers: {fmt(memory['with_workers_growth_percent'])}%; "
+                      f"{fmt(memory['mb_per_1000_images'])} MB per 1,000 images). Extrapolated to {extra['images']:,} images "
+                      f"(RSNA stage 2 plus the COVID-19 sets): about {fmt(extra['peak_rss_mb'], 0)} MB, against "
+                      f"{fmt(memory['seeds_float32_rgb_arrays_gb'][str(extra['images'])], 1)} GB for the seeds' float32 RGB arrays."]
+    gpu = results.get("gpu", {})
+    lines += ["", "## GPU", "", "| measurement | float32 | mixed float16 |", "|---|---|---|"]
+    if gpu.get("status") == "not measured":
+        for name in ("training images/s (VGG16, 224)", "inference images/s (VGG16, 224)"):
+            lines.append(f"| {name} | not measured | not measured |")
+        lines += ["", f"Not measured: {gpu.get('reason')}."]
+    return "\n".join(lines) + "\n"
+
+
+def jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if np.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer images and repeats (about 20 minutes on 2 cores)")
+    parser.add_argument("--only", nargs="+", choices=("training", "preprocessing", "inference", "memory"),
+                        help="run only these parts")
+    parser.add_argument("--backbones", nargs="+", default=["vgg16", "mobilenet"], choices=("vgg16", "mobilenet"))
+    parser.add_argument("--loaded", default="",
+                        help="a note that the machine was busy with other work during the run (goes into the results)")
+    parser.add_argument("--work", default=None, help="scratch folder (default: a temporary folder, removed after)")
+    parser.add_argument("--out", default=str(RESULTS), help=f"results folder (default {RESULTS})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the parts of an existing results file that this run does not measure")
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-sizes", type=int, nargs=2, default=None, metavar=("SMALL", "LARGE"),
+                        help="numbers of DICOMs for the memory part (default 1000 8000)")
+    parser.add_argument("--memory-child", nargs=2, metavar=("SOURCE", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.memory_child:
+        print(json.dumps(memory_child(Path(args.memory_child[0]), Path(args.memory_child[1]), workers=2)))
+        return 0
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.path.insert(0, str(REPO))
+    from xraylib import config
+
+    mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode = MODES[mode_name]
+    global EPOCHS
+    EPOCHS = tuple(mode["epochs"])
+    parts = set(args.only or ("training", "preprocessing", "inference", "memory"))
+    data_root, weights_dir = config.shared_data_dir(), config.shared_weights_dir()
+    if data_root is None:
+        print("../shared/data not found (set XRAYLIB_SHARED_DATA): the benchmark needs the real images", file=sys.stderr)
+        return 2
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="xraylib_speed_"))
+    work.mkdir(parents=True, exist_ok=True)
+    results = {"format": "xraylib speed benchmark v1", "mode": mode_name,
+               "started": datetime.datetime.now().isoformat(timespec="seconds"),
+               "machine": {**machine_info(), "load_average_start": load_average()},
+               "loaded_machine_note": args.loaded, "training": [], "preprocessing": [], "inference": []}
+    results["machine"].update(tf_info())
+    try:
+        if "memory" in parts:  # first: the fresh processes it starts do not share this one's memory
+            sizes = tuple(args.memory_sizes or mode["memory_sizes"])
+            results["memory"] = bench_memory(work / "memory", sizes, mode["memory_repeats"], args.seed)
+        if "preprocessing" in parts:
+            rasters = raster_files(data_root, mode["raster_files"], args.seed)
+            results["preprocessing"].append(bench_preprocessing("JPEG/PNG (real, ../shared/data)", rasters,
+                                                                work / "prep_raster", mode["repeats"]))
+            dicoms = dicom_files(work / "dicoms", mode["dicom_files"], 1024, args.seed)
+            results["preprocessing"].append(bench_preprocessing("DICOM (synthetic 1024x1024, 8-bit)", dicoms,
+                                                                work / "prep_dicom", mode["repeats"]))
+        if "training" in parts or "inference" in parts:
+            for backbone in args.backbones:
+                if "training" in parts:
+                    results["training"].append(bench_training(backbone, data_root, weights_dir, work, mode, args.seed))
+                run_dir = work / f"train_{backbone}" / f"run_{EPOCHS[0]}"
+                if "inference" in parts and (run_dir / "model.keras").exists():
+                    files = raster_files(data_root, mode["infer_files"][backbone], args.seed + 1)
+                    results["inference"].append(bench_inference(backbone, run_dir, files, mode["repeats"]))
+        gpus = results["machine"]["gpus"]
+        results["gpu"] = ({"status": "not measured", "reason": "no GPU on this machine (none was lent to this task)"}
+                          if not gpus else {"status": "not measured", "reason": "GPU rows are not automated yet"})
+    finally:
+        results["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
+        results["machine"]["load_average_end"] = load_average()
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        this_run = {"started": results["started"], "load_average_start": results["machine"]["load_average_start"],
+                    "load_average_end": results["machine"]["load_average_end"]}
+        results["provenance"] = {part: this_run for part in sorted(parts)}
+        if args.merge and (out / "speed.json").exists():
+            previous = json.loads((out / "speed.json").read_text())
+            for part in ("training", "preprocessing", "inference", "memory"):
+                if part not in parts and part in previous:
+                    results[part] = previous[part]
+                    results["provenance"][part] = previous.get("provenance", {}).get(part, {
+                        "started": previous.get("started"),
+                        "load_average_start": previous.get("machine", {}).get("load_average_start"),
+                        "load_average_end": previous.get("machine", {}).get("load_average_end")})
+        clean = jsonable(results)
+        (out / "speed.json").write_text(json.dumps(clean, indent=2) + "\n")
+        (out / "speed.md").write_text(markdown(clean))
+        log(f"wrote {out / 'speed.json'} and {out / 'speed.md'}")
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

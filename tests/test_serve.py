@@ -1,0 +1,487 @@
+"""The web app: predictions equal ``predict_files``; bad requests get clean JSON errors; nothing reaches the disk;
+50 parallel uploads on a real server; and model files that load anywhere (.keras, .h5, SavedModel).
+
+Most requests go through Flask's test client; the parallel uploads go to a real threaded server on
+a free loopback port. The model is test_ood's small CNN trained on frontal phantoms.
+"""
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import shutil
+import tempfile
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import keras
+import numpy as np
+import pytest
+
+from test_ood import build_trained_run, colour_photo, encode, frontal_phantom
+from xraylib import DISCLAIMER, models, ood, serve
+from xraylib.errors import ConfigError, ModelError
+from xraylib.predict import predict_files, predict_images
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Invalid value for VR AS"),
+    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
+]
+
+MAX_MB = 1.0
+MAX_FILES = 8
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return build_trained_run(tmp_path_factory.mktemp("serve_run"))
+
+
+@pytest.fixture(scope="module")
+def run_dir(run) -> Path:
+    return run[0]
+
+
+@pytest.fixture(scope="module")
+def loaded(run_dir) -> models.LoadedModel:
+    return models.load_model(run_dir)
+
+
+@pytest.fixture(scope="module")
+def analyser(loaded, run) -> serve.Analyser:
+    return serve.Analyser(loaded, ood.fit_ood(loaded, run[1]))
+
+
+@pytest.fixture(scope="module")
+def app(analyser):
+    app = serve.create_app(analyser, serve.ServeSettings(max_upload_mb=MAX_MB, max_files=MAX_FILES))
+    app.testing = False  # the production error handling, not Flask's test-mode exception propagation
+    return app
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture(scope="module")
+def samples(run, tmp_path_factory) -> dict[str, Path]:
+    """Test-split files as a user has them: a PNG, a DICOM and a JPEG of held-out patients, and a colour photo."""
+    folder = tmp_path_factory.mktemp("samples")
+    paths = list(run[1]["test"].manifest["path"])
+    png = next(Path(p) for p in paths if p.endswith(".png"))
+    dcm = next(Path(p) for p in paths if p.endswith(".dcm"))
+    jpeg = folder / "held_out.jpg"
+    jpeg.write_bytes(encode(frontal_phantom(7001, "covid"), ".jpg"))
+    photo = folder / "holiday.jpg"
+    photo.write_bytes(encode(colour_photo(5), ".jpg"))
+    return {"png": png, "dicom": dcm, "jpeg": jpeg, "photo": photo}
+
+
+def upload(client, *files: tuple[str, bytes], query: str = ""):
+    data = {"files": [(io.BytesIO(content), name) for name, content in files]}
+    return client.post("/api/predict" + query, data=data, content_type="multipart/form-data")
+
+
+def assert_json_error(response, status: int, *words: str) -> dict:
+    assert response.status_code == status, response.get_data(as_text=True)[:500]
+    assert response.mimetype == "application/json"
+    body = response.get_json()
+    error = body["error"]
+    assert error["status"] == status and error["title"] and error["message"]
+    text = response.get_data(as_text=True)
+    assert "Traceback" not in text and 'File "' not in text
+    for word in words:
+        assert word in error["message"], error["message"]
+    return body
+
+
+def decode_data_uri(uri: str) -> np.ndarray:
+    assert uri.startswith("data:image/png;base64,")
+    return cv2.imdecode(np.frombuffer(base64.b64decode(uri.split(",", 1)[1]), np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+# --------------------------------------------------------------------------------------------
+# The page and the API
+
+
+def test_the_page_shows_the_disclaimer_the_model_and_the_limits(client, loaded):
+    response = client.get("/")
+    assert response.status_code == 200
+    page = response.get_data(as_text=True)
+    assert "Research software, not a diagnostic device." in page and DISCLAIMER.split(". ", 1)[1] in page
+    assert f"{loaded.threshold:.3f}" in page and "small_cnn" in page
+    assert f"data-max-files=\"{MAX_FILES}\"" in page and "1 MB per upload" in page
+    assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert client.get("/static/app.js").status_code == 200 and client.get("/static/style.css").status_code == 200
+
+
+def test_healthz(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok", "model": "run", "backbone": "small_cnn",
+                                   "classes": ["normal", "covid"], "ood_check": "full"}
+
+
+def test_the_api_gives_what_predict_files_gives_for_png_dicom_and_jpeg(client, run_dir, samples):
+    names = ["png", "dicom", "jpeg"]
+    response = upload(client, *[(samples[n].name, samples[n].read_bytes()) for n in names])
+    assert response.status_code == 200
+    assert response.headers["Cache-Control"] == "no-store"
+    results = response.get_json()["results"]
+    expected = predict_files(run_dir, [samples[n] for n in names])
+    for result, (_, row) in zip(results, expected.iterrows()):
+        assert result["ok"] and result["judgeable"], result["ood"]
+        assert result["name"] == Path(row["path"]).name
+        np.testing.assert_allclose([result["probabilities"]["normal"], result["probabilities"]["covid"]],
+                                   [row["prob_normal"], row["prob_covid"]], atol=1e-5)
+        assert result["decision"] == row["decision"] and result["threshold"] == pytest.approx(row["threshold"])
+        assert decode_data_uri(result["images"]["overlay"]).shape == (320, 320, 3)  # Grad-CAM over the model input
+        original = decode_data_uri(result["images"]["original"])
+        assert max(original.shape[:2]) == 320 and original.ndim == 2
+    lean = upload(client, (samples["png"].name, samples["png"].read_bytes()), query="?images=0").get_json()["results"][0]
+    assert "images" not in lean and lean["probabilities"] == results[0]["probabilities"]
+
+
+def test_notebook_helpers_tabulate_and_show_the_results(analyser, samples):
+    results = analyser.analyse([("<i>x.png", samples["png"].read_bytes()), ("photo.jpg", samples["photo"].read_bytes()),
+                                ("notes.txt", b"hello")])
+    table = serve.results_frame(results)
+    assert list(table.columns) == ["name", "ok", "judgeable", "decision", "prob_normal", "prob_covid", "problem"]
+    assert list(table["ok"]) == [True, True, False] and list(table["judgeable"]) == [True, False, False]
+    assert "colour" in table["problem"][1] and "text file" in table["problem"][2]
+    page = serve.results_html(results)
+    assert page.count("<figure") == 3 and "&lt;i&gt;x.png" in page and "<i>" not in page
+    assert serve.NOT_JUDGEABLE in page and page.count("data:image/png;base64,") == 2
+
+
+def test_a_colour_photo_gets_no_decision_and_says_why(client, samples):
+    response = upload(client, ("holiday.jpg", samples["photo"].read_bytes()), (samples["png"].name, samples["png"].read_bytes()))
+    assert response.status_code == 200
+    photo, xray = response.get_json()["results"]
+    assert photo["ok"] and not photo["judgeable"] and photo["decision"] is None
+    assert not photo["ood"]["ok"] and any("colour" in reason for reason in photo["ood"]["reasons"])
+    assert photo["images"]["overlay"] is None and photo["images"]["original"]
+    assert xray["judgeable"] and xray["decision"] in ("normal", "covid")
+
+
+# --------------------------------------------------------------------------------------------
+# Bad requests: each a clean JSON error
+
+
+class LazyZeros(io.RawIOBase):
+    """A request body of ``size`` zero bytes made as it is read, counting what was read."""
+
+    def __init__(self, size: int):
+        self.size, self.bytes_read = size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self.size - self.bytes_read)
+        buffer[:n] = b"\0" * n
+        self.bytes_read += n
+        return n
+
+
+def post_stream(app, body: LazyZeros, sized: bool):
+    """POST ``body`` as a multipart request straight to the WSGI app, with or without a Content-Length."""
+    from werkzeug.test import create_environ
+    from werkzeug.wrappers import Response
+
+    environ = create_environ("/api/predict", method="POST", content_type="multipart/form-data; boundary=xraylib")
+    environ["wsgi.input"] = body
+    if sized:
+        environ["CONTENT_LENGTH"] = str(body.size)
+    else:  # chunked: the server knows where the body ends, the app does not know its size
+        environ.pop("CONTENT_LENGTH", None)
+        environ["wsgi.input_terminated"] = True
+    return Response.from_app(app, environ)
+
+
+def test_a_100_mb_upload_is_refused_with_413_before_it_is_read(app):
+    body = LazyZeros(100_000_000)
+    assert_json_error(post_stream(app, body, sized=True), 413, "100.0 MB", "1 MB limit", "--max-upload-mb")
+    assert body.bytes_read == 0
+    # A client that does not say the size (chunked): read only up to the limit, then refused.
+    unsized = LazyZeros(100_000_000)
+    assert_json_error(post_stream(app, unsized, sized=False), 413, "limit")
+    assert unsized.bytes_read <= 2 * MAX_MB * 1_000_000
+
+
+def test_a_file_that_is_not_an_image_is_a_422(client):
+    body = assert_json_error(upload(client, ("notes.png", b"this is a text file that someone named .png\n")), 422,
+                             "notes.png", "text file")
+    assert body["results"] == [{"name": "notes.png", "ok": False,
+                                "error": "a text file, not a PNG, JPEG or DICOM image"}]
+    assert_json_error(upload(client, ("archive.dcm", b"PK\x03\x04" + b"\0" * 200)), 422, "ZIP archive")
+
+
+def test_a_truncated_dicom_is_a_422(client, samples):
+    data = samples["dicom"].read_bytes()
+    assert_json_error(upload(client, ("cut.dcm", data[: len(data) // 2])), 422, "cut.dcm", "DICOM")
+    assert_json_error(upload(client, ("header_only.dcm", data[:200])), 422, "no pixel data")
+
+
+def test_a_decompression_bomb_is_refused_before_decoding(client):
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 50_000, 50_000, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 5000)) + chunk(b"IEND", b""))
+    assert_json_error(upload(client, ("bomb.png", bomb)), 422, "decompression-bomb")
+
+
+def test_a_path_like_filename_is_shown_never_used(client, samples, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = Path("/etc/passwd").stat().st_mtime if Path("/etc/passwd").exists() else None
+    response = upload(client, ("../../etc/passwd", samples["png"].read_bytes()),
+                      ("/tmp/../../root/.ssh/authorized_keys", samples["png"].read_bytes()))
+    assert response.status_code == 200
+    assert [r["name"] for r in response.get_json()["results"]] == ["passwd", "authorized_keys"]
+    body = assert_json_error(upload(client, ("../../etc/passwd", b"root:x:0:0:root:/root:/bin/bash\n")), 422, "passwd")
+    assert "../" not in json.dumps(body)
+    assert list(tmp_path.iterdir()) == []
+    assert (Path("/etc/passwd").stat().st_mtime if before is not None else None) == before
+
+
+@pytest.mark.parametrize("name, shown", [
+    ("../../etc/passwd", "passwd"), ("C:\\Users\\me\\x-ray.png", "x-ray.png"), ("", "upload-3"),
+    ("a\x00b\nc.png", "abc.png"), ("..", "upload-3"), ("x" * 200 + ".png", "x" * 60 + "…" + "x" * 15 + ".png"),
+])
+def test_display_name(name, shown):
+    assert serve.display_name(name, 2) == shown
+
+
+def test_too_many_files_is_a_413(client, samples):
+    data = samples["png"].read_bytes()
+    assert_json_error(upload(client, *[(f"{i}.png", data) for i in range(MAX_FILES + 1)]), 413,
+                      f"{MAX_FILES + 1} files", f"at most {MAX_FILES}", "--max-files")
+    assert_json_error(upload(client, *[(f"{i}.png", b"x") for i in range(40)]), 413)  # stopped by the parser's part limit
+
+
+def test_other_bad_requests_get_json_errors(client):
+    assert_json_error(client.post("/api/predict", data={"note": "hello"}, content_type="multipart/form-data"), 400, "no files")
+    assert_json_error(client.post("/api/predict", json={"image": "x"}), 415, "multipart/form-data")
+    assert_json_error(client.get("/api/predict"), 405)
+    assert_json_error(client.get("/no/such/page"), 404)
+    assert_json_error(client.delete("/"), 405)
+
+
+def test_an_unexpected_error_is_a_500_without_a_stack_trace(client, analyser, samples, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret detail from /home/someone/model")
+
+    monkeypatch.setattr(analyser, "analyse", broken)
+    body = assert_json_error(upload(client, ("x.png", samples["png"].read_bytes())), 500, "server log")
+    assert "secret" not in json.dumps(body)
+    assert client.get("/healthz").status_code == 200
+
+
+def test_uploads_are_never_written_to_disk(client, samples, monkeypatch):
+    """Werkzeug spools uploads over 500 kB to temporary files; the app keeps them in memory."""
+
+    def no_temp_files(*args, **kwargs):
+        raise AssertionError("an upload was written to a temporary file")
+
+    for name in ("TemporaryFile", "NamedTemporaryFile", "SpooledTemporaryFile", "mkstemp", "mkdtemp"):
+        monkeypatch.setattr(tempfile, name, no_temp_files)
+    big = cv2.imencode(".png", np.random.default_rng(0).integers(0, 256, (900, 800), dtype=np.uint8))[1].tobytes()
+    assert 600_000 < len(big) < MAX_MB * 1_000_000
+    response = upload(client, ("big.png", big), (samples["png"].name, samples["png"].read_bytes()))
+    assert response.status_code == 200
+    assert [r["ok"] for r in response.get_json()["results"]] == [True, True]
+
+
+# --------------------------------------------------------------------------------------------
+# A real server: 50 parallel uploads
+
+
+def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+             f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n" for name, data in files]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def post(port: int, files: list[tuple[str, bytes]], path: str = "/api/predict?images=0") -> tuple[int, dict]:
+    body, content_type = multipart(files)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        connection.request("POST", path, body=body, headers={"Content-Type": content_type})
+        response = connection.getresponse()
+        assert response.getheader("Content-Type") == "application/json"
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def live_server(app):
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_port
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+def test_50_parallel_uploads_each_get_a_clean_answer_and_nothing_is_left_on_disk(
+        live_server, samples, run_dir, tmp_path, monkeypatch):
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.chdir(tmp_path)
+    model_files = sorted(p.name for p in run_dir.iterdir())
+    png, dicom = samples["png"].read_bytes(), samples["dicom"].read_bytes()
+    expected = predict_files(run_dir, [samples["png"], samples["dicom"]])
+    cases = [
+        ("xray", [("x.png", png)], 200),
+        ("dicom", [("x.dcm", dicom)], 200),
+        ("photo", [("holiday.jpg", samples["photo"].read_bytes())], 200),
+        ("text", [("notes.png", b"not an image at all\n")], 422),
+        ("truncated", [("cut.dcm", dicom[: len(dicom) // 2])], 422),
+        ("path", [("../../etc/passwd", png)], 200),
+        ("too large", [("big.png", b"\x89PNG\r\n\x1a\n" + b"\0" * int(1.5 * MAX_MB * 1_000_000))], 413),
+    ]
+    jobs = [cases[i % len(cases)] for i in range(50)]
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        answers = list(pool.map(lambda job: post(live_server, job[1]), jobs))
+
+    for (kind, _, status), (got, body) in zip(jobs, answers):
+        assert got == status, (kind, body)
+        if status != 200:
+            assert body["error"]["status"] == status and body["error"]["message"]
+            continue
+        (result,) = body["results"]
+        if kind == "photo":
+            assert not result["judgeable"] and result["decision"] is None
+            continue
+        row = expected.iloc[1 if kind == "dicom" else 0]
+        np.testing.assert_allclose(result["probabilities"]["covid"], row["prob_covid"], atol=1e-5)
+        assert result["decision"] == row["decision"]
+        assert result["name"] == {"path": "passwd", "dicom": "x.dcm"}.get(kind, "x.png")
+
+    connection = http.client.HTTPConnection("127.0.0.1", live_server, timeout=30)
+    connection.request("GET", "/healthz")
+    assert connection.getresponse().status == 200  # still up
+    connection.close()
+    assert list(temp.iterdir()) == [] and list(tmp_path.iterdir()) == [temp]
+    assert sorted(p.name for p in run_dir.iterdir()) == model_files
+
+
+# --------------------------------------------------------------------------------------------
+# Model files that load anywhere, and what the server builds from them
+
+
+@pytest.fixture(scope="module")
+def formats(run_dir, tmp_path_factory) -> dict[str, Path]:
+    """The trained run as .keras, .h5 and a SavedModel folder (model.export) inside a copy of the run folder."""
+    folder = tmp_path_factory.mktemp("formats") / "run"
+    folder.mkdir()
+    for name in ("model.keras", "model.h5", "model.json"):
+        shutil.copy(run_dir / name, folder / name)
+    keras.models.load_model(folder / "model.keras", compile=False).export(folder / "saved_model", verbose=False)
+    return {"keras": folder / "model.keras", "h5": folder / "model.h5", "savedmodel": folder / "saved_model"}
+
+
+def test_keras_h5_and_saved_model_load_and_give_the_same_probabilities(formats, run):
+    images = np.asarray(run[1]["test"].images)
+    probs = {}
+    for fmt, path in formats.items():
+        loaded = models.load_model(path)
+        assert loaded.file_format == fmt and loaded.classes == ("normal", "covid")
+        assert loaded.has_layers == (fmt != "savedmodel")
+        probs[fmt] = predict_images(loaded.model, images)
+    assert np.ptp(probs["keras"][:, 1]) > 1e-3  # the images get different answers: the equality below means something
+    np.testing.assert_allclose(probs["h5"], probs["keras"], atol=1e-6)
+    np.testing.assert_allclose(probs["savedmodel"], probs["keras"], atol=1e-5)
+    # A run folder with only the SavedModel beside its JSON loads it.
+    only = formats["keras"].parent.parent / "only_saved_model"
+    only.mkdir(exist_ok=True)
+    shutil.copy(formats["keras"].parent / "model.json", only / "model.json")
+    shutil.copytree(formats["savedmodel"], only / "saved_model", dirs_exist_ok=True)
+    assert models.load_model(only).file_format == "savedmodel"
+
+
+def test_the_server_runs_a_saved_model_without_grad_cam_and_says_so(formats, run, samples):
+    loaded = models.load_model(formats["savedmodel"])
+    reference = ood.fit_ood(loaded, run[1])
+    analyser = serve.Analyser(loaded, reference, serve._partial_note(loaded, reference))
+    assert analyser.info()["model"] == "run" and analyser.info()["ood_check"] == "statistics"
+    (result,) = analyser.analyse([(samples["png"].name, samples["png"].read_bytes())])
+    expected = predict_files(models.load_model(formats["keras"]), samples["png"])
+    np.testing.assert_allclose(result["probabilities"]["covid"], expected["prob_covid"].iloc[0], atol=1e-5)
+    assert result["images"]["overlay"] is None and "SavedModel" in result["gradcam_note"]
+    assert "feature-distance" in analyser.info()["ood_note"]
+
+
+def test_a_saved_model_that_cannot_load_names_the_format_the_versions_and_the_fix(formats, tmp_path):
+    broken = tmp_path / "saved_model"
+    shutil.copytree(formats["savedmodel"], broken)
+    (broken / "saved_model.pb").write_bytes(b"\x08\x01 not a saved model")
+    meta = json.loads((formats["keras"].parent / "model.json").read_text())
+    meta["versions"].update({"keras": "3.4.1", "tensorflow": "2.16.1"})
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError) as caught:
+        models.load_model(tmp_path)  # the run folder: finds saved_model/ and reads model.json beside it
+    message = str(caught.value)
+    for words in (str(broken), "TensorFlow SavedModel", "saved with Keras 3.4.1", "TensorFlow 2.16.1",
+                  "model.keras or model.h5", "tensorflow==2.16.1"):
+        assert words in message, message
+
+
+def test_prepare_ood_builds_the_reference_from_the_training_data_and_reuses_it(run_dir, tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for name in ("model.keras", "model.json"):
+        shutil.copy(run_dir / name, folder / name)
+    loaded = models.load_model(folder)
+    said = []
+    reference, note = serve.prepare_ood(loaded, say=said.append)  # the folder named in model.json
+    assert reference is not None and note is None
+    assert (folder / "ood.json").is_file() and (folder / "ood.npz").is_file()
+    assert any("training data" in line for line in said)
+    said.clear()
+    again, _ = serve.prepare_ood(loaded, say=said.append)
+    np.testing.assert_array_equal(again.train_features, reference.train_features)
+    assert said == [f"out-of-distribution reference: {folder / 'ood.json'}"]
+
+    # Without the training data: the cheap checks only, and the page says so.
+    meta = json.loads((folder / "model.json").read_text())
+    meta["training_data"]["folder"] = str(tmp_path / "gone")
+    meta["saved_at"] = "2031-01-01T00:00:00+00:00"  # as if retrained: the saved reference is stale
+    (folder / "model.json").write_text(json.dumps(meta))
+    retrained = models.load_model(folder)
+    said.clear()
+    reference, note = serve.prepare_ood(retrained, say=said.append)
+    assert reference is None and "--data" in note and "stale" in note
+    assert any("made for another model" in line for line in said)
+    assert serve.Analyser(retrained, None, note).info()["ood_check"] == "basic"
+
+
+def test_the_command_line_defaults_are_safe_and_errors_are_one_line(tmp_path, capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    args = parser.parse_args(["--model", "x"])
+    assert (args.host, args.port, args.max_upload_mb, args.max_files, args.data) == ("127.0.0.1", 8000, 20.0, 16, None)
+    assert serve.main(["--model", str(tmp_path / "missing")]) == 2
+    assert "no model file" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="max_files"):
+        serve.ServeSettings(max_files=0)
+    with pytest.raises(ConfigError, match="max_upload_mb"):
+        serve.ServeSettings(max_upload_mb=0)

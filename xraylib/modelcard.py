@@ -1,0 +1,424 @@
+"""A short model card, ``MODEL_CARD.md``, written next to every saved model.
+
+After Mitchell et al., "Model Cards for Model Reporting" (FAT* 2019), cut to what a reader of
+a chest X-ray classifier needs before trusting any number: what it is for (research and
+teaching, never diagnosis), what it was trained on (sources, classes, counts), how images are
+preprocessed, how well it did on held-out patients (with intervals and n, or "not evaluated
+yet"), what the data audit and the shortcut tests warned about, and how such models are known
+to fail.
+
+The card is built from the model's ``model.json`` and whatever else is at hand: the
+preprocessed data (counts per source and class), an evaluation, an audit report, shortcut test
+results. Where they are not passed, it looks for them where xraylib's stages write them (the
+output folder's ``reports/audit.json`` and ``reports/<run>/{evaluation,shortcuts}.json``).
+Re-writing the card after each stage keeps it current. NumPy/pandas only: no TensorFlow.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from . import DISCLAIMER
+from .fileio import write_text_atomic
+
+__all__ = ["MODEL_CARD_NAME", "KNOWN_FAILURE_MODES", "model_card_markdown", "write_model_card", "training_data_table"]
+
+#: The card's file name, next to ``model.keras`` / ``model.h5`` / ``model.json``.
+MODEL_CARD_NAME = "MODEL_CARD.md"
+
+#: How chest X-ray classifiers like this one are known to fail, in plain words (each line is a
+#: heading and its explanation). Lines that the training data make especially likely are marked
+#: "applies here" on the card.
+KNOWN_FAILURE_MODES: dict[str, str] = {
+    "shortcut learning": (
+        "a model can score well by recognising where an image comes from (hospital, scanner, processing, burned-in "
+        "markers and text, the patient's position) instead of the disease (DeGrave et al., Nature Machine Intelligence "
+        "2021; Maguolo and Nanni 2021). A high internal test score is not evidence against it: run the shortcut tests."),
+    "children against adults": (
+        "Kaggle's chest-xray-pneumonia images are children aged one to five; compared with adult COVID-19 patients, "
+        "a model can learn age and body size. Its score says nothing about adults."),
+    "new hospitals": (
+        "performance measured on patients drawn like the training patients does not carry over to another hospital, "
+        "scanner or population; expect it to fall, sometimes towards chance, until tested on a source left out."),
+    "lateral and unusual views": (
+        "the model was trained on the views in its training data (frontal PA/AP by default); lateral films, "
+        "rotated, cropped or paediatric films and photographs of screens are outside what it knows."),
+    "findings it never saw": (
+        "it knows only its classes; tuberculosis, effusions, tumours, devices or other pneumonias are forced into one "
+        "of them, often with high confidence."),
+    "prevalence and threshold": (
+        "the threshold was chosen on the validation split at a sensitivity target; where the disease is rarer or more "
+        "common than in these data, PPV and NPV change, and the threshold may no longer fit."),
+    "small test sets": (
+        "a few dozen test patients give wide intervals; a point value without its interval and n is not a result."),
+    "Grad-CAM": (
+        "heatmaps are coarse hints where the model looked, not findings; a model that learned a shortcut lights up "
+        "the shortcut, and a plausible map does not show that the model is right."),
+}
+
+#: Fewer test patients than this: the card marks "small test sets" as applying.
+SMALL_TEST_PATIENTS = 50
+
+_STRONG_WARNING = (
+    "**NOT FOR DIAGNOSIS.** This model is research and teaching software. It is not a medical device, has not "
+    "been clinically validated, and must not be used to diagnose, treat, triage or reassure anyone."
+)
+
+
+def write_model_card(
+    model_dir: str | os.PathLike,
+    metadata: dict[str, Any] | None = None,
+    evaluation: Any = None,
+    audit_report: Any = None,
+    *,
+    data: Any = None,
+    shortcut_results: Sequence[Any] | None = None,
+) -> Path:
+    """Write ``MODEL_CARD.md`` into ``model_dir`` (atomically) and return its path.
+
+    ``metadata``: the model's metadata (default: ``model_dir/model.json``; when given, it is laid
+    over the JSON on disk, so :func:`xraylib.train.finish_run` can pass the dict it saved).
+    ``evaluation``: an :class:`xraylib.evaluate.Evaluation`, a
+    :class:`~xraylib.evaluate.ModelEvaluation` or the dict of ``evaluation.json``; default: the
+    output folder's ``reports/<run>/evaluation.json``, else the test metrics recorded in
+    ``model.json``, else "not evaluated yet". ``audit_report``: an
+    :class:`xraylib.audit.AuditReport`, its dict or the path of ``audit.json``; default: the
+    output folder's ``reports/audit.json``. ``data``: the
+    :class:`~xraylib.preprocess.PreprocessedData` trained on, for counts per source and class
+    (default: the ``manifest.csv`` of the cache named in the JSON). ``shortcut_results``: the
+    results of :mod:`xraylib.shortcuts` (default: ``reports/<run>/shortcuts.json``).
+    """
+    model_dir = Path(model_dir)
+    text = model_card_markdown(model_dir, metadata, evaluation, audit_report, data=data, shortcut_results=shortcut_results)
+    path = model_dir / MODEL_CARD_NAME
+    write_text_atomic(path, text)
+    return path
+
+
+def model_card_markdown(
+    model_dir: str | os.PathLike,
+    metadata: dict[str, Any] | None = None,
+    evaluation: Any = None,
+    audit_report: Any = None,
+    *,
+    data: Any = None,
+    shortcut_results: Sequence[Any] | None = None,
+) -> str:
+    """The card's Markdown (what :func:`write_model_card` writes); the same arguments."""
+    model_dir = Path(model_dir)
+    meta = _metadata(model_dir, metadata)
+    root, run = _output_root(model_dir)
+    rows = _training_rows(meta, data)
+    evaluation_dict, evaluation_from = _evaluation(evaluation, meta, root, run)
+    audit_dict, audit_from = _audit(audit_report, root)
+    shortcuts, shortcuts_from = _shortcuts(shortcut_results, root, run)
+
+    spec = meta.get("model", {})
+    classes = list(meta.get("classes", []))
+    threshold = meta.get("threshold", {})
+    lines = [f"# Model card: {model_dir.name}", "", f"> {_STRONG_WARNING}", "", f"_{DISCLAIMER}_", ""]
+
+    lines += ["## Intended use", "",
+              "- **For:** research and teaching: learning how chest X-ray classifiers are built, and finding out honestly "
+              "whether one learned the disease or the data set.",
+              "- **Not for:** diagnosis, screening, triage or any decision about a person. Not a medical device.",
+              "- **Users:** students, researchers and engineers who read the rest of this card.", ""]
+
+    lines += ["## Model", ""]
+    backbone = spec.get("backbone", "unknown")
+    weights = spec.get("weights")
+    lines.append(f"- Backbone: {backbone} (weights: {'random initialisation' if weights is None else weights}"
+                 + (f", alpha {spec['alpha']}" if spec.get("alpha") else "") + ").")
+    lines.append(f"- Classes: {', '.join(classes) or 'unknown'}; positive class for the binary metrics: "
+                 f"{threshold.get('positive_class', classes[-1] if classes else 'unknown')}.")
+    if threshold:
+        lines.append(f"- Decision threshold: {_num(threshold.get('value'), 4)} "
+                     f"({threshold.get('rule', 'rule not recorded')}, chosen on the {threshold.get('chosen_on', 'validation split')}).")
+    versions = meta.get("versions", {})
+    if versions or meta.get("saved_at"):
+        lines.append(f"- Saved {meta.get('saved_at', '')} with " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".")
+    lines.append("- Files: model.keras, model.h5, model.json (classes, preprocessing, threshold) in this folder.")
+    lines.append("")
+
+    lines += ["## Training data", ""]
+    training_data = meta.get("training_data", {})
+    counts = training_data.get("counts")
+    if training_data.get("view"):
+        lines.append(f"- Trained on a view of the cache: {training_data['view']}.")
+    if counts:
+        lines.append("- Images per split: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".")
+    if rows is not None and len(rows):
+        table = training_data_table(rows)
+        lines += ["", "Images (patients) per source and class:", ""]
+        lines += _md_table(table.reset_index())
+        lines.append("")
+        lines += _source_notes(rows)
+    else:
+        lines.append("- Counts per source and class: not available (the training cache's manifest was not found).")
+    lines.append("")
+
+    lines += ["## Preprocessing", ""]
+    prep = meta.get("preprocessing", {})
+    if prep:
+        side = prep.get("image_size", "?")
+        aspect = "aspect ratio kept, padded with black" if prep.get("resize") == "pad" else "aspect ratio not kept"
+        lines.append(f"- Images decoded to 8-bit grayscale, resized to {side}x{side} by {prep.get('resize', '?')} ({aspect}), "
+                     f"stored as {prep.get('stored_as', 'uint8')}.")
+        lines.append(f"- Normalisation: {prep.get('normalisation', 'inside the model')}. Prediction reads these settings "
+                     "from model.json, so it preprocesses exactly as training did.")
+    else:
+        lines.append("- Not recorded in model.json.")
+    training = meta.get("training", {})
+    if training:
+        augment = training.get("augment")
+        lines.append(f"- Training: {training.get('epochs', '?')} epochs"
+                     + (f" + {training['fine_tune_epochs']} fine-tuning" if training.get("fine_tune_epochs") else "")
+                     + f", batch {training.get('batch_size', '?')}, learning rate {training.get('learning_rate', '?')}, "
+                     f"class weighting {'on' if training.get('class_weighting') else 'off'}, "
+                     f"augmentation {'off' if not augment else ', '.join(f'{k} {v}' for k, v in augment.items())}, "
+                     f"seed {training.get('seed', '?')}.")
+    lines.append("")
+
+    lines += ["## Evaluation", ""]
+    if evaluation_dict is None:
+        lines += ["**Not evaluated yet** — run notebook 04 (or `python -m xraylib evaluate`) and write this card again.", ""]
+    else:
+        lines += _evaluation_lines(evaluation_dict, evaluation_from)
+
+    lines += ["## Shortcut tests", ""]
+    if not shortcuts:
+        lines += ["Not run yet — run the shortcut cells of notebook 04 (or `python -m xraylib shortcuts`). Until then, "
+                  "nothing here shows that the model learned the disease rather than the data set.", ""]
+    else:
+        lines += [f"From {shortcuts_from}:", ""] + [f"- **{name}**: {verdict}" for name, verdict in shortcuts] + [""]
+
+    lines += ["## Data audit warnings", ""]
+    if audit_dict is None:
+        lines += ["The data audit was not run (or its report was not found): run `python -m xraylib audit`.", ""]
+    elif not audit_dict.get("warnings"):
+        lines += [f"The audit ({audit_from}) raised no warning. That is not proof that no confound exists.", ""]
+    else:
+        lines += [f"From {audit_from}:", ""] + [f"- {w}" for w in audit_dict["warnings"]] + [""]
+
+    lines += ["## Known failure modes", ""]
+    applies = _applies_here(rows, audit_dict, meta, evaluation_dict)
+    for name, text in KNOWN_FAILURE_MODES.items():
+        mark = " **(applies here)**" if name in applies else ""
+        lines.append(f"- **{name[0].upper() + name[1:]}**{mark}: {text}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def training_data_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Images (patients) per source and class and split: one row per (source, class), one column per split and "all"."""
+    frame = rows.assign(split=rows["split"].astype(str) if "split" in rows.columns else "all")
+    splits = [s for s in ("train", "val", "test") if (frame["split"] == s).any()]
+    out = {}
+    for split in splits + ["all"]:
+        part = frame if split == "all" else frame[frame["split"] == split]
+        grouped = part.groupby(["source", "label"])
+        out[split] = grouped.size().astype(int).astype(str) + " (" + grouped["patient_id"].nunique().astype(str) + ")"
+    table = pd.DataFrame(out).fillna("0 (0)")
+    table.index.names = ["source", "class"]
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Gathering the pieces
+
+
+def _metadata(model_dir: Path, metadata: dict[str, Any] | None) -> dict[str, Any]:
+    path = model_dir / "model.json"
+    on_disk: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            on_disk = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            on_disk = {}
+    return {**on_disk, **(metadata or {})}
+
+
+def _output_root(model_dir: Path) -> tuple[Path | None, str]:
+    """(the output folder, the run name) when ``model_dir`` is ``OUTPUT/models/RUN``; else (None, name)."""
+    if model_dir.parent.name == "models":
+        return model_dir.parent.parent, model_dir.name
+    return None, model_dir.name
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _training_rows(meta: dict[str, Any], data: Any) -> pd.DataFrame | None:
+    """The rows trained on (all splits), or None where they cannot be found or lack source/label/patient."""
+    rows = None
+    if data is not None:
+        rows = data.manifest
+    else:
+        folder = meta.get("training_data", {}).get("folder")
+        path = Path(folder) / "manifest.csv" if folder and meta.get("training_data", {}).get("view") is None else None
+        if path is not None and path.is_file():
+            try:
+                rows = pd.read_csv(path, dtype={"patient_id": str})
+            except (OSError, ValueError):
+                rows = None
+    if rows is None or not {"source", "label", "patient_id"} <= set(rows.columns):
+        return None
+    return rows
+
+
+def _evaluation(evaluation: Any, meta: dict[str, Any], root: Path | None, run: str) -> tuple[dict | None, str]:
+    if evaluation is not None:
+        inner = getattr(evaluation, "evaluation", evaluation)  # a ModelEvaluation holds its Evaluation
+        return (inner.to_dict() if hasattr(inner, "to_dict") else dict(inner)), "the evaluation passed in"
+    if root is not None:
+        found = _read_json(root / "reports" / run / "evaluation.json")
+        if found is not None:
+            return found, f"reports/{run}/evaluation.json"
+    recorded = meta.get("metrics", {})
+    for split in ("test", "val"):
+        if isinstance(recorded.get(split), dict):
+            return ({"metrics": recorded[split], "n_images": recorded.get(f"{split}_n_images"),
+                     "n_patients": recorded.get(f"{split}_n_patients"), "split": split},
+                    f"the {split} metrics recorded in model.json")
+    return None, ""
+
+
+def _audit(audit_report: Any, root: Path | None) -> tuple[dict | None, str]:
+    if audit_report is not None:
+        if isinstance(audit_report, (str, os.PathLike)):
+            return _read_json(Path(audit_report)), str(audit_report)
+        if hasattr(audit_report, "to_dict"):
+            return audit_report.to_dict(), "the audit passed in"
+        return dict(audit_report), "the audit passed in"
+    if root is not None:
+        found = _read_json(root / "reports" / "audit.json")
+        if found is not None:
+            return found, "reports/audit.json"
+    return None, ""
+
+
+def _shortcuts(results: Sequence[Any] | None, root: Path | None, run: str) -> tuple[list[tuple[str, str]], str]:
+    if results:
+        return [(getattr(r, "name", "test"), r.verdict) for r in results], "the shortcut tests passed in"
+    if root is not None:
+        found = _read_json(root / "reports" / run / "shortcuts.json")
+        if found is not None:
+            return [(t.get("test", "test"), t.get("verdict", "")) for t in found.get("tests", [])], f"reports/{run}/shortcuts.json"
+    return [], ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting
+
+
+_METRIC_NAMES = {"roc_auc": "AUC", "sensitivity": "Sensitivity", "specificity": "Specificity", "precision": "PPV",
+                 "npv": "NPV", "f1": "F1", "accuracy": "Accuracy"}
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return f"{value:.{digits}f}" if math.isfinite(value) else "n/a"
+
+
+def _evaluation_lines(ev: dict[str, Any], source: str) -> list[str]:
+    split = ev.get("split", "test")
+    lines = [f"From {source}. Held-out {split} set: {ev.get('n_patients', '?')} patients, {ev.get('n_images', '?')} images"
+             + (f" ({', '.join(f'{c}: {n} patients' for c, n in ev['patients_per_class'].items())})"
+                if ev.get("patients_per_class") else "") + ".", ""]
+    if ev.get("threshold_chosen_by"):
+        lines += [f"Threshold {_num(ev.get('threshold'), 4)}, chosen by {ev['threshold_chosen_by']}.", ""]
+    counts = ev.get("counts", {})
+    n_text = {"roc_auc": f"{counts.get('n_positive', '?')} pos / {counts.get('n_negative', '?')} neg images",
+              "sensitivity": f"{counts.get('tp', '?')}/{_sum(counts, 'tp', 'fn')}",
+              "specificity": f"{counts.get('tn', '?')}/{_sum(counts, 'tn', 'fp')}",
+              "precision": f"{counts.get('tp', '?')}/{_sum(counts, 'tp', 'fp')}",
+              "npv": f"{counts.get('tn', '?')}/{_sum(counts, 'tn', 'fn')}",
+              "accuracy": f"{_sum(counts, 'tp', 'tn')}/{counts.get('n', '?')}", "f1": f"{counts.get('n', '?')} images"}
+    rows = []
+    for name, label in _METRIC_NAMES.items():
+        m = ev.get("metrics", {}).get(name)
+        if not isinstance(m, dict):
+            continue
+        value, low, high = m.get("value"), m.get("ci_low"), m.get("ci_high")
+        shown = _num(value) if low is None or high is None else f"{_num(value)} ({_num(low)}–{_num(high)})"
+        rows.append([label, shown, n_text[name] if counts else ""])
+    lines += _md_rows(["metric", "value (95% CI over patients)", "n"], rows) + [""]
+    per_class = ev.get("per_class")
+    if per_class:
+        lines += ["Per class (argmax prediction):", ""]
+        lines += _md_rows(["class", "support", "sensitivity", "PPV"],
+                          [[r.get("class"), r.get("support"), _num(r.get("sensitivity")), _num(r.get("ppv"))] for r in per_class])
+        lines.append("")
+    by_source = ev.get("by_source")
+    if by_source:
+        lines += ["By source:", ""]
+        lines += _md_rows(["source", "patients", "images", "AUC", "sensitivity", "specificity"],
+                          [[r.get("source"), r.get("n_patients"), r.get("n_images"), _num(r.get("roc_auc")),
+                            _num(r.get("sensitivity")), _num(r.get("specificity"))] for r in by_source])
+        lines.append("")
+    lines += [f"> **Warning:** {w}" for w in ev.get("warnings", [])]
+    if ev.get("warnings"):
+        lines.append("")
+    return lines
+
+
+def _sum(counts: dict[str, Any], a: str, b: str) -> str:
+    try:
+        return str(int(counts[a]) + int(counts[b]))
+    except (KeyError, TypeError, ValueError):
+        return "?"
+
+
+def _md_rows(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in rows]
+    return out
+
+
+def _md_table(frame: pd.DataFrame) -> list[str]:
+    return _md_rows([str(c) for c in frame.columns], frame.astype(str).to_numpy().tolist())
+
+
+def _source_notes(rows: pd.DataFrame) -> list[str]:
+    from .sources import SOURCE_NOTES
+
+    present = sorted(set(rows["source"].astype(str)))
+    return [f"- {source}: {SOURCE_NOTES[source]}" for source in present if source in SOURCE_NOTES]
+
+
+def _applies_here(rows: pd.DataFrame | None, audit: dict | None, meta: dict[str, Any],
+                  evaluation: dict | None = None) -> set[str]:
+    """Failure modes these training data make especially likely."""
+    out = {"new hospitals", "findings it never saw", "Grad-CAM"}
+    checks = {str(f.get("check")) for f in (audit or {}).get("findings", [])}
+    if checks & {"single_source_class", "source_predicts_label", "border_intensity", "burned_in_marker", "image_size"} \
+            or any(c.endswith(("_in_one_class", "_differs")) for c in checks):
+        out.add("shortcut learning")
+    if rows is not None and len(rows):
+        per_class = rows.groupby("label")["source"].nunique()
+        if len(per_class) > 1 and (per_class == 1).any():
+            out.add("shortcut learning")
+        if (rows["source"].astype(str) == "kaggle").any():
+            out.add("children against adults")
+    if "age_no_overlap" in checks:
+        out.add("children against adults")
+    if rows is not None and "view" in rows.columns and (rows["view"].astype(str) == "L").any():
+        out.add("lateral and unusual views")
+    n_patients = (evaluation or {}).get("n_patients")
+    if isinstance(n_patients, (int, float)) and n_patients < SMALL_TEST_PATIENTS:
+        out.add("small test sets")
+    return out
