@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from . import DISCLAIMER
 from .errors import ConfigError
-from .fileio import write_json_atomic, write_text_atomic
+from .fileio import write_json_atomic, write_text_atomic, json_safe
 from .sources import SOURCE_NOTES
 
 __all__ = [
@@ -183,7 +183,7 @@ class AuditReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the per-image tables as plain JSON types (NaN becomes ``None``)."""
-        return _json_safe({
+        return json_safe({
             "disclaimer": DISCLAIMER,
             "summary": self.summary,
             "warnings": list(self.warnings),
@@ -1163,25 +1163,6 @@ def _leak_checks(frame: pd.DataFrame, duplicates: pd.DataFrame | None) -> list[F
 # Output helpers
 
 
-def _json_safe(value: Any) -> Any:
-    """Plain JSON types: NaN/inf -> None, NumPy scalars -> Python, tuples -> lists, Paths -> str."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return [_json_safe(v) for v in value.tolist()]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if value is None or isinstance(value, str):
-        return value
-    if value is pd.NA or value is pd.NaT:
-        return None
-    return str(value)
 
 
 def _md_cell(value: Any) -> str:

@@ -35,7 +35,7 @@ from sklearn.metrics import (
 
 from . import DISCLAIMER
 from .errors import ConfigError, XraylibError
-from .fileio import write_json_atomic, write_text_atomic
+from .fileio import write_json_atomic, write_text_atomic, json_safe
 
 #: The metrics that get a confidence interval, in report order.
 METRICS = ("roc_auc", "sensitivity", "specificity", "precision", "npv", "f1", "accuracy")
@@ -651,7 +651,7 @@ class Evaluation:
             "by_view": self.by_view.reset_index().to_dict(orient="records"),
             "warnings": list(self.warnings),
         }
-        return _json_safe(out)
+        return json_safe(out)
 
     def to_markdown(self) -> str:
         """A readable Markdown report: numbers with their CIs and n, per source and view, warnings."""
@@ -808,27 +808,6 @@ def write_report(evaluation: Evaluation, out_dir: str | os.PathLike, name: str =
 # Formatting helpers
 
 
-def _json_safe(value: Any) -> Any:
-    """Plain JSON types: NaN/inf -> None, numpy scalars -> Python, tuples -> lists, Paths -> str."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return [_json_safe(v) for v in value.tolist()]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    if value is None or isinstance(value, str):
-        return value
-    if value is pd.NA or value is pd.NaT:
-        return None
-    return str(value)
 
 
 def _confusion_dict(table: pd.DataFrame) -> dict[str, Any]:
