@@ -41,7 +41,7 @@ import pandas as pd
 
 from . import DISCLAIMER, evaluate
 from .errors import ConfigError
-from .fileio import write_json_atomic, write_text_atomic
+from .fileio import write_json_atomic, write_text_atomic, json_safe
 from .preprocess import PreprocessedData, PreprocessedSplit
 from .split import SPLITS
 
@@ -419,8 +419,6 @@ def _fmt_ci(value: float, ci: tuple[float, float], digits: int = 2) -> str:
     return f"{value:.{digits}f} (95% CI {low:.{digits}f}–{high:.{digits}f})"
 
 
-def _json_safe(value: Any) -> Any:
-    return evaluate._json_safe(value)
 
 
 def _md_table(frame: pd.DataFrame) -> list[str]:
@@ -567,7 +565,7 @@ class SourcePredictionResult:
         return bool(self.confounded and math.isfinite(self.auc) and self.auc >= SOURCE_AUC_WARN)
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe({"test": self.name, "sources": list(self.sources), "macro_auc": self.auc, "ci": list(self.ci),
+        return json_safe({"test": self.name, "sources": list(self.sources), "macro_auc": self.auc, "ci": list(self.ci),
                            "per_source_auc": self.per_source_auc, "n_images": self.n_images, "n_patients": self.n_patients,
                            "images_per_source": self.images_per_source, "confounded": self.confounded,
                            "confound_reasons": self.confound_reasons, "shortcut_found": self.shortcut_found,
@@ -714,7 +712,7 @@ class LungsHiddenResult:
         return pd.DataFrame(rows).set_index("condition")
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe({"test": self.name, "region": self.region, "hidden_share": self.hidden_share,
+        return json_safe({"test": self.name, "region": self.region, "hidden_share": self.hidden_share,
                            "shortcut_found": self.shortcut_found, "verdict": self.verdict, "run_dir": self.run_dir,
                            "table": self.table().reset_index().to_dict(orient="records")})
 
@@ -891,7 +889,7 @@ class LeaveOneSourceOutResult:
         return {r.source: r.reason for r in self.folds.itertuples() if not r.runnable}
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe({"test": self.name, "verdict": self.verdict, "skipped": self.skipped,
+        return json_safe({"test": self.name, "verdict": self.verdict, "skipped": self.skipped,
                            "table": self.table.reset_index().to_dict(orient="records"),
                            "folds": self.folds.to_dict(orient="records"), "run_dirs": self.run_dirs})
 
@@ -1039,7 +1037,7 @@ class SaliencyResult:
         return {c: float(v) for c, v in self.table["heat_inside"].items()}
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe({"test": self.name, "explained": self.explained, "verdict": self.verdict,
+        return json_safe({"test": self.name, "explained": self.explained, "verdict": self.verdict,
                            "shortcut_found": self.shortcut_found, "table": self.table.reset_index().to_dict(orient="records")})
 
     def to_markdown(self) -> str:

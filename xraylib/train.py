@@ -272,11 +272,14 @@ class ReseedDropout(keras.callbacks.Callback):
         self.seed = seed
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        for index, layer in enumerate(self.model.layers):
+        for layer in self.model.layers:
             generator = getattr(layer, "seed_generator", None)
             if generator is None or getattr(generator, "state", None) is None:
                 continue
-            state = np.random.default_rng([self.seed, epoch, index]).integers(1, 2**30, size=2)
+            # By the layer's name, not its position: the head-only model fit on cached features (whose dropout layer
+            # sits elsewhere than in the full model) must draw the same masks as the full model would.
+            name_key = int.from_bytes(hashlib.sha1(layer.name.encode()).digest()[:4], "big")
+            state = np.random.default_rng([self.seed, epoch, name_key]).integers(1, 2**30, size=2)
             generator.state.assign(keras.ops.convert_to_tensor(state, dtype=generator.state.dtype))
 
 
