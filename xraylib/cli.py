@@ -102,7 +102,9 @@ def _train_settings(args: argparse.Namespace):
     augment = None if args.no_augment else train.AugmentSettings(horizontal_flip=args.flip)
     return train.TrainSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
                                fine_tune_epochs=args.fine_tune_epochs, fine_tune_learning_rate=args.fine_tune_learning_rate,
-                               augment=augment, class_weighting=not args.no_class_weights, seed=args.seed)
+                               augment=augment, class_weighting=not args.no_class_weights, seed=args.seed,
+                               feature_cache=args.feature_cache, augment_views=args.augment_views,
+                               mixed_precision=args.mixed_precision, jit_compile=args.jit_compile)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -277,6 +279,17 @@ def _add_training_options(p: argparse.ArgumentParser, backbone: str = "vgg16", w
     p.add_argument("--flip", action="store_true",
                    help="add horizontal flips (off by default: a chest X-ray is not left-right symmetric)")
     p.add_argument("--no-class-weights", action="store_true", help="do not weight classes by their frequency")
+    p.add_argument("--feature-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="with the backbone frozen, run it once per image and train the head on features cached next "
+                        "to the preprocessed arrays (default); --no-feature-cache runs it on every image every epoch "
+                        "(fresh augmentation)")
+    p.add_argument("--augment-views", type=int, default=1, metavar="K",
+                   help="with augmentation and the feature cache: views cached per training image (default 1: plain "
+                        "images only, no augmentation while the backbone is frozen; K costs K backbone passes, once)")
+    p.add_argument("--mixed-precision", choices=["auto", "on", "off"], default="auto",
+                   help="auto (default): float16 on a GPU of compute capability >= 7.0 (Colab's T4), float32 on a CPU")
+    p.add_argument("--jit-compile", choices=["auto", "on", "off"], default="auto",
+                   help="XLA: auto (default) uses it on a GPU only (slower on a CPU)")
     p.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
 
 
