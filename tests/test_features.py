@@ -283,6 +283,34 @@ def test_a_changed_image_is_computed_again_and_only_it(fresh_data):
     assert not np.allclose(after.train_views[0][row], old_train[row])
 
 
+def test_features_computed_for_one_split_are_reused_for_another(fresh_data):
+    """A new split (or another protocol's test set) over the same images runs the backbone only for new images."""
+    from xraylib import shortcuts
+
+    model = built()
+    first = features.cached_features(model, fresh_data, VGG, progress=False)
+    assert first.computed == {"train.view0": 14, "val.view0": 5}
+    rows = fresh_data.manifest
+    swapped = rows.assign(new_split=rows["split"].map({"train": "test", "val": "train", "test": "val"}))
+    view = shortcuts.data_view(fresh_data, swapped, description="splits rotated")
+    again = features.cached_features(built(), view, VGG, progress=False)
+    # The new train split is the old val split (cached); the new val split is the old test split (never computed).
+    assert again.computed == {"train.view0": 0, "val.view0": 5}
+    test = features.split_features(built(), view, VGG, "test", progress=False)
+    assert test.shape == (14, 512)
+    assert json.loads((first.folder / "test.view0.json").read_text())["ids"] == view["test"].manifest["sha1"].tolist()
+    np.testing.assert_array_equal(np.asarray(test), np.asarray(first.train_views[0]))  # copied, not recomputed
+
+
+def test_predictions_from_cached_features_match_the_full_model(data):
+    model = built()
+    from_features = features.predict_split(model, data, VGG, "test")
+    full = predict.predict_split(model, data["test"])
+    assert list(from_features.columns) == list(full.columns) and len(from_features) == 5
+    np.testing.assert_allclose(from_features[["prob_normal", "prob_covid"]].to_numpy(),
+                               full[["prob_normal", "prob_covid"]].to_numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_an_interrupted_extraction_resumes_where_it_stopped(fresh_data, monkeypatch):
     monkeypatch.setattr(features, "CHUNK_ROWS", 4)
     real = features._extract_rows

@@ -44,6 +44,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import pandas as pd
 from tqdm import tqdm
 
 from . import models
@@ -238,6 +239,41 @@ def cached_features(
     return CachedFeatures(train_views, val, folder, key, computed, reused, time.perf_counter() - started)
 
 
+def split_features(model: keras.Model, data: PreprocessedData, spec: models.ModelSpec, split: str = "test",
+                   batch_size: int | None = None, progress: bool = True) -> np.ndarray:
+    """Plain-image features ``(N, D)`` of any split of ``data`` from the cache (computed where missing).
+
+    The same cache as :func:`cached_features`: an image whose features another split or another
+    protocol already computed is not run through the backbone again.
+    """
+    if not can_cache(model):
+        raise ConfigError("the backbone has trainable layers: its features cannot be cached; use xraylib.predict.predict_split")
+    description = describe(model, spec, data.settings)
+    folder = cache_folder(data, cache_key(description))
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "features.json").exists():
+        write_json_atomic(folder / "features.json", description)
+    array, _ = _fill(folder, view_stem(split, 0), data[split], 0, None, feature_extractor(model),
+                     batch_size or default_batch_size(), progress)
+    return array
+
+
+def predict_split(model: keras.Model, data: PreprocessedData, spec: models.ModelSpec, split: str = "test",
+                  progress: bool = False) -> pd.DataFrame:
+    """What :func:`xraylib.predict.predict_split` returns (the split's rows with ``prob_<class>`` columns),
+    computed from cached features through the model's head: the backbone runs only for images not cached yet.
+    Agrees with the full model within float32 rounding."""
+    from .predict import probability_columns
+
+    rows = data[split].manifest.copy()
+    if len(rows) == 0:
+        return rows.assign(**{c: np.zeros(0, dtype=np.float32) for c in probability_columns(data.classes)})
+    feats = np.asarray(split_features(model, data, spec, split, progress=progress))
+    probabilities = np.asarray(head_model(model).predict(feats, batch_size=256, verbose=0), dtype=np.float32)
+    rows[probability_columns(data.classes)] = probabilities
+    return rows
+
+
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text()) if path.exists() else None
@@ -269,8 +305,10 @@ def _fill(folder: Path, stem: str, split: PreprocessedSplit, view: int, augment:
     else:
         features = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(len(ids), dim))
         done = np.zeros(len(ids), dtype=bool)
-        if meta and meta.get("complete") and final.exists() and len(meta.get("ids", [])):
-            _copy_known_rows(np.load(final, mmap_mode="r"), meta["ids"], ids, features, done)
+        for known, known_ids in _complete_files(folder, stem):
+            if done.all():
+                break
+            _copy_known_rows(np.load(known, mmap_mode="r"), known_ids, ids, features, done)
         features.flush()
         save_npy_atomic(status_path, done)
         write_json_atomic(partial_meta, {"ids": ids})
@@ -296,6 +334,21 @@ def _fill(folder: Path, stem: str, split: PreprocessedSplit, view: int, augment:
     status_path.unlink(missing_ok=True)
     partial_meta.unlink(missing_ok=True)
     return np.load(final, mmap_mode="r"), int(len(todo))
+
+
+def _complete_files(folder: Path, stem: str) -> list[tuple[Path, list[str]]]:
+    """The finished feature files that may hold rows of ``stem``, with their rows' content ids: ``stem``'s own
+    previous file first, then the same view of the other splits (an image moved to another split by a new split,
+    or used as a test image by another protocol, is not computed again)."""
+    suffix = stem.split(".", 1)[1]  # "view0" or "aug-<a>.view<v>"
+    stems = [stem] + sorted(p.name[:-len(".json")] for p in folder.glob(f"*.{suffix}.json")
+                            if p.name.split(".", 1)[1] == f"{suffix}.json" and p.name != f"{stem}.json")
+    found = []
+    for name in stems:
+        meta = _read_json(folder / f"{name}.json")
+        if meta and meta.get("complete") and (folder / f"{name}.npy").exists() and meta.get("ids"):
+            found.append((folder / f"{name}.npy", meta["ids"]))
+    return found
 
 
 def _copy_known_rows(old: np.ndarray, old_ids: list[str], ids: list[str], out: np.ndarray, done: np.ndarray) -> None:

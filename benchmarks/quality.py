@@ -1,0 +1,389 @@
+"""Quality benchmark: what the seeds' "96% accuracy" protocol reports, beside honest protocols, on real data.
+
+    .venv/bin/python benchmarks/quality.py           # about 35 minutes on a 2-core CPU
+    .venv/bin/python benchmarks/quality.py --smoke   # checks the script in a few minutes; its numbers mean nothing
+
+Writes ``benchmarks/results/quality.json`` (every number, n, interval, verdict and the machine)
+and ``benchmarks/results/quality.md`` (the tables). Not part of the tests. Needs ../shared/data
+(or $XRAYLIB_SHARED_DATA) and, for MobileNet, ../shared/weights (or $XRAYLIB_SHARED_WEIGHTS).
+
+The data: COVID-19 from ieee8023 (every frontal COVID-19 image xraylib's manifest keeps) against
+normals from Kaggle (children aged one to five), NIH ChestX-ray14 (adults) and ieee8023's "No
+Finding" rows. Everything is decoded and resized once into one preprocessed cache, split by
+patient; each protocol is a view of that cache (other rows, other splits), so every image is
+decoded once and run through each backbone once (bottleneck features cached).
+
+Protocols (rows of the table):
+  (a) the seeds' protocol: COVID-19 against Kaggle's pediatric normals, a random IMAGE-level
+      80/20 split (a patient's images on both sides); 1/8 of the training images, drawn at random,
+      validate (the seeds had no validation set; xraylib needs one for its threshold).
+  (b) the same images split by PATIENT (70/15/15).
+  (c) adult normals only: COVID-19 against NIH and ieee8023 normals, split by patient.
+  (d) leave one source out: all images; for each source that can be left out, train on the
+      others and test on every image of it (sensitivity or specificity where it holds one class).
+Pipelines (the seeds' design: backbone frozen, new head, Adam 1e-3, batch 8, 25 epochs, class
+weights, no augmentation; ImageNet VGG16 weights cannot be downloaded here):
+  seeds-vgg16      VGG16 from random initialisation (the seeds' architecture, not their weights)
+  seeds-mobilenet  MobileNet(alpha=0.25) with its real ImageNet weights from ../shared/weights
+  xraylib          MobileNet(alpha=0.25) ImageNet, xraylib's recommendation on a CPU: augmented
+                   views cached (4 per image), then the top block fine-tuned for a few epochs
+Shortcut tests (xraylib.shortcuts) on the real data: source prediction, lungs hidden (Maguolo and
+Nanni), Grad-CAM heat share; and the audit's warnings (xraylib.audit) for each protocol's data.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+CLASSES = ("normal", "covid")
+METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
+
+MODES = {
+    "full": {"image_size": 224, "epochs": 25, "fine_tune_epochs": 3, "views": 4, "max_per_source_label": None,
+             "n_boot": 1000, "saliency_images": 40},
+    # Checks the script end to end in a few minutes; its numbers mean nothing.
+    "smoke": {"image_size": 64, "epochs": 2, "fine_tune_epochs": 1, "views": 2, "max_per_source_label": 24,
+              "n_boot": 100, "saliency_images": 4},
+}
+
+
+def log(message: str) -> None:
+    print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Data: one manifest, one preprocessed cache, one view per protocol
+
+
+def build_data(data_root: Path, work: Path, mode: dict, seed: int):
+    from xraylib import config, manifest, preprocess
+
+    paths = config.folder_drive_paths(data_root, work)
+    frame = manifest.build_manifest(paths, task="covid_vs_normal", progress=False).frame
+    if mode["max_per_source_label"]:
+        first = frame.drop_duplicates(["source", "label", "patient_id"])
+        kept = first.groupby(["source", "label"]).head(mode["max_per_source_label"])["patient_id"]
+        frame = frame[frame["patient_id"].isin(kept)].reset_index(drop=True)
+    data = preprocess.split_and_preprocess(frame, work / "preprocessed", CLASSES,
+                                           preprocess.PreprocessSettings(image_size=mode["image_size"]),
+                                           fractions=(0.7, 0.15, 0.15), seed=seed, progress=False)
+    return frame, data
+
+
+def protocol_rows(data, seed: int) -> dict[str, pd.DataFrame]:
+    """Rows of the cache's manifest with ``new_split`` for protocols (a) to (c), and all rows for (d)."""
+    from xraylib.split import split_by_image
+
+    rows = data.manifest
+    covid = rows["label"] == "covid"
+    pediatric = rows[covid | (rows["source"] == "kaggle")]
+    adult = rows[covid | ((rows["label"] == "normal") & (rows["source"] != "kaggle"))]
+    # (a) the seeds' protocol: a random image-level 80/20 split; 1/8 of the training images validate.
+    drawn = split_by_image(pediatric, test_fraction=0.2, seed=seed)["split"].to_numpy(dtype=object)
+    train_at = np.flatnonzero(drawn == "train")
+    rng = np.random.default_rng(seed)
+    drawn[rng.choice(train_at, size=max(1, len(train_at) // 8), replace=False)] = "val"
+    return {
+        "a": pediatric.assign(new_split=drawn),
+        "b": pediatric.assign(new_split=pediatric["split"]),
+        "c": adult.assign(new_split=adult["split"]),
+        "d": rows,
+    }
+
+
+PROTOCOLS = {
+    "a": "(a) seeds' protocol: random image-level 80/20 split, pediatric (Kaggle) normals",
+    "b": "(b) patient-level split, pediatric (Kaggle) normals",
+    "c": "(c) patient-level split, adult normals only (NIH + ieee8023)",
+    "d": "(d) leave one source out (all normals)",
+}
+
+
+def leaked_patients(view) -> dict:
+    """Patients with images in train (or val) and in test: what an image-level split lets through."""
+    test = set(view["test"].manifest["patient_id"])
+    seen = set(view["train"].manifest["patient_id"]) | set(view["val"].manifest["patient_id"])
+    shared = test & seen
+    images = int(view["test"].manifest["patient_id"].isin(shared).sum())
+    return {"test_patients_also_in_training": len(shared), "test_patients": len(test),
+            "test_images_of_those_patients": images, "test_images": len(view["test"])}
+
+
+# --------------------------------------------------------------------------------------------
+# Pipelines
+
+
+def pipelines(mode: dict, weights_dir: Path | None) -> dict[str, tuple]:
+    from xraylib import models
+    from xraylib.train import AugmentSettings, TrainSettings
+
+    size = mode["image_size"]
+    seeds = TrainSettings(epochs=mode["epochs"], batch_size=8, learning_rate=1e-3, augment=None, seed=0)
+    out = {"seeds-vgg16": (models.ModelSpec(backbone="vgg16", weights=None, image_size=size, classes=CLASSES), seeds,
+                           "VGG16, random initialisation (ImageNet weights cannot be downloaded here), frozen, "
+                           "head GAP-Dense(64)-Dropout(0.5)-softmax, Adam 1e-3, batch 8, "
+                           f"{mode['epochs']} epochs, class weights, no augmentation")}
+    if weights_dir is not None:
+        mobilenet = models.ModelSpec(backbone="mobilenet", alpha=0.25, image_size=size, classes=CLASSES,
+                                     weights=str(weights_dir / "mobilenet_2_5_224_tf_no_top.h5"))
+        out["seeds-mobilenet"] = (mobilenet, seeds, "MobileNet(alpha=0.25), ImageNet weights, otherwise as seeds-vgg16")
+        recommended = dataclasses.replace(seeds, augment=AugmentSettings(), augment_views=mode["views"],
+                                          fine_tune_epochs=mode["fine_tune_epochs"])
+        out["xraylib"] = (mobilenet, recommended,
+                          f"MobileNet(alpha=0.25), ImageNet weights; stage 1 on {mode['views']} cached views per image "
+                          "(the plain image + augmented copies: rotation, shift, zoom, flip, brightness, contrast); "
+                          f"stage 2 fine-tunes the top block for {mode['fine_tune_epochs']} epochs at 1e-5 on "
+                          "augmented streamed images")
+    return out
+
+
+def train_run(view, spec, settings, run_dir: Path):
+    from xraylib.train import train
+
+    started = time.perf_counter()
+    result = train(view, spec, settings, run_dir, resume=True, verbose=0)
+    return result, time.perf_counter() - started
+
+
+def predictions(result, view, spec, split: str = "test") -> pd.DataFrame:
+    """Test predictions: from the cached features where the backbone stayed frozen (the same numbers as the full
+    model within float32 rounding; the backbone runs only for images no protocol has seen), else the full model."""
+    from xraylib import features, predict
+
+    if features.can_cache(result.model):
+        return features.predict_split(result.model, view, spec, split)
+    return predict.predict_split(result.model, view[split])
+
+
+def metric_row(ev) -> dict:
+    row = {"n_images": ev.n_images, "n_patients": ev.n_patients,
+           "n_positive": int(ev.metrics["n_positive"]), "n_negative": int(ev.metrics["n_negative"]),
+           "threshold": float(ev.threshold)}
+    for metric in METRICS:
+        row[metric] = ev.metrics[metric]
+        row[f"{metric}_ci"] = list(ev.ci[metric])
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def run(data_root: Path, weights_dir: Path | None, work: Path, mode: dict, seed: int) -> dict:
+    from xraylib import audit, evaluate, shortcuts
+    from xraylib.shortcuts import data_view
+
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    log("manifest and preprocessed cache (decoded once, split by patient)")
+    frame, data = build_data(data_root, work, mode, seed)
+    timings["manifest_and_preprocessing"] = time.perf_counter() - started
+    counts = {f"{s}/{l}": {"images": int(len(g)), "patients": int(g["patient_id"].nunique())}
+              for (s, l), g in data.manifest.groupby(["source", "label"])}
+    rows = protocol_rows(data, seed)
+    views = {key: data_view(data, r, description=f"quality benchmark protocol {key}") for key, r in rows.items() if key != "d"}
+    out: dict = {"data": {"manifest_rows": len(frame), "cached_images": int(len(data.manifest)), "by_source_and_label": counts,
+                          "skipped_files": data.report.get("problems", [])},
+                 "protocols": {}, "loso": {}, "shortcuts": {}, "audit": {}, "pipelines": {}}
+    for key in ("a", "b", "c", "d"):
+        manifest = rows[key]
+        out["audit"][key] = [f.to_dict() for f in audit.confound_warnings(manifest, classes=CLASSES)]
+    runs = work / "runs"
+    for name, (spec, settings, description) in pipelines(mode, weights_dir).items():
+        out["pipelines"][name] = {"description": description, "spec": spec.to_dict(), "settings": settings.to_dict()}
+        for key, view in views.items():
+            if name == "xraylib" and key == "a":
+                continue  # the recommended pipeline is not run under the protocol it replaces
+            log(f"{name}: protocol {key}: training")
+            result, seconds = train_run(view, spec, settings, runs / name / key)
+            timings[f"{name}/{key}"] = seconds
+            threshold = evaluate.Threshold(result.threshold, f"chosen on the protocol's validation images "
+                                                             f"({settings.threshold_rule}, sensitivity >= {settings.min_sensitivity})")
+            ev = evaluate.evaluate(predictions(result, view, spec), CLASSES, threshold, n_boot=mode["n_boot"], seed=seed)
+            record = {"protocol": PROTOCOLS[key], "pipeline": name, **metric_row(ev),
+                      "by_source": ev.by_source.reset_index().to_dict(orient="records"),
+                      "splits": {s: len(view[s]) for s in ("train", "val", "test")}, "run_dir": str(result.paths.root)}
+            if key == "a":
+                record["leaks"] = leaked_patients(view)
+            out["protocols"].setdefault(key, {})[name] = record
+            if key in ("a", "b", "c"):
+                log(f"{name}: protocol {key}: lungs hidden")
+                t0 = time.perf_counter()
+                hidden = shortcuts.lungs_hidden(result.paths.root, view, "test", n_boot=mode["n_boot"], seed=seed)
+                out["shortcuts"].setdefault("lungs_hidden", {}).setdefault(key, {})[name] = hidden.to_dict()
+                timings[f"{name}/{key}/lungs_hidden"] = time.perf_counter() - t0
+            if key in ("b", "c") and name != "seeds-vgg16":
+                log(f"{name}: protocol {key}: Grad-CAM heat share")
+                t0 = time.perf_counter()
+                heat = shortcuts.saliency_heat_share(result.paths.root, view, "test",
+                                                     max_images_per_class=mode["saliency_images"])
+                out["shortcuts"].setdefault("saliency", {}).setdefault(key, {})[name] = heat.to_dict()
+                timings[f"{name}/{key}/saliency"] = time.perf_counter() - t0
+        log(f"{name}: (d) leave one source out")
+        t0 = time.perf_counter()
+        loso = shortcuts.leave_one_source_out(data, spec, settings, runs / name / "loso", n_boot=mode["n_boot"], seed=seed)
+        out["loso"][name] = loso.to_dict()
+        timings[f"{name}/loso"] = time.perf_counter() - t0
+        log(f"{name}: source prediction")
+        t0 = time.perf_counter()
+        source = shortcuts.source_prediction(data, spec, settings, runs / name / "source", n_boot=mode["n_boot"], seed=seed)
+        out["shortcuts"].setdefault("source_prediction", {})[name] = {
+            k: v for k, v in source.to_dict().items() if k != "predictions"}
+        timings[f"{name}/source_prediction"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - started
+    out["seconds"] = timings
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+
+
+def fmt(value, digits: int = 2) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{value:.{digits}f}"
+
+
+def fmt_ci(row: dict, metric: str) -> str:
+    value, ci = row.get(metric), row.get(f"{metric}_ci") or [None, None]
+    if value is None:
+        return "n/a"
+    return f"{fmt(value)} ({fmt(ci[0])}–{fmt(ci[1])})"
+
+
+def results_table(results: dict) -> list[str]:
+    """One row per protocol and pipeline: accuracy, sensitivity, specificity, AUC with 95% CIs and n."""
+    lines = ["| protocol | pipeline | n test: patients / images (COVID-19 / normal) | accuracy | sensitivity | specificity | AUC |",
+             "|---|---|---|---|---|---|---|"]
+    for key in ("a", "b", "c"):
+        for name, row in results["protocols"].get(key, {}).items():
+            lines.append(f"| {PROTOCOLS[key]} | {name} | {row['n_patients']} / {row['n_images']} "
+                         f"({row['n_positive']} / {row['n_negative']}) | " +
+                         " | ".join(fmt_ci(row, m) for m in METRICS) + " |")
+    for name, loso in results["loso"].items():
+        for row in loso["table"]:
+            row = {**row, **{f"{m}_ci": [row.get(f"{m}_low"), row.get(f"{m}_high")] for m in METRICS}}
+            lines.append(f"| (d) leave out {row['source']} | {name} | {row['n_patients']} / {row['n_images']} "
+                         f"({row['n_positive']} / {row['n_negative']}) | " +
+                         " | ".join(fmt_ci(row, m) for m in METRICS) + " |")
+    return lines
+
+
+def shortcut_table(results: dict) -> list[str]:
+    lines = ["| test | protocol | pipeline | result (95% CI) | verdict |", "|---|---|---|---|---|"]
+    for name, source in results["shortcuts"].get("source_prediction", {}).items():
+        ci = source.get("ci") or [None, None]
+        lines.append(f"| source prediction ({' / '.join(source.get('sources', []))}) | all images, patient split | {name} | "
+                     f"macro AUC {fmt(source.get('macro_auc'))} ({fmt(ci[0])}–{fmt(ci[1])}), n {source.get('n_images')} | "
+                     f"{source.get('verdict')} |")
+    for key, by_pipeline in results["shortcuts"].get("lungs_hidden", {}).items():
+        for name, hidden in by_pipeline.items():
+            auc = {r["condition"]: fmt_ci({**r, "roc_auc_ci": [r.get("roc_auc_low"), r.get("roc_auc_high")]}, "roc_auc")
+                   for r in hidden.get("table", [])}
+            lines.append(f"| lungs hidden | {key} | {name} | AUC visible {auc.get('lungs visible')}, hidden "
+                         f"{auc.get('lungs hidden')} | {hidden.get('verdict')} |")
+    for key, by_pipeline in results["shortcuts"].get("saliency", {}).items():
+        for name, heat in by_pipeline.items():
+            text = "; ".join(f"{r['class']}: {fmt(r.get('heat_inside'))} on the lungs (area {fmt(r.get('lung_area_share'))})"
+                             for r in heat.get("table", []))
+            lines.append(f"| Grad-CAM heat share | {key} | {name} | {text} | {heat.get('verdict')} |")
+    return lines
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = ["# xraylib quality benchmark", "",
+             f"**{results['disclaimer']}**", "",
+             f"Mode `{results['mode']}`, {results['started']} to {results['finished']}, "
+             f"{fmt(results['seconds'].get('total', float('nan')) / 60, 1)} minutes. Machine: {m['cpu_model']}, "
+             f"{m['cores_available']} cores, TensorFlow {m['tensorflow']}, GPU: {', '.join(m['gpus']) or 'none'}; load average "
+             f"{m.get('load_average_start')} at the start, {m.get('load_average_end')} at the end.", "",
+             "Data (../shared/data): " + "; ".join(f"{k} {v['images']} images / {v['patients']} patients"
+                                                   for k, v in results["data"]["by_source_and_label"].items()) + ".", "",
+             "Every metric at the threshold chosen on the protocol's validation images; 95% intervals from "
+             f"{results['n_boot']} bootstrap resamples of patients; n counts the test set. ", "",
+             "## Results", ""]
+    lines += results_table(results)
+    leaks = [row.get("leaks") for row in results["protocols"].get("a", {}).values() if row.get("leaks")]
+    if leaks:
+        leak = leaks[0]
+        lines += ["", f"Under (a), {leak['test_patients_also_in_training']} of the {leak['test_patients']} test patients "
+                      f"also have images in training ({leak['test_images_of_those_patients']} of {leak['test_images']} "
+                      "test images)."]
+    skipped = {source: reason for loso in results["loso"].values() for source, reason in (loso.get("skipped") or {}).items()}
+    for source, reason in skipped.items():
+        lines += ["", f"(d): {source} is not left out: {reason}. Every COVID-19 image comes from that one source, so "
+                      "leaving a source out tests only how a model fares on normals from a hospital it never saw."]
+    lines += ["", "## Shortcut tests", ""] + shortcut_table(results)
+    lines += ["", "## The audit's warnings (xraylib.audit)", ""]
+    for key, findings in results["audit"].items():
+        checks = pd.Series([f["check"] for f in findings], dtype=object).value_counts(sort=False)
+        lines.append(f"- **{PROTOCOLS[key]}**: " + (", ".join(f"`{c}`" + (f" x{n}" if n > 1 else "")
+                                                              for c, n in checks.items()) or "none"))
+    first = {f["check"]: f["message"] for f in reversed(results["audit"].get("a", []))}
+    lines += ["", "What the audit says of (a), in its words (one message per check):", ""]
+    lines += [f"- `{check}`: {message}" for check, message in reversed(list(first.items()))]
+    lines += ["", "## Pipelines", ""] + [f"- **{n}**: {p['description']}" for n, p in results["pipelines"].items()]
+    lines += ["", "## Time (s)", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {k} | {fmt(v, 0)} |" for k, v in results["seconds"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny settings that check the script; numbers mean nothing")
+    parser.add_argument("--work", default=str(REPO / "outputs" / "benchmarks" / "quality"),
+                        help="scratch folder, kept so that a second run resumes (default outputs/benchmarks/quality)")
+    parser.add_argument("--out", default=str(RESULTS), help=f"results folder (default {RESULTS})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fresh", action="store_true", help="delete the scratch folder first (no resume)")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from speed import load_average, machine_info, tf_info
+
+    from xraylib import DISCLAIMER, config
+    from xraylib.fileio import json_safe, write_json_atomic, write_text_atomic
+
+    mode_name = "smoke" if args.smoke else "full"
+    mode = MODES[mode_name]
+    data_root, weights_dir = config.shared_data_dir(), config.shared_weights_dir()
+    if data_root is None:
+        print("../shared/data not found (set XRAYLIB_SHARED_DATA): the benchmark needs the real images", file=sys.stderr)
+        return 2
+    if weights_dir is None:
+        log("../shared/weights not found: MobileNet rows are left out (set XRAYLIB_SHARED_WEIGHTS)")
+    work = Path(args.work) / mode_name
+    if args.fresh:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    results = {"format": "xraylib quality benchmark v1", "mode": mode_name, "disclaimer": DISCLAIMER,
+               "started": datetime.datetime.now().isoformat(timespec="seconds"), "n_boot": mode["n_boot"],
+               "machine": {**machine_info(), **tf_info(), "load_average_start": load_average()}}
+    results.update(run(data_root, weights_dir, work, mode, args.seed))
+    results["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
+    results["machine"]["load_average_end"] = load_average()
+    out = Path(args.out) if mode_name == "full" else work  # the smoke run's numbers mean nothing: kept out of results/
+    name = "quality" if mode_name == "full" else f"quality_{mode_name}"
+    clean = json_safe(results)
+    write_json_atomic(out / f"{name}.json", clean)
+    write_text_atomic(out / f"{name}.md", markdown(clean))
+    log(f"wrote {out / (name + '.json')} and {out / (name + '.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
