@@ -1006,14 +1006,17 @@ class SaliencyResult:
     """What :func:`saliency_heat_share` found.
 
     ``mean_maps``: ``{class: (S, S) float32}`` mean Grad-CAM map over the class's images.
-    ``table``, one row per class: ``n_images``, ``n_no_heat`` (maps with no positive evidence,
-    left out of the shares), ``heat_inside`` (mean share of each map's heat on the lung fields),
+    ``table``, one row per class: ``n_images``, ``n_no_heat`` (all-zero maps: no positive evidence
+    anywhere in the image, so no heat to share; left out of the shares, counted here),
+    ``heat_inside`` (mean share of each map's heat on the lung fields),
     ``heat_outside``, ``lung_area_share`` (the mask's share of the image: what an evenly spread
     map would put there), ``ratio`` (heat_inside / lung_area_share), ``heat_frame`` (share
     outside the :data:`CENTRAL_RECTANGLE`, where markers and text lie), ``hottest_corner`` and
     ``corner_heat`` (the corner square of :data:`xraylib.audit.CORNER_FRACTION` of the side
     holding most heat, and its share), ``corner_area_share``, ``peak`` (where the mean map
-    peaks, in words). ``lung_mask``: the mask used.
+    peaks, in words). ``lung_mask``: the mask used. Where every map of a class is zero (or the
+    class has no images) its shares are NaN, ``hottest_corner`` is missing (NaN) and ``peak`` says
+    "no heat": the verdict then says so in words, and leaves the class out of every comparison.
     """
 
     classes: tuple[str, ...]
@@ -1044,12 +1047,15 @@ class SaliencyResult:
         def pct(value: float) -> str:
             return f"{value:.0%}" if math.isfinite(value) else "n/a"
 
+        def corner(r: pd.Series) -> str:  # no corner where every map of the class is zero
+            if not isinstance(r["hottest_corner"], str):
+                return "n/a"
+            return f"{r['hottest_corner'].replace('_', ' ')}: {pct(r['corner_heat'])} (area {pct(r['corner_area_share'])})"
+
         rows = pd.DataFrame([{"class": c, "images (no heat)": f"{int(r['n_images'])} ({int(r['n_no_heat'])})",
                               "heat on the lung fields": f"{pct(r['heat_inside'])} (area {pct(r['lung_area_share'])})",
                               "heat in the frame": f"{pct(r['heat_frame'])} (area {pct(r['frame_area_share'])})",
-                              "hottest corner": f"{r['hottest_corner'].replace('_', ' ')}: {pct(r['corner_heat'])} "
-                                                f"(area {pct(r['corner_area_share'])})",
-                              "mean map peaks": r["peak"]} for c, r in self.table.iterrows()])
+                              "hottest corner": corner(r), "mean map peaks": r["peak"]} for c, r in self.table.iterrows()])
         lines = ["## Saliency (Grad-CAM)", "", f"**{self.verdict}**", "",
                  f"Grad-CAM for each test image's {'own' if self.explained == 'true' else 'predicted'} class, averaged per "
                  "class. Lung fields: the approximate mask of xraylib.explain.lung_field_mask; frame: outside the central "
@@ -1150,33 +1156,49 @@ def saliency_heat_share(
         has_heat = np.isfinite(values[:, 0])
         means = values[has_heat].mean(axis=0) if has_heat.any() else np.full(len(regions), np.nan)
         corner_names = list(corners)
-        hottest = int(np.nanargmax(means[2:])) if np.isfinite(means[2:]).any() else 0
+        hottest = int(np.nanargmax(means[2:])) if has_heat.any() else None
         records.append({
             "class": name, "n_images": n, "n_no_heat": int(n - has_heat.sum()),
             "heat_inside": means[0], "heat_outside": 1.0 - means[0], "lung_area_share": float(mask.mean()),
             "ratio": means[0] / float(mask.mean()), "heat_frame": means[1], "frame_area_share": float(frame.mean()),
-            "hottest_corner": corner_names[hottest], "corner_heat": means[2 + hottest],
-            "corner_area_share": float(corners[corner_names[hottest]].mean()),
+            "hottest_corner": None if hottest is None else corner_names[hottest],
+            "corner_heat": np.nan if hottest is None else means[2 + hottest],
+            "corner_area_share": float(corners[corner_names[hottest or 0]].mean()),  # all four squares are alike
             "peak": _where(mean_maps[name], mask) if n else "no images",
         })
     table = pd.DataFrame(records).set_index("class")
-    return SaliencyResult(tuple(data.classes), mean_maps, table, mask, _saliency_verdict(table), explain_class)
+    return SaliencyResult(tuple(data.classes), mean_maps, table, mask, _saliency_verdict(table, explain_class),
+                          explain_class)
 
 
-def _saliency_verdict(table: pd.DataFrame) -> str:
-    parts, outside, cornered = [], [], []
+def _saliency_verdict(table: pd.DataFrame, explained: str = "true") -> str:
+    parts, outside, cornered, no_heat, with_heat = [], [], [], [], []
     for name, r in table.iterrows():
-        if not math.isfinite(r["heat_inside"]):
-            continue
-        parts.append(f"{name}: {r['heat_inside']:.0%} of the heat on the lung fields ({r['lung_area_share']:.0%} of the "
-                     f"image), {r['corner_heat']:.0%} in the {r['hottest_corner'].replace('_', ' ')} corner "
-                     f"({r['corner_area_share']:.0%} of the image), peak at the {r['peak']}")
-        if r["corner_heat"] >= CORNER_HEAT_WARN:
-            cornered.append(f"{name} ({r['hottest_corner'].replace('_', ' ')})")
-        if r["ratio"] <= 1.0:
-            outside.append(name)
-    if not parts:
-        return "no heat: Grad-CAM found no positive evidence for any class (or there were no images)"
+        n, n_zero = int(r["n_images"]), int(r["n_no_heat"])
+        if n == 0:
+            parts.append(f"{name}: no images")
+        elif n_zero == n:
+            # Every map zero: its shares are NaN, which must not pass for "no heat outside the lungs".
+            no_heat.append(name)
+            evidence = name if explained == "true" else "the predicted class"
+            parts.append(f"{name}: all {n} Grad-CAM maps are zero (no positive evidence for {evidence} anywhere in the "
+                         "image), so where the model looks cannot be said")
+        else:
+            with_heat.append(name)
+            left_out = f" ({n_zero} of {n} maps all zero, left out)" if n_zero else ""
+            corner = r["hottest_corner"].replace("_", " ")
+            parts.append(f"{name}: {r['heat_inside']:.0%} of the heat on the lung fields ({r['lung_area_share']:.0%} of "
+                         f"the image), {r['corner_heat']:.0%} in the {corner} corner ({r['corner_area_share']:.0%} of the "
+                         f"image), peak at the {r['peak']}{left_out}")
+            if r["corner_heat"] >= CORNER_HEAT_WARN:
+                cornered.append(f"{name} ({corner})")
+            if r["ratio"] <= 1.0:
+                outside.append(name)
+    if not with_heat:
+        if not no_heat:
+            return "no heat: there were no images to explain"
+        return ("No heat: every Grad-CAM map is zero; the model found no positive evidence anywhere in any image, so "
+                "this test cannot say where it looks. " + "; ".join(parts) + ".")
     heads = []
     if cornered:
         heads.append(f"Heat gathers in a corner for {', '.join(cornered)}: a marker, text or label burned in there may be "
@@ -1185,9 +1207,13 @@ def _saliency_verdict(table: pd.DataFrame) -> str:
         heads.append(f"for {', '.join(outside)} the heat lies on the lungs no more than an even spread would put it: the "
                      "model looks outside the lungs")
     if not heads:
-        heads.append("The heat is concentrated on the lung fields for every class"
+        every = f"for {', '.join(with_heat)}" if no_heat else "for every class"
+        heads.append(f"The heat is concentrated on the lung fields {every}"
                      if (table["ratio"].dropna() >= LUNG_HEAT_RATIO_OK).all()
                      else "The heat is only loosely concentrated on the lung fields")
+    if no_heat:
+        heads.append(f"no heat at all for {', '.join(no_heat)}: every map is zero, so this test says nothing about where "
+                     "the model looks for " + ("it" if len(no_heat) == 1 else "them"))
     head = "; ".join(heads)
     return head[0].upper() + head[1:] + ". " + "; ".join(parts) + "."
 
