@@ -54,8 +54,8 @@ MODES = {
     "full": {"image_size": 224, "epochs": 25, "fine_tune_epochs": 3, "views": 4, "max_per_source_label": None,
              "n_boot": 1000, "saliency_images": 40},
     # Checks the script end to end in a few minutes; its numbers mean nothing.
-    "smoke": {"image_size": 64, "epochs": 2, "fine_tune_epochs": 1, "views": 2, "max_per_source_label": 24,
-              "n_boot": 100, "saliency_images": 4},
+    "smoke": {"image_size": 32, "epochs": 2, "fine_tune_epochs": 1, "views": 2, "max_per_source_label": 12,
+              "n_boot": 50, "saliency_images": 3},
 }
 
 

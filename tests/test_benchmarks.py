@@ -1,0 +1,50 @@
+"""The quality benchmark script runs end to end on the real data (tiny settings: its numbers mean nothing).
+
+The full run is a README command, not a test; this checks that the script and the library functions it
+calls still fit together, and that its results file says what the README's table is built from.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.shared_data
+
+
+def test_the_quality_benchmark_runs_on_the_real_data(shared_data, shared_weights, tmp_path):
+    env = {**os.environ, "XRAYLIB_SHARED_DATA": str(shared_data), "XRAYLIB_SHARED_WEIGHTS": str(shared_weights)}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality.py"), "--smoke", "--work", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((tmp_path / "smoke" / "quality_smoke.json").read_text())
+    markdown = (tmp_path / "smoke" / "quality_smoke.md").read_text()
+    assert not (REPO / "benchmarks" / "results" / "quality_smoke.json").exists()  # a smoke run never lands in results/
+
+    # Every protocol and pipeline has its metrics with intervals and n.
+    assert set(results["pipelines"]) == {"seeds-vgg16", "seeds-mobilenet", "xraylib"}
+    for key in ("a", "b", "c"):
+        for name, row in results["protocols"][key].items():
+            assert row["n_images"] > 0 and row["n_patients"] > 0 and row["n_positive"] > 0 and row["n_negative"] > 0
+            assert len(row["roc_auc_ci"]) == 2 and 0 <= row["accuracy"] <= 1
+    assert "xraylib" not in results["protocols"]["a"]  # the recommended pipeline is not run under the seeds' protocol
+    # The image-level split of (a) lets patients into both train and test; the patient-level ones do not.
+    assert results["protocols"]["a"]["seeds-vgg16"]["leaks"]["test_patients_also_in_training"] > 0
+    # Leave one source out: Kaggle and NIH are left out (normals only); ieee8023, the only COVID-19 source, cannot be.
+    for loso in results["loso"].values():
+        assert {row["source"] for row in loso["table"]} == {"kaggle", "nih"}
+        assert "ieee8023" in loso["skipped"]
+    # The audit flags the pediatric normals and the single-source classes of the seeds' design.
+    checks_a = {f["check"] for f in results["audit"]["a"]}
+    assert {"single_source_class", "age_no_overlap", "source_predicts_label"} <= checks_a
+    assert "age_no_overlap" not in {f["check"] for f in results["audit"]["c"]}  # adult normals: ages overlap
+    # The shortcut tests ran for every pipeline.
+    assert set(results["shortcuts"]["source_prediction"]) == set(results["pipelines"])
+    assert set(results["shortcuts"]["lungs_hidden"]) == {"a", "b", "c"}
+    assert "## Results" in markdown and "| (d) leave out kaggle |" in markdown and results["disclaimer"] in markdown
