@@ -664,8 +664,8 @@ ALWAYS = -1
 class FlakyOpener:
     """``opener(path, mode)`` that fails with EIO the first ``failures[name]`` times a file is opened.
 
-    ``ALWAYS`` fails every time. The counts are kept in files under ``state_dir`` so that the
-    worker processes of preprocessing share them; it pickles (for those workers) as a plain object.
+    ``ALWAYS`` fails every time. The counts are kept in files under ``state_dir``, so that every
+    reader (the threads of the manifest and of preprocessing) sees them; it pickles as a plain object.
     """
 
     def __init__(self, state_dir: Path, failures: dict[str, int]):
@@ -712,10 +712,10 @@ def test_manifest_reads_through_transient_errors_and_skips_a_file_that_keeps_fai
     assert "skipped 1 unreadable or missing file(s)" in result.report.summary()
 
 
-@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "two-worker-processes"])
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "two-worker-threads"])
 def test_preprocessing_reads_through_transient_errors_and_skips_a_file_that_keeps_failing(tmp_path, workers):
     rows = []
-    for i in range(36):  # over 32 in train, so that two workers really run (see preprocess._pool)
+    for i in range(36):  # a train split of 34, several files per decoding thread
         split = "train" if i < 34 else ("val", "test")[i - 34]
         path = write_raster(tmp_path / "src" / f"img-{i:02d}.png", gradient_image(40, 40, seed=i))
         rows.append({"path": str(path), "label": ("normal", "covid")[i % 2], "source": "ieee8023",

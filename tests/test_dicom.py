@@ -113,6 +113,41 @@ def test_rescale_then_window_clips_outside_the_window(tmp_path):
     assert (result == 0).mean() > 0.4
 
 
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_plain_8bit_fast_path_gives_the_pixels_of_the_general_path(tmp_path, photometric):
+    # Full-range 8-bit pixels: the LUT path's min-max scale is then the identity, so both paths must agree.
+    pixels = _full_range_8bit(seed=4)
+    plain = images.read_image(write_dicom(tmp_path / "plain.dcm", pixels, photometric=photometric))
+    identity = write_dicom(tmp_path / "identity.dcm", pixels, photometric=photometric, rescale=(1.0, 0.0))
+    np.testing.assert_array_equal(images.read_image(identity), plain)
+    np.testing.assert_array_equal(plain, pixels if photometric == "MONOCHROME2" else 255 - pixels)
+    view = images.decode_bytes(identity.read_bytes(), str(identity), writable=False)
+    np.testing.assert_array_equal(view, plain)
+
+
+@pytest.mark.parametrize("dtype, low, high", [(np.uint16, 0, 4095), (np.uint16, 300, 65535), (np.int16, -2000, 2000),
+                                              (np.int16, -32768, 32767), (np.uint8, 10, 200), (np.int8, -100, 50)])
+def test_integer_scaling_table_gives_the_float64_arithmetic(dtype, low, high):
+    values = np.random.default_rng(5).integers(low, high + 1, size=(300, 200)).astype(dtype)
+    values[0, 0], values[-1, -1] = low, high
+    as_float = values.astype(np.float64)
+    expected = np.clip(np.rint((as_float - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(dicom._to_uint8(values), expected)
+    np.testing.assert_array_equal(dicom._to_uint8(as_float), expected)
+    assert not dicom._to_uint8(np.full((4, 4), 7, dtype=dtype)).any()  # a constant image is black
+
+
+def test_decoding_in_threads_leaves_the_warning_filters_as_they_were(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    import warnings
+
+    data = write_dicom(tmp_path / "a.dcm", gradient_image(64, 48)).read_bytes()
+    before = list(warnings.filters)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: dicom.decode_dicom(data, "a.dcm"), range(200)))
+    assert warnings.filters == before
+
+
 def test_multiframe_returns_the_first_frame(tmp_path):
     first = _full_range_8bit(seed=2)
     second = 255 - _full_range_8bit(seed=3)

@@ -273,6 +273,70 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch, ma
     _assert_bad(path, "20000x20000", "decompression-bomb")
 
 
+# --- decoding no more pixels than a resize needs (preprocessing) ------------------------------
+
+
+def _mean_abs_diff(first: np.ndarray, second: np.ndarray) -> float:
+    return float(np.abs(first.astype(np.float64) - second.astype(np.float64)).mean())
+
+
+@pytest.mark.parametrize("at_least, factor", [(113, 8), (114, 4), (225, 4), (226, 2), (451, 1)])  # libjpeg rounds up: 900/8 -> 113
+def test_large_jpeg_is_decoded_at_the_smallest_scale_that_keeps_both_sides(at_least, factor):
+    colour = cv2.resize(_colour_image(96, 80), (1200, 900), interpolation=cv2.INTER_CUBIC)
+    data = _encode(".jpg", colour, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    full = images.decode_bytes(data, "big.jpg")
+    reduced = images.decode_bytes(data, "big.jpg", at_least=at_least)
+    assert reduced.shape == (-(-900 // factor), -(-1200 // factor)) and min(reduced.shape) >= at_least
+    if factor == 1:
+        np.testing.assert_array_equal(reduced, full)
+    # libjpeg's DCT scaling then INTER_AREA looks like the full decode shrunk with INTER_AREA.
+    size = (min(at_least, 224), min(at_least, 224))
+    assert _mean_abs_diff(cv2.resize(reduced, size, interpolation=cv2.INTER_AREA),
+                          cv2.resize(full, size, interpolation=cv2.INTER_AREA)) < 1.0
+
+
+def test_reduced_jpeg_keeps_its_exif_orientation(tmp_path):
+    image_module = pytest.importorskip("PIL.Image", reason="Pillow is needed to write an EXIF orientation")
+    upright = cv2.resize(gradient_image(96, 80), (400, 480), interpolation=cv2.INTER_CUBIC)  # 480 high, 400 wide
+    stored = np.ascontiguousarray(np.rot90(upright, 1))  # stored on its side; EXIF 6: turn 90 degrees clockwise
+    exif = image_module.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "sideways.jpg"
+    image_module.fromarray(stored).save(path, "JPEG", quality=95, exif=exif)
+    data = path.read_bytes()
+    full = images.decode_bytes(data, str(path))
+    reduced = images.decode_bytes(data, str(path), at_least=100)
+    assert full.shape == (480, 400) and reduced.shape == (120, 100)
+    assert _mean_abs_diff(full, upright) < 2.0
+    assert _mean_abs_diff(cv2.resize(full, (100, 120), interpolation=cv2.INTER_AREA), reduced) < 2.0
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg"])
+def test_at_least_leaves_png_and_small_jpeg_exactly_as_read(ext):
+    data = _encode(ext, cv2.resize(_colour_image(), (300, 260)))
+    np.testing.assert_array_equal(images.decode_bytes(data, "x", at_least=131 if ext == ".jpg" else 32),
+                                  images.decode_bytes(data, "x"))
+
+
+def test_reduced_decoding_keeps_the_checks():
+    with pytest.raises(BadFileError, match="truncated JPEG"):
+        images.decode_bytes(_encode(".jpg", gradient_image(400, 400))[:-2000], "cut.jpg", at_least=50)
+    with pytest.raises(BadFileError, match="decompression-bomb"):
+        images.decode_bytes(_jpeg_with_size(20000, 20000), "bomb.jpg", at_least=50)
+
+
+def test_dicom_is_parsed_once(tmp_path, monkeypatch):
+    path = write_dicom(tmp_path / "one.dcm", gradient_image(64, 48))
+    calls = []
+    real = images.dicom.pydicom.dcmread
+    monkeypatch.setattr(images.dicom.pydicom, "dcmread", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pixels = images.read_image(path)
+    assert len(calls) == 1 and pixels.flags.writeable
+    view = images.decode_bytes(path.read_bytes(), str(path), writable=False)
+    np.testing.assert_array_equal(view, pixels)
+    assert len(calls) == 2
+
+
 # --- inspect_bytes --------------------------------------------------------------------------
 
 

@@ -153,7 +153,7 @@ PREPROCESS_CHILD = textwrap.dedent("""
     import pandas as pd
     from xraylib import preprocess
 
-    if __name__ == "__main__":  # the decoding workers are spawned: they import this file
+    if __name__ == "__main__":
         frame = pd.read_csv(sys.argv[1], dtype=str)
         print("READY", flush=True)
         data = preprocess.preprocess_dataset(frame, sys.argv[2], ("normal", "pneumonia", "covid"),

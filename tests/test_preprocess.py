@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import json
-from concurrent.futures import ProcessPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -10,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import xraylib.images as images_module
 import xraylib.preprocess as preprocess_module
 from conftest import gradient_image, write_dicom, write_raster
 from xraylib.errors import ConfigError, SourceError
@@ -124,6 +126,46 @@ def test_pad_and_stretch_agree_on_square_images():
 def test_unknown_resize_mode_is_a_config_error():
     with pytest.raises(ConfigError, match="crop"):
         resize_image(gradient_image(), 64, "crop")
+
+
+def _structured(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A large test image with edges, thin lines and pixel noise, where a poor shrink would show."""
+    image = cv2.resize(gradient_image(96, 80, seed=seed), (width, height), interpolation=cv2.INTER_CUBIC).astype(float)
+    image[height // 3 : height // 3 + 3] = 255  # a thin bright line, as a rib edge or a wire
+    image += np.random.default_rng(seed).normal(0, 12, size=image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("shape, mode", [((1024, 1024), "stretch"), ((1024, 768), "stretch"), ((2048, 1600), "pad"),
+                                         ((1024, 1024), "pad")])
+def test_large_images_are_halved_first_and_look_like_one_inter_area(shape, mode):
+    image = _structured(*shape)
+    direct = cv2.resize(image, (64, 64), interpolation=cv2.INTER_AREA) if mode == "stretch" else None
+    out = resize_image(image, 64, mode)
+    if direct is not None:
+        assert np.abs(out.astype(float) - direct).mean() < 1.0
+    else:  # the same placement as a direct INTER_AREA would give: the geometry comes from the full size
+        scale = 64 / max(shape)
+        new_h, new_w = round(shape[0] * scale), round(shape[1] * scale)
+        top, left = (64 - new_h) // 2, (64 - new_w) // 2
+        expected = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+        assert (out[:top] == 0).all() and (out[top + new_h:] == 0).all()
+        assert np.abs(out[top:top + new_h, left:left + new_w].astype(float) - expected).mean() < 1.0
+
+
+def test_odd_sized_and_small_images_are_resized_in_one_step():
+    for image in (_structured(1023, 999), _structured(200, 180)):
+        np.testing.assert_array_equal(resize_image(image, 64, "stretch"),
+                                      cv2.resize(image, (64, 64), interpolation=cv2.INTER_AREA))
+
+
+def test_large_jpeg_preprocesses_like_its_full_decode(tmp_path):
+    path = write_raster(tmp_path / "big.jpg", np.dstack([_structured(1100, 900, seed=s) for s in range(3)]))
+    settings = PreprocessSettings(image_size=112)
+    full = cv2.resize(images_module.read_image(path), (112, 112), interpolation=cv2.INTER_AREA)
+    out = preprocess_file(path, settings)  # decoded at 1/4 scale: 275 x 225, at least 1.5 x 112
+    assert out.shape == (112, 112) and np.abs(out.astype(float) - full).mean() < 1.0
+    np.testing.assert_array_equal(preprocess_module.preprocess_bytes(path.read_bytes(), str(path), settings), out)
 
 
 # ============================================================================================
@@ -251,6 +293,23 @@ def test_changed_settings_rebuild(tmp_path):
     assert_rows_match_files(data, settings)
 
 
+def test_a_cache_built_by_other_decoding_code_is_rebuilt(tmp_path, monkeypatch):
+    """When the decode-and-resize code changes what pixels it gives (PIXELS_VERSION), neither the preprocessed
+    cache nor the bottleneck features built from the old pixels are reused."""
+    from xraylib import features, models
+
+    manifest = make_split_manifest(tmp_path / "src")
+    run(manifest, tmp_path / "out")
+    spec = models.ModelSpec(backbone="small_cnn", weights=None, image_size=SETTINGS.image_size, classes=CLASSES)
+    model = models.build_model(spec)
+    old_key = features.cache_key(features.describe(model, spec, SETTINGS))
+    monkeypatch.setattr(preprocess_module, "PIXELS_VERSION", preprocess_module.PIXELS_VERSION + 1)
+    monkeypatch.setattr(features, "PIXELS_VERSION", preprocess_module.PIXELS_VERSION)
+    again = run(manifest, tmp_path / "out")
+    assert again.report["new"] == 21 and again.report["cached"] == 0
+    assert features.cache_key(features.describe(model, spec, SETTINGS)) != old_key
+
+
 def test_changed_image_rebuilds(tmp_path):
     manifest = make_split_manifest(tmp_path / "src")
     old = arrays(run(manifest, tmp_path / "out"))
@@ -312,14 +371,20 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, calls_o
     pd.testing.assert_frame_equal(data.manifest, reference.manifest)
 
 
-def test_two_workers_give_the_same_arrays_as_one(tmp_path, monkeypatch):
+def test_two_workers_give_the_same_arrays_as_one_from_one_pool_per_call(tmp_path, monkeypatch):
     manifest = make_split_manifest(tmp_path / "src", {"train": 40, "val": 2, "test": 3})
-    one = run(manifest, tmp_path / "one", workers=1)
     pools = []
     real_pool = preprocess_module._pool
-    monkeypatch.setattr(preprocess_module, "_pool", lambda workers, n: pools.append(real_pool(workers, n)) or pools[-1])
+    monkeypatch.setattr(preprocess_module, "_pool", lambda workers: pools.append(real_pool(workers)) or pools[-1])
+    one = run(manifest, tmp_path / "one", workers=1)
+    assert pools == [None]  # one worker: decoded in the calling thread
+    threads = []
+    real_work = preprocess_module._work
+    monkeypatch.setattr(preprocess_module, "_work", lambda job: threads.append(threading.current_thread()) or real_work(job))
     two = run(manifest, tmp_path / "two", workers=2)
-    assert isinstance(pools[0], ProcessPoolExecutor)  # the train split really ran in two processes
+    # One pool for the whole call, not one per split: its start-up is paid once.
+    assert len(pools) == 2 and isinstance(pools[1], ThreadPoolExecutor) and pools[1]._max_workers == 2
+    assert len(threads) == 45 and threading.main_thread() not in threads and len(set(threads)) <= 2
     for name, images in arrays(one).items():
         np.testing.assert_array_equal(two[name].images, images)
     pd.testing.assert_frame_equal(two.manifest, one.manifest)

@@ -3,7 +3,7 @@
 RSNA's layout (one DICOM per patient, labels with one row per box) at 5,000 patients, with a few
 broken files and labelled ids without a file, as a real folder has. The manifest and the cache are
 built in a fresh process for 1,000 and for 5,000 patients, which reports its counts, its times and
-its peak resident memory (``resource.getrusage``: the main process, and the decoding workers). The
+its peak resident memory (``resource.getrusage``: the process, whose threads decode). The
 counts must be exact, the time per image within a generous budget, and the memory flat: the
 memory-mapped cache and chunked work mean 4,000 more images may not cost more than a few MB each
 thousand.
@@ -39,7 +39,7 @@ CHILD = textwrap.dedent("""
     from pathlib import Path
     from xraylib import manifest, preprocess
 
-    if __name__ == "__main__":  # the decoding workers are spawned: they import this file
+    if __name__ == "__main__":
         root, out = Path(sys.argv[1]), Path(sys.argv[2])
         started = time.perf_counter()
         result = manifest.build_manifest({"rsna_pneumonia": root}, task="pneumonia_vs_normal", views=None,
@@ -167,5 +167,5 @@ def test_memory_stays_flat(runs):
     small, large = runs[N_SMALL], runs[N_LARGE]
     extra = large["peak_mb"] - small["peak_mb"]
     assert extra < EXTRA_MB_ALLOWED, f"peak {small['peak_mb']:.0f} MB for {N_SMALL}, {large['peak_mb']:.0f} MB for {N_LARGE}"
-    assert large["workers_peak_mb"] - small["workers_peak_mb"] < 30  # each worker holds one chunk at a time
+    assert large["workers_peak_mb"] - small["workers_peak_mb"] < 30  # child processes, if any, hold one chunk at a time
     print({n: {k: round(v, 1) for k, v in r.items() if k.endswith(("_s", "_mb"))} for n, r in runs.items()})

@@ -9,6 +9,7 @@ pydicom does the LUT work; we do not re-implement it.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -66,11 +67,41 @@ def parse_age(value: object) -> float | None:
     return years if 0 <= years < 130 else None
 
 
+class _QuietWarnings:
+    """``warnings.catch_warnings()`` + ignore that several threads can be inside at once.
+
+    catch_warnings swaps one process-wide filter list, so two threads overlapping in it can
+    leave warnings switched off for good. Here the first thread in silences, the last one out restores.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._saved: warnings.catch_warnings | None = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._inside == 0:
+                self._saved = warnings.catch_warnings()
+                self._saved.__enter__()
+                warnings.simplefilter("ignore")
+            self._inside += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self._inside -= 1
+            if self._inside == 0 and self._saved is not None:
+                self._saved.__exit__(None, None, None)
+                self._saved = None
+
+
+_quiet = _QuietWarnings()
+
+
 def _read_dataset(data: bytes, path: str) -> pydicom.Dataset:
     try:
-        with warnings.catch_warnings():
+        with _quiet:
             # Real files break small VR rules (RSNA writes PatientAge "43", not "043Y"); we parse leniently.
-            warnings.simplefilter("ignore")
             return pydicom.dcmread(io.BytesIO(data), force=False)
     except InvalidDicomError:
         raise BadFileError(path, "not a DICOM file (no 'DICM' marker)") from None
@@ -87,8 +118,7 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
 
 def read_header(data: bytes, path: str = "<bytes>") -> DicomHeader:
     """The header of a DICOM file given as bytes; raises :class:`BadFileError` if it is not DICOM."""
-    ds = _read_dataset(data, path)
-    return _checked_header(ds, path)
+    return read_dataset(data, path)[1]
 
 
 def _checked_header(ds: pydicom.Dataset, path: str) -> DicomHeader:
@@ -125,6 +155,16 @@ def _header(ds: pydicom.Dataset) -> DicomHeader:
     )
 
 
+def read_dataset(data: bytes, path: str = "<bytes>") -> tuple[pydicom.Dataset, DicomHeader]:
+    """Parse a DICOM file's bytes once: the dataset (pixels not yet decoded) and its header.
+
+    Raises :class:`BadFileError` for a file that is not DICOM or whose header is damaged.
+    """
+    ds = _read_dataset(data, path)
+    with _quiet:  # pydicom converts elements when first read: RSNA's PatientAge "43" warns here, not in dcmread
+        return ds, _checked_header(ds, path)
+
+
 def decode_dicom(data: bytes, path: str = "<bytes>") -> tuple[np.ndarray, DicomHeader]:
     """Decode a DICOM image to ``(H, W) uint8``, display-ready (MONOCHROME1 inverted), and its header.
 
@@ -132,16 +172,24 @@ def decode_dicom(data: bytes, path: str = "<bytes>") -> tuple[np.ndarray, DicomH
     file that is not DICOM, has no pixel data, or uses a compression no installed plugin decodes
     (the message says what to ``pip install``).
     """
-    ds = _read_dataset(data, path)
-    header = _checked_header(ds, path)
+    ds, header = read_dataset(data, path)
+    return decode_dataset(ds, header, path), header
+
+
+def decode_dataset(ds: pydicom.Dataset, header: DicomHeader, path: str = "<bytes>",
+                   writable: bool = True) -> np.ndarray:
+    """The pixels of a dataset from :func:`read_dataset` as ``(H, W) uint8`` display values.
+
+    ``writable=False`` lets plain 8-bit pixels come back as a read-only view of the file's bytes
+    (no copy: for a caller that only resizes them). Raises :class:`BadFileError` as :func:`decode_dicom`.
+    """
     if not header.has_pixels:
         raise BadFileError(path, "DICOM file has no pixel data (no PixelData element)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if header.frames > 1:
-                # Decode only the first frame: the size guard checked one frame, not all of them.
-                ds.pixel_array_options(index=0)
+        with _quiet:
+            # Decode only the first frame (the size guard checked one frame, not all of them), and
+            # let native pixels be a view of the bytes: the copy costs more than the parsing.
+            ds.pixel_array_options(index=0 if header.frames > 1 else None, view_only=True)
             pixels = ds.pixel_array
     except Exception as exc:
         raise BadFileError(path, _decode_failure_message(header, exc, ds)) from None
@@ -152,11 +200,16 @@ def decode_dicom(data: bytes, path: str = "<bytes>") -> tuple[np.ndarray, DicomH
                                  f"{_one_line(exc)}") from None
     if image.ndim != 2:
         raise BadFileError(path, f"unexpected DICOM pixel array shape {pixels.shape}")
-    return image, header
+    if writable and not image.flags.writeable:
+        image = image.copy()
+    return image
 
 
 def _display_pixels(pixels: np.ndarray, header: DicomHeader, ds: pydicom.Dataset) -> np.ndarray:
-    """Decoded pixels to ``(H, W) uint8`` display values: LUTs, 8-bit scaling, MONOCHROME1 inversion."""
+    """Decoded pixels to ``(H, W) uint8`` display values: LUTs, 8-bit scaling, MONOCHROME1 inversion.
+
+    Plain 8-bit pixels come back as they are (possibly a read-only view); the rest are new arrays.
+    """
     if header.frames > 1 and pixels.ndim >= 3 and pixels.shape[0] == header.frames:
         pixels = pixels[0]
     if pixels.ndim == 3:  # colour DICOM (e.g. a secondary capture in RGB)
@@ -169,12 +222,13 @@ def _display_pixels(pixels: np.ndarray, header: DicomHeader, ds: pydicom.Dataset
     if pixels.dtype == np.uint8 and not has_luts:
         # Plain 8-bit pixels are already display values: keep them as they are, as for a PNG,
         # so the same pixels give the same model input whether stored as PNG or as DICOM.
-        image = np.array(pixels, dtype=np.uint8)
+        image = pixels
     else:
         values = apply_modality_lut(pixels, ds)
         if "WindowCenter" in ds or "VOILUTSequence" in ds:
             values = apply_voi_lut(values, ds, index=0)
-        if not np.isfinite(values).all():  # e.g. RescaleSlope 1e308: scaling would give noise, not an image
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            # e.g. RescaleSlope 1e308: scaling would give noise, not an image
             raise ValueError("pixel values are not finite after the rescale slope/intercept and window")
         image = _to_uint8(values)
     if header.photometric == "MONOCHROME1":
@@ -226,9 +280,31 @@ def _decoder_available(ds: pydicom.Dataset) -> bool:
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:
     """Min-max scale any numeric image to the full 0..255 range (a constant image becomes 0)."""
+    values = np.asarray(values)
+    if values.dtype.kind in "ui" and values.itemsize <= 2:
+        return _integers_to_uint8(values)
     values = np.asarray(values, dtype=np.float64)
     low, high = float(np.min(values)), float(np.max(values))
     if high <= low:
         return np.zeros(values.shape, dtype=np.uint8)
+    return _scale(values, low, high)
+
+
+def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
     scaled = (values - low) * (255.0 / (high - low))
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _integers_to_uint8(values: np.ndarray) -> np.ndarray:
+    """:func:`_to_uint8` of 8- or 16-bit integers through a table: the same float64 arithmetic, once per value.
+
+    A 16-bit image has at most 65,536 distinct values, so scaling each value once and indexing
+    gives the very same bytes as scaling every pixel, at a third of the time and memory.
+    """
+    low, high = int(values.min()), int(values.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    table = _scale(np.arange(low, high + 1, dtype=np.float64), low, high)
+    offsets = values if low == 0 and values.dtype.kind == "u" else \
+        np.subtract(values, low, dtype=np.int32 if values.dtype.kind == "i" else values.dtype)
+    return np.take(table, offsets)

@@ -50,7 +50,7 @@ from tqdm import tqdm
 from . import models
 from .errors import ConfigError
 from .fileio import save_npy_atomic, write_json_atomic
-from .preprocess import PreprocessedData, PreprocessedSplit, PreprocessSettings
+from .preprocess import PIXELS_VERSION, PreprocessedData, PreprocessedSplit, PreprocessSettings
 
 FORMAT = "xraylib bottleneck features v1"
 FEATURES_DIR = "features"
@@ -142,6 +142,7 @@ def describe(model: keras.Model, spec: models.ModelSpec, preprocessing: Preproce
         "feature_layer": models.feature_layer_name(model),
         "backbone_weights_sha1": backbone_sha1(model),
         "preprocessing": preprocessing.to_dict(),
+        "pixels_version": PIXELS_VERSION,
         "compute_dtype": "mixed_float16" if models.uses_mixed_precision(model) else "float32",
         "stored_dtype": "float32",
         # As given, for people: the key uses the weight values above, not the path they came from.

@@ -131,8 +131,8 @@ def read_bytes(
     ``retries`` retries. ``opener(path, "rb")`` opens the file (default :func:`open`); every
     function that reads source files passes its own ``opener`` argument down to here
     (``images.read_image``, ``images.inspect_file``, ``manifest.build_manifest``,
-    ``preprocess.preprocess_dataset``), so tests can inject faults. For the worker processes of
-    preprocessing it must be picklable (a module-level function or an instance of a module-level class).
+    ``preprocess.preprocess_dataset``), so tests can inject faults. Those call it from several
+    threads at once (their parallel readers), so it must be safe to call concurrently.
     """
     path = str(path)
     for attempt in range(retries + 1):

@@ -74,6 +74,37 @@ def detect_format(data: bytes, path: str = "<bytes>") -> str:
     raise BadFileError(path, "not a PNG, JPEG or DICOM file (unrecognised content)")
 
 
+@dataclass(frozen=True)
+class _Checked:
+    """A file that passed the header checks: what :func:`inspect_bytes` reports (less the hash) and,
+    for a DICOM, the parsed dataset, so that decoding does not parse the file a second time."""
+
+    file_format: str
+    width: int | None
+    height: int | None
+    channels: int | None
+    bit_depth: int | None
+    dicom_header: dicom.DicomHeader | None = None
+    dataset: Any = None
+
+
+def _check_bytes(data: bytes, path: str) -> _Checked:
+    fmt = detect_format(data, path)
+    if fmt == "png":
+        checked = _Checked("png", *_png_header(data, path))
+    elif fmt == "jpeg":
+        checked = _Checked("jpeg", *_jpeg_header(data, path))
+    else:
+        dataset, header = dicom.read_dataset(data, path)
+        if not header.has_pixels:
+            raise BadFileError(path, "DICOM file has no pixel data (no PixelData element)")
+        if (missing := dicom.missing_decoder_message(header)) is not None:
+            raise BadFileError(path, missing)
+        checked = _Checked("dicom", header.columns, header.rows, 1, header.bits_stored, header, dataset)
+    _check_size(checked.width, checked.height, path)
+    return checked
+
+
 def inspect_bytes(data: bytes, path: str = "<bytes>") -> ImageInfo:
     """Format, size, channels, bit depth and SHA-1 of an image file's bytes, without decoding pixels.
 
@@ -81,22 +112,9 @@ def inspect_bytes(data: bytes, path: str = "<bytes>") -> ImageInfo:
     chunk, a DICOM has pixel data that an installed plugin can decode) and not a decompression
     bomb. Raises :class:`BadFileError`.
     """
-    fmt = detect_format(data, path)
-    if fmt == "png":
-        width, height, channels, depth = _png_header(data, path)
-        info = ImageInfo("png", width, height, channels, depth, sha1_bytes(data))
-    elif fmt == "jpeg":
-        width, height, channels = _jpeg_header(data, path)
-        info = ImageInfo("jpeg", width, height, channels, 8, sha1_bytes(data))
-    else:
-        header = dicom.read_header(data, path)
-        if not header.has_pixels:
-            raise BadFileError(path, "DICOM file has no pixel data (no PixelData element)")
-        if (missing := dicom.missing_decoder_message(header)) is not None:
-            raise BadFileError(path, missing)
-        info = ImageInfo("dicom", header.columns, header.rows, 1, header.bits_stored, sha1_bytes(data), header)
-    _check_size(info.width, info.height, path)
-    return info
+    checked = _check_bytes(data, path)
+    return ImageInfo(checked.file_format, checked.width, checked.height, checked.channels, checked.bit_depth,
+                     sha1_bytes(data), checked.dicom_header)
 
 
 def inspect_file(path: str | os.PathLike, opener: Callable[[str, str], Any] = open) -> ImageInfo:
@@ -108,16 +126,49 @@ def inspect_file(path: str | os.PathLike, opener: Callable[[str, str], Any] = op
     return inspect_bytes(read_bytes(path, opener=opener), str(path))
 
 
-def decode_bytes(data: bytes, path: str = "<bytes>") -> np.ndarray:
-    """Decode PNG/JPEG/DICOM bytes to ``(H, W) uint8`` grayscale. Raises :class:`BadFileError`."""
-    info = inspect_bytes(data, path)
-    if info.file_format == "dicom":
-        pixels, _ = dicom.decode_dicom(data, path)
+#: OpenCV's flags for a JPEG decoded by libjpeg straight to gray (its luma) at 1/2, 1/4 and 1/8 of its size.
+_REDUCED_GRAYSCALE = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+                      8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
+
+
+def decode_bytes(data: bytes, path: str = "<bytes>", *, at_least: int | None = None,
+                 writable: bool = True) -> np.ndarray:
+    """Decode PNG/JPEG/DICOM bytes to ``(H, W) uint8`` grayscale. Raises :class:`BadFileError`.
+
+    The file is checked as by :func:`inspect_bytes` (complete, not a decompression bomb) and
+    parsed once. For a caller that shrinks the image anyway: ``at_least`` lets a large 8-bit JPEG
+    be decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT-domain scaling, Pillow's draft mode),
+    straight to gray (its luma: the same for gray content, a few grey levels off a conversion of
+    the decoded colours on saturated ones), while both its sides stay at least ``at_least``
+    pixels (a side that does not divide is rounded up: the aspect ratio may change by a fraction
+    of a pixel). Any other file decodes exactly as without ``at_least``. ``writable=False`` lets
+    plain 8-bit DICOM pixels come back as a read-only view of the file's bytes instead of a copy.
+    """
+    checked = _check_bytes(data, path)
+    factor = _jpeg_reduction(checked, at_least) if at_least else 1
+    if factor > 1:  # the header's size was checked, and the reduced image keeps `at_least`
+        return _decode_raster(data, path, _REDUCED_GRAYSCALE[factor])
+    if checked.file_format == "dicom":
+        pixels = dicom.decode_dataset(checked.dataset, checked.dicom_header, path, writable=writable)
     else:
         pixels = _decode_raster(data, path)
     if pixels.shape[0] < MIN_SIDE or pixels.shape[1] < MIN_SIDE:
         raise BadFileError(path, f"image is {pixels.shape[1]}x{pixels.shape[0]} pixels, smaller than {MIN_SIDE}x{MIN_SIDE}")
     return pixels
+
+
+def _jpeg_reduction(checked: _Checked, at_least: int) -> int:
+    """The largest of 1, 2, 4, 8 that keeps both sides of a JPEG (libjpeg rounds them up) at ``at_least`` or more.
+
+    1 for anything but an 8-bit JPEG: a 12-bit one keeps its depth (the reduced flags cut it to 8 bits).
+    """
+    if checked.file_format != "jpeg" or checked.bit_depth != 8:
+        return 1
+    shorter = min(checked.width, checked.height)
+    factor = 1
+    while factor < 8 and -(-shorter // (2 * factor)) >= at_least:
+        factor *= 2
+    return factor
 
 
 def read_image(path: str | os.PathLike, opener: Callable[[str, str], Any] = open) -> np.ndarray:
@@ -128,10 +179,11 @@ def read_image(path: str | os.PathLike, opener: Callable[[str, str], Any] = open
     return decode_bytes(read_bytes(path, opener=opener), str(path))
 
 
-def _decode_raster(data: bytes, path: str) -> np.ndarray:
+def _decode_raster(data: bytes, path: str,
+                   flags: int = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) -> np.ndarray:
     buffer = np.frombuffer(data, dtype=np.uint8)
     # ANYDEPTH keeps 16-bit PNGs at 16 bits; ANYCOLOR keeps gray as gray and applies EXIF orientation.
-    image = cv2.imdecode(buffer, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    image = cv2.imdecode(buffer, flags)
     if image is None:
         raise BadFileError(path, "image data is damaged and could not be decoded")
     if image.ndim == 3:
@@ -171,7 +223,8 @@ def _png_header(data: bytes, path: str) -> tuple[int, int, int, int]:
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-def _jpeg_header(data: bytes, path: str) -> tuple[int, int, int]:
+def _jpeg_header(data: bytes, path: str) -> tuple[int, int, int, int]:
+    """Width, height, components and bits per sample from the frame header; truncation is refused."""
     frame = None
     pos = 2
     while pos + 4 <= len(data):
@@ -191,7 +244,7 @@ def _jpeg_header(data: bytes, path: str) -> tuple[int, int, int]:
             if pos + 10 > len(data):
                 raise BadFileError(path, "truncated JPEG file (it ends inside its frame header)")
             height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
-            frame = (width, height, data[pos + 9])
+            frame = (width, height, data[pos + 9], data[pos + 4])  # components, sample precision
         elif marker == 0xDA:  # start of scan: entropy-coded data follows
             if frame is None:
                 break

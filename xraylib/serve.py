@@ -22,8 +22,8 @@ Safe by default:
   (500 only for a bug, without its stack trace, which goes to the server log).
 
 The preprocessing always comes from the model's ``model.json``: the same
-:func:`xraylib.images.decode_bytes` and :func:`xraylib.preprocess.preprocess_pixels` that
-:func:`xraylib.predict.predict_files` uses, so the page and ``predict`` agree.
+:func:`xraylib.preprocess.preprocess_bytes` that :func:`xraylib.predict.predict_files` uses, so
+the page and ``predict`` agree.
 
 Research software, not a diagnostic device: the page says so at the top.
 """
@@ -187,8 +187,8 @@ class Analyser:
             try:
                 # Facts first: its inspect_bytes refuses decompression bombs before any pixel is decoded.
                 fact = ood.image_facts(data, shown)
-                pixels = images.decode_bytes(data, shown)
-                inputs.append(preprocess.preprocess_pixels(pixels, self.settings))
+                inputs.append(preprocess.preprocess_bytes(data, shown, self.settings))
+                pixels = images.decode_bytes(data, shown)  # full size, for the page
             except BadFileError as exc:
                 results.append({"name": shown, "ok": False, "error": exc.reason})
                 continue

@@ -89,7 +89,8 @@ def _read_csv(path: Path, what: str, required: tuple[str, ...]) -> pd.DataFrame:
     return frame.replace({"": np.nan})
 
 
-def _finish(rows: list[dict], source: str) -> pd.DataFrame:
+def _finish(rows: list[dict] | dict[str, list], source: str) -> pd.DataFrame:
+    """The reader's rows (a dict per row, or a list per column) as a SOURCE_COLUMNS frame."""
     frame = pd.DataFrame(rows, columns=SOURCE_COLUMNS)
     frame["source"] = source
     frame["age"] = pd.to_numeric(frame["age"], errors="coerce")
@@ -204,28 +205,30 @@ def read_rsna(root: str | os.PathLike) -> SourceTable:
     _require_dir(root, "RSNA pneumonia: expected stage_2_train_images/ and the label CSVs")
     per_patient = read_rsna_labels(root)
     images = root / "stage_2_train_images"
-    present = {p.stem: p for p in images.glob("*.dcm")} if images.is_dir() else {}
+    # Names, not Path objects, and columns, not a dict per row: RSNA has 26,684 patients.
+    present = {os.path.splitext(name)[0] for name in os.listdir(images) if name.endswith(".dcm")} if images.is_dir() else set()
     table = SourceTable("rsna", pd.DataFrame(columns=SOURCE_COLUMNS))
-    rows = []
+    patient_ids, labels, classes = [], [], []
     missing = 0
-    for record in per_patient.to_dict("records"):
-        label = RSNA_CLASS_LABELS.get(record["class"])
+    for patient_id, rsna_class in zip(per_patient["patientId"].tolist(), per_patient["class"].tolist()):
+        label = RSNA_CLASS_LABELS.get(rsna_class)
         if label is None:
-            table.exclude(f"RSNA class not used: {record['class']}", 1)
-            continue
-        path = present.get(record["patientId"])
-        if path is None:
+            table.exclude(f"RSNA class not used: {rsna_class}", 1)
+        elif patient_id not in present:
             missing += 1
-            continue
-        rows.append({
-            "path": str(path), "label": label, "patient_id": f"rsna:{record['patientId']}",
-            "view": None, "sex": None, "age": None, "finding": record["class"], "modality": None,
-            "source_split": None, "image_id": record["patientId"],
-        })
+        else:
+            patient_ids.append(patient_id)
+            labels.append(label)
+            classes.append(rsna_class)
     if missing:
         where = images if images.is_dir() else f"{images} (folder not found)"
         table.problems.append((str(where), f"{missing} labelled patientIds have no DICOM file"))
-    table.rows = _finish(rows, "rsna")
+    unknown = [None] * len(patient_ids)  # sex, age and view come from each DICOM header
+    table.rows = _finish({
+        "path": [str(images / f"{p}.dcm") for p in patient_ids], "label": labels,
+        "patient_id": [f"rsna:{p}" for p in patient_ids], "view": unknown, "sex": unknown, "age": unknown,
+        "finding": classes, "modality": unknown, "source_split": unknown, "image_id": patient_ids,
+    }, "rsna")
     return table
 
 
