@@ -302,6 +302,25 @@ def test_no_images_left_is_a_helpful_error(tmp_path):
     assert "no images left" in message and "covid_vs_normal" in message and "'covid'" in message
 
 
+def test_a_reader_bug_on_one_file_is_reported_and_the_rest_kept(sources, monkeypatch):
+    from xraylib import images
+
+    kaggle = sources["chest_xray_pneumonia"] / "chest_xray"
+    victim = str(kaggle / "train" / "NORMAL" / "IM-0117-0001.jpeg")
+    real = images.inspect_file
+
+    def buggy(path, opener=open):
+        if str(path) == victim:
+            raise RuntimeError("a decoder bug")
+        return real(path, opener=opener)
+
+    monkeypatch.setattr(images, "inspect_file", buggy)
+    manifest = build(sources)
+    reasons = dict(manifest.report.problems)
+    assert reasons == {victim: "unexpected RuntimeError: a decoder bug"}
+    assert victim not in set(manifest.frame["path"]) and len(manifest.frame) > 0
+
+
 def test_bad_arguments_are_config_errors(sources):
     with pytest.raises(ConfigError, match="covid_vs_pneumonia"):
         build(sources, task="covid_vs_pneumonia")

@@ -252,6 +252,27 @@ def test_save_model_writes_keras_h5_and_json_with_versions(saved):
     assert meta["model"]["backbone"] == "vgg16"
 
 
+def test_a_model_trained_on_other_decoded_pixels_loads_with_a_warning(saved, tmp_path):
+    import shutil
+    import warnings
+
+    from xraylib.preprocess import PIXELS_VERSION
+
+    folder = tmp_path / "run"
+    shutil.copytree(saved["folder"], folder)
+    meta = json.loads((folder / "model.json").read_text())
+    for version, warns in ((PIXELS_VERSION, False), (PIXELS_VERSION - 1, True)):
+        meta["preprocessing"] = {"image_size": SIZE, "resize": "stretch", "pixels_version": version}
+        (folder / "model.json").write_text(json.dumps(meta))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            models.load_model(folder)
+        messages = [str(w.message) for w in caught if "pixel code version" in str(w.message)]
+        assert len(messages) == int(warns), messages
+        if warns:
+            assert str(folder / "model.json") in messages[0] and "Retrain" in messages[0]
+
+
 @pytest.mark.parametrize("target", ["", "model.keras", "model.h5"])
 def test_load_model_gives_the_same_probabilities(saved, target):
     loaded = models.load_model(saved["folder"] / target if target else saved["folder"])

@@ -272,7 +272,11 @@ def ieee_rows(draw) -> list[list[str]]:
 
 def _write_csv(path: Path, header: list[str], rows: list[list[str]], crlf: bool) -> None:
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\r\n" if crlf else "\n").writerows([header] + rows)
+    # csv quotes a field holding a character of the line terminator; with "\n" a bare "\r" would stay unquoted and
+    # end the line for any CSV reader (the file would hold other rows than the test means): quote every field then.
+    bare_cr = not crlf and any("\r" in field for row in rows for field in row)
+    csv.writer(buffer, lineterminator="\r\n" if crlf else "\n",
+               quoting=csv.QUOTE_ALL if bare_cr else csv.QUOTE_MINIMAL).writerows([header] + rows)
     path.write_text(buffer.getvalue(), encoding="utf-8")
 
 

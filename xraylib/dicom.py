@@ -9,7 +9,6 @@ pydicom does the LUT work; we do not re-implement it.
 from __future__ import annotations
 
 import io
-import threading
 import warnings
 from dataclasses import dataclass
 
@@ -67,42 +66,16 @@ def parse_age(value: object) -> float | None:
     return years if 0 <= years < 130 else None
 
 
-class _QuietWarnings:
-    """``warnings.catch_warnings()`` + ignore that several threads can be inside at once.
-
-    catch_warnings swaps one process-wide filter list, so two threads overlapping in it can
-    leave warnings switched off for good. Here the first thread in silences, the last one out restores.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._inside = 0
-        self._saved: warnings.catch_warnings | None = None
-
-    def __enter__(self) -> None:
-        with self._lock:
-            if self._inside == 0:
-                self._saved = warnings.catch_warnings()
-                self._saved.__enter__()
-                warnings.simplefilter("ignore")
-            self._inside += 1
-
-    def __exit__(self, *exc_info: object) -> None:
-        with self._lock:
-            self._inside -= 1
-            if self._inside == 0 and self._saved is not None:
-                self._saved.__exit__(None, None, None)
-                self._saved = None
-
-
-_quiet = _QuietWarnings()
+# Real files break small VR rules (RSNA writes PatientAge "43", not "043Y"), and pydicom warns about each as
+# it converts the element; xraylib parses leniently and reports what matters itself. One narrow filter,
+# installed once: pydicom's UserWarnings only. (Switching the process-wide filters per call, as
+# warnings.catch_warnings does, is not safe with decoding threads and would hide other code's warnings.)
+warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
 
 
 def _read_dataset(data: bytes, path: str) -> pydicom.Dataset:
     try:
-        with _quiet:
-            # Real files break small VR rules (RSNA writes PatientAge "43", not "043Y"); we parse leniently.
-            return pydicom.dcmread(io.BytesIO(data), force=False)
+        return pydicom.dcmread(io.BytesIO(data), force=False)
     except InvalidDicomError:
         raise BadFileError(path, "not a DICOM file (no 'DICM' marker)") from None
     except Exception as exc:  # pydicom raises many types for damaged files
@@ -161,8 +134,7 @@ def read_dataset(data: bytes, path: str = "<bytes>") -> tuple[pydicom.Dataset, D
     Raises :class:`BadFileError` for a file that is not DICOM or whose header is damaged.
     """
     ds = _read_dataset(data, path)
-    with _quiet:  # pydicom converts elements when first read: RSNA's PatientAge "43" warns here, not in dcmread
-        return ds, _checked_header(ds, path)
+    return ds, _checked_header(ds, path)
 
 
 def decode_dicom(data: bytes, path: str = "<bytes>") -> tuple[np.ndarray, DicomHeader]:
@@ -186,11 +158,14 @@ def decode_dataset(ds: pydicom.Dataset, header: DicomHeader, path: str = "<bytes
     if not header.has_pixels:
         raise BadFileError(path, "DICOM file has no pixel data (no PixelData element)")
     try:
-        with _quiet:
-            # Decode only the first frame (the size guard checked one frame, not all of them), and
-            # let native pixels be a view of the bytes: the copy costs more than the parsing.
-            ds.pixel_array_options(index=0 if header.frames > 1 else None, view_only=True)
-            pixels = ds.pixel_array
+        # Decode only the first frame (the size guard checked one frame, not all of them), and let plain 8-bit
+        # pixels be a view of the bytes: the copy costs more than the parsing. (Asked of other pixels, pydicom
+        # copies anyway and logs a line per file.)
+        syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        plain_8bit = (ds.get("BitsAllocated") == 8 and header.bits_stored == 8
+                      and syntax is not None and not syntax.is_compressed)
+        ds.pixel_array_options(index=0 if header.frames > 1 else None, view_only=plain_8bit)
+        pixels = ds.pixel_array
     except Exception as exc:
         raise BadFileError(path, _decode_failure_message(header, exc, ds)) from None
     try:

@@ -101,6 +101,8 @@ def _inspect(path: str, opener: Callable[[str, str], Any] = open) -> tuple[str, 
         return path, images.inspect_file(path, opener=opener), None
     except BadFileError as exc:
         return path, None, exc.reason
+    except Exception as exc:  # a reader bug on one file must not stop a folder of thousands: reported, skipped
+        return path, None, f"unexpected {type(exc).__name__}: {exc}"
 
 
 def inspect_files(paths: Iterable[str], workers: int = 8, progress: bool = True,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from dataclasses import replace as dataclasses_replace
 from pathlib import Path
@@ -21,7 +22,7 @@ import keras
 import numpy as np
 
 from .errors import ModelError
-from .preprocess import NORMALISATION
+from .preprocess import NORMALISATION, PIXELS_VERSION
 
 #: backbone name -> (keras.applications constructor name, last conv layer, top-block layer prefixes)
 BACKBONES: dict[str, tuple[str | None, str, tuple[str, ...]]] = {
@@ -432,6 +433,12 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         raise ModelError(f"{meta_path}: missing; xraylib needs the model's JSON (classes, preprocessing, threshold) "
                          "saved next to it by training")
     metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+    trained_on = metadata.get("preprocessing", {}).get("pixels_version")
+    if trained_on is not None and trained_on != PIXELS_VERSION:
+        warnings.warn(f"{meta_path}: the model was trained on images decoded by xraylib's pixel code version "
+                      f"{trained_on}; this xraylib decodes version {PIXELS_VERSION}, so its inputs may differ by a "
+                      "fraction of a grey level on average. Retrain (or use the xraylib it was trained with) for "
+                      "exact agreement.", UserWarning, stacklevel=2)
     versions = metadata.get("versions", {})
     saved_with = versions.get("keras", "unknown")
     if saved_model:

@@ -188,7 +188,7 @@ class Analyser:
                 # Facts first: its inspect_bytes refuses decompression bombs before any pixel is decoded.
                 fact = ood.image_facts(data, shown)
                 inputs.append(preprocess.preprocess_bytes(data, shown, self.settings))
-                pixels = images.decode_bytes(data, shown)  # full size, for the page
+                pixels = images.decode_bytes(data, shown) if with_images else None  # full size, for the page
             except BadFileError as exc:
                 results.append({"name": shown, "ok": False, "error": exc.reason})
                 continue

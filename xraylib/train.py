@@ -33,7 +33,7 @@ import pandas as pd
 from . import features, models
 from .errors import ConfigError
 from .fileio import write_csv_atomic, write_json_atomic
-from .preprocess import PreprocessedData, PreprocessedSplit
+from .preprocess import PIXELS_VERSION, PreprocessedData, PreprocessedSplit
 
 
 @dataclass(frozen=True)
@@ -546,7 +546,8 @@ def finish_run(model: keras.Model, data: PreprocessedData, spec: models.ModelSpe
     metadata = {
         "classes": list(data.classes),
         "input_size": [spec.image_size, spec.image_size, 1],
-        "preprocessing": {**data.settings.to_dict(), "normalisation": "inside the model (layers to_rgb, normalise)"},
+        "preprocessing": {**data.settings.to_dict(), "normalisation": "inside the model (layers to_rgb, normalise)",
+                          "pixels_version": PIXELS_VERSION},
         "model": spec.to_dict(),
         "training": settings.to_dict(),
         "training_data": {"key": data.key, "folder": str(data.folder),
