@@ -52,7 +52,8 @@ CLASSES = ("normal", "covid")
 
 # --quick and the full run: the same measurements, fewer images and repeats.
 MODES = {
-    "quick": {"repeats": 3, "train_repeats": {"vgg16": 1, "mobilenet": 3}, "train_images": {"vgg16": 80, "mobilenet": 200}, "test_images": {"vgg16": 120, "mobilenet": 200},
+    "quick": {"repeats": 3, "train_repeats": {"vgg16": 1, "mobilenet": 3}, "train_images": {"vgg16": 240, "mobilenet": 200},
+              "test_images": {"vgg16": 120, "mobilenet": 200},
               "raster_files": 300, "dicom_files": 150, "infer_files": {"vgg16": 24, "mobilenet": 96},
               "memory_sizes": (1000, 8000), "memory_repeats": 1, "streaming": ("mobilenet",), "epochs": (10, 25)},
     "full": {"repeats": 3, "train_repeats": {"vgg16": 3, "mobilenet": 3}, "train_images": {"vgg16": 400, "mobilenet": 400}, "test_images": {"vgg16": 300, "mobilenet": 300},
