@@ -15,13 +15,15 @@ the two sides of a comparison alternate inside each repeat, so a noisy machine s
    ImageNet weights cannot be downloaded on this machine; the timing does not depend on the
    weights' values. MobileNet(alpha=0.25) runs with its real ImageNet weights from ../shared/weights.
 2. Preprocessing throughput (images/s), JPEG/PNG (real files from ../shared/data) and DICOM
-   (1024x1024 synthetic files written with pydicom): ``preprocess_dataset`` with 1 and 2 workers
+   (copies of the real RSNA-format file in ../shared/data/dicom-samples, JPEG Baseline 1024x1024
+   as all RSNA files are, and 1024x1024 uncompressed synthetic files written with pydicom):
+   ``preprocess_dataset`` with 1 and 2 workers
    (decoding threads, one pool per call) against a plain loop of ``cv2.imread`` + ``cv2.resize``
    (``pydicom.dcmread`` + ``cv2.resize`` for DICOM), the seeds' way.
 3. Inference throughput (images/s) for a folder of image files: ``xraylib.predict.predict_files``
    (batched) against one ``model.predict`` per image, as the seeds' "check your own images" did.
 4. Peak memory (RSS) of building the manifest and the preprocessed cache for 1,000 and 8,000
-   synthetic 256x256 DICOMs in the RSNA layout, each in a fresh process.
+   synthetic 256x256 JPEG Baseline DICOMs in the RSNA layout, each in a fresh process.
 5. GPU rows (training and inference with and without mixed precision): measured only where a
    GPU is visible; otherwise marked "not measured".
 
@@ -189,11 +191,35 @@ def test_auc(model, data, spec) -> float:
 
 
 def seeds_loop(data, spec, work: Path, seed: int) -> dict:
-    """The seeds' loop: every image as float32 in memory, ``model.fit`` through the frozen backbone every epoch."""
+    """The seeds' loop: every image as float32 in memory, ``model.fit`` through the frozen backbone every epoch.
+
+    One change, so that the test AUCs compare the two computations rather than two shuffles: the batches
+    are drawn in the order xraylib draws them (``train.epoch_order`` from ``(seed, epoch)``, where the seeds
+    let Keras shuffle), with dropout reseeded per epoch as xraylib does. It costs nothing measurable.
+    """
     import keras
 
     from xraylib import models
     from xraylib import train as xt
+
+    class InMemoryBatches(keras.utils.PyDataset):
+        """Batches of the in-memory float32 arrays, in xraylib's order for each epoch."""
+
+        def __init__(self, x: np.ndarray, y: np.ndarray):
+            super().__init__()
+            self.x, self.y, self.epochs_begun = x, y, 0
+            self.order = xt.epoch_order(len(x), seed, 0)  # fit() reads a batch for the shapes before epoch 0 begins
+
+        def __len__(self) -> int:
+            return -(-len(self.x) // BATCH_SIZE)
+
+        def __getitem__(self, index: int):
+            rows = self.order[index * BATCH_SIZE:(index + 1) * BATCH_SIZE]
+            return self.x[rows], self.y[rows]
+
+        def on_epoch_begin(self) -> None:  # called by fit() at each epoch's start (as for xraylib's ImageBatches)
+            self.order = xt.epoch_order(len(self.x), seed, self.epochs_begun)
+            self.epochs_begun += 1
 
     started = time.perf_counter()
     x_train = np.asarray(data["train"].images, dtype=np.float32)[..., None]
@@ -214,9 +240,9 @@ def seeds_loop(data, spec, work: Path, seed: int) -> dict:
                 heads[epoch + 1] = {n: model.get_layer(n).get_weights() for n in models.head_layer_names()}
                 paused[0] += time.perf_counter() - copy_started
 
-    model.fit(x_train, data["train"].one_hot, batch_size=BATCH_SIZE, epochs=max(EPOCHS),
-              validation_data=(x_val, data["val"].one_hot), class_weight=weights, shuffle=True, verbose=0,
-              callbacks=[Marks()])
+    model.fit(InMemoryBatches(x_train, data["train"].one_hot), epochs=max(EPOCHS),
+              validation_data=(x_val, data["val"].one_hot), validation_batch_size=BATCH_SIZE, class_weight=weights,
+              shuffle=False, verbose=0, callbacks=[Marks(), xt.ReseedDropout(seed)])  # shuffle=True would reorder the batches
     save_started = time.perf_counter()
     model.save(work / "seeds_model.h5")  # the seeds saved their model as .h5
     save_seconds = time.perf_counter() - save_started
@@ -334,15 +360,22 @@ def raster_files(data_root: Path, n: int, seed: int) -> list[Path]:
     return [files[i] for i in sorted(rng.choice(len(files), size=min(n, len(files)), replace=False))]
 
 
-def write_dicom(path: Path, pixels: np.ndarray, patient_id: str) -> None:
-    import pydicom
+#: The RSNA files are JPEG Baseline DICOMs of about 130 KB (the real one in ../shared/data/dicom-samples:
+#: 127 KB for 1024x1024); OpenCV's quality 90 gives the synthetic phantoms a similar size.
+RSNA_JPEG_QUALITY = 90
+
+
+def write_dicom(path: Path, pixels: np.ndarray, patient_id: str, jpeg_quality: int | None = RSNA_JPEG_QUALITY) -> None:
+    """A DICOM in the RSNA header layout: JPEG Baseline as the RSNA files (``jpeg_quality=None``: uncompressed)."""
+    import cv2
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate_uid
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian if jpeg_quality is None else JPEGBaseline8Bit
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
@@ -351,10 +384,17 @@ def write_dicom(path: Path, pixels: np.ndarray, patient_id: str) -> None:
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.Rows, ds.Columns = pixels.shape
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+    if jpeg_quality is None:
+        ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+    else:
+        ok, encoded = cv2.imencode(".jpg", np.ascontiguousarray(pixels, dtype=np.uint8),
+                                   [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+        assert ok, path
+        ds.PixelData = encapsulate([encoded.tobytes()])
+        ds["PixelData"].VR = "OB"
+        ds.LossyImageCompression = "01"
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
-    del pydicom
 
 
 def phantoms(n: int, size: int, seed: int) -> list[np.ndarray]:
@@ -364,14 +404,37 @@ def phantoms(n: int, size: int, seed: int) -> list[np.ndarray]:
             for i in range(n)]
 
 
-def dicom_files(folder: Path, n: int, size: int, seed: int) -> list[Path]:
+def dicom_files(folder: Path, n: int, size: int, seed: int, jpeg_quality: int | None = RSNA_JPEG_QUALITY) -> list[Path]:
     bases = phantoms(8, size, seed)
     paths = []
     for i in range(n):
         path = folder / f"image_{i:05d}.dcm"
         pixels = bases[i % len(bases)].copy()
         pixels[0, :8] = np.frombuffer(i.to_bytes(8, "big"), dtype=np.uint8)  # every file's pixels differ
-        write_dicom(path, pixels, f"patient-{i:05d}")
+        write_dicom(path, pixels, f"patient-{i:05d}", jpeg_quality)
+        paths.append(path)
+    return paths
+
+
+def rsna_dicom_copies(data_root: Path, folder: Path, n: int) -> list[Path]:
+    """``n`` copies of the real RSNA-format DICOM in ``dicom-samples`` (JPEG Baseline, 1024x1024), each with
+    its own patient ID and UIDs (the pixel data untouched); [] when the sample is absent."""
+    import pydicom
+    from pydicom.uid import JPEGBaseline8Bit, generate_uid
+
+    samples = sorted((data_root / "dicom-samples").glob("*.dcm"))
+    real = [p for p in samples if (ds := pydicom.dcmread(p, stop_before_pixels=True)).file_meta.TransferSyntaxUID
+            == JPEGBaseline8Bit and ds.get("PhotometricInterpretation") == "MONOCHROME2"]
+    if not real:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        ds = pydicom.dcmread(real[0])
+        ds.PatientID = ds.PatientName = f"copy-{i:05d}"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        path = folder / f"image_{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
 
@@ -458,7 +521,7 @@ def bench_inference(backbone: str, run_dir: Path, files: list[Path], repeats: in
 
 
 def write_rsna(folder: Path, n: int, seed: int) -> None:
-    """``n`` 256x256 DICOMs in the RSNA layout (half Normal, half Lung Opacity) with the two label CSVs."""
+    """``n`` 256x256 JPEG Baseline DICOMs in the RSNA layout (half Normal, half Lung Opacity) with the two label CSVs."""
     images = folder / "stage_2_train_images"
     images.mkdir(parents=True, exist_ok=True)
     bases = phantoms(8, 256, seed)
@@ -564,7 +627,7 @@ def bench_memory(work: Path, sizes: tuple[int, ...], repeats: int, seed: int) ->
     with_workers = {n: median([r["peak_rss_with_workers_mb"] for r in runs[n]]) for n in sizes}
     slope = (peak[large] - peak[small]) / (large - small)
     return {
-        "image_size_on_disk": "256x256 8-bit DICOM (pydicom); cached at 224x224",
+        "image_size_on_disk": "256x256 8-bit JPEG Baseline DICOM (pydicom), as the RSNA files are stored; cached at 224x224",
         "workers": 2, "repeats": repeats, "runs": {str(n): r for n, r in runs.items()},
         "peak_rss_mb": {str(n): v for n, v in peak.items()},
         "peak_anonymous_mb": {str(n): v for n, v in anonymous.items()},
@@ -633,9 +696,11 @@ def markdown(results: dict) -> str:
                          f"{fmt(extra['seeds_loop_seconds'])} s, xraylib {fmt(extra['xraylib_seconds'])} s, "
                          f"**{fmt(extra['speedup'])}x** ({extra['how']}).")
     lines += ["", "Test AUC: both sides' heads applied to the same test images (the frozen backbone's test features computed "
-                  "once). xraylib's cached and streamed runs draw the same batches and dropout masks, so their AUCs compare "
-                  "the two computation paths (target: within 0.01). The seeds' loop shuffles with Keras' own generator: its "
-                  "AUC differs from xraylib's as two seeds' runs with different shuffles differ."]
+                  "once). All three runs (the seeds' loop, xraylib cached, xraylib streamed) start from the same weights and draw "
+                  "the same batches and dropout masks (the seeds' loop here takes xraylib's order for each epoch instead "
+                  "of Keras' own shuffle), so their AUCs compare the computation paths (target: within 0.01). With "
+                  "different shuffles two runs of the same loop differ by more than that on these small sets: VGG16 with "
+                  "random weights, 10 epochs, Keras' shuffle gave 0.828 where xraylib's order gave 0.793 (2026-11-24)."]
     lines += ["", "The seeds' loop runs the backbone over every training and validation image in every epoch; xraylib runs it "
                   "once per image. At 10 epochs that is 10 times fewer backbone passes, so the ratio approaches 10x as the "
                   "data grows (fixed costs: building the model, training the head, saving .keras + .h5) and grows with the epochs."]
@@ -651,11 +716,14 @@ def markdown(results: dict) -> str:
     if results["preprocessing"]:
         lines += ["", "xraylib's figures are whole `preprocess_dataset` calls: the cache key, three splits, the status "
                       "files and the manifest written, on one pool of decoding threads for the call (OpenCV decodes and "
-                      "resizes without holding Python's lock; pydicom's parsing holds it, so DICOM scales less). Per file "
-                      "it does more than the plain loop: it checks the file type, completeness and size from the bytes, "
-                      "applies DICOM LUTs and MONOCHROME1, and shrinks with `INTER_AREA` (after exact 2x2 halvings while "
-                      "the image stays twice the output, and JPEGs decoded at 1/2-1/8 scale by libjpeg under the same "
-                      "rule) where the plain loop's `INTER_LINEAR` skips pixels (aliasing)."]
+                      "resizes without holding Python's lock; pydicom's parsing holds it). Per file it does more than the "
+                      "plain loop: it checks the file type, completeness and size from the bytes, applies DICOM LUTs and "
+                      "MONOCHROME1, and shrinks with `INTER_AREA` (after exact 2x2 halvings while the image stays twice the "
+                      "output, and JPEGs decoded at 1/2-1/8 scale by libjpeg under the same rule) where the plain loop's "
+                      "`INTER_LINEAR` skips pixels (aliasing). A JPEG Baseline DICOM (as every RSNA file is) has its JPEG "
+                      "frame decoded the same way by OpenCV, where the plain loop's `pixel_array` decodes it in full "
+                      "through Pillow. An uncompressed DICOM is mostly pydicom's parsing, which holds Python's lock on "
+                      "both sides: there the plain loop's cheaper resize wins, and a second thread adds little."]
     lines += ["", "## Inference throughput for a folder of files (images/s, decode + preprocess + predict)", "",
               "| model | files | one model.predict per image | xraylib predict_files (batched) | speedup | runs |",
               "|---|---|---|---|---|---|"]
@@ -755,9 +823,16 @@ def main(argv: list[str] | None = None) -> int:
             rasters = raster_files(data_root, mode["raster_files"], args.seed)
             results["preprocessing"].append(bench_preprocessing("JPEG/PNG (real, ../shared/data)", rasters,
                                                                 work / "prep_raster", mode["repeats"]))
-            dicoms = dicom_files(work / "dicoms", mode["dicom_files"], 1024, args.seed)
-            results["preprocessing"].append(bench_preprocessing("DICOM (synthetic 1024x1024, 8-bit)", dicoms,
-                                                                work / "prep_dicom", mode["repeats"]))
+            dicoms = rsna_dicom_copies(data_root, work / "dicoms_rsna", mode["dicom_files"])
+            kind = "DICOM, real RSNA file (JPEG Baseline 1024x1024, ../shared/data/dicom-samples, copied)"
+            if not dicoms:
+                log("no RSNA-format DICOM in dicom-samples: synthetic JPEG Baseline DICOMs instead")
+                dicoms = dicom_files(work / "dicoms_jpeg", mode["dicom_files"], 1024, args.seed)
+                kind = "DICOM, JPEG Baseline as the RSNA files (synthetic 1024x1024)"
+            results["preprocessing"].append(bench_preprocessing(kind, dicoms, work / "prep_dicom_rsna", mode["repeats"]))
+            dicoms = dicom_files(work / "dicoms_raw", mode["dicom_files"], 1024, args.seed, jpeg_quality=None)
+            results["preprocessing"].append(bench_preprocessing("DICOM, uncompressed (synthetic 1024x1024, 8-bit)", dicoms,
+                                                                work / "prep_dicom_raw", mode["repeats"]))
         if "training" in parts or "inference" in parts:
             for backbone in args.backbones:
                 if "training" in parts:

@@ -9,7 +9,8 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate_uid
 
 from xraylib import config
 
@@ -57,13 +58,18 @@ def write_dicom(
     signed: bool = False,
     rescale: tuple[float, float] | None = None,
     window: tuple[float, float] | None = None,
+    jpeg_quality: int | None = None,
 ) -> Path:
-    """Write a chest X-ray DICOM with pydicom in the RSNA header layout. ``pixels`` are stored as given."""
+    """Write a chest X-ray DICOM with pydicom in the RSNA header layout. ``pixels`` are stored as given.
+
+    ``jpeg_quality``: store 8-bit pixels as the RSNA files do, JPEG Baseline compressed (encoded
+    by OpenCV at that quality, so they are stored as given less the JPEG loss).
+    """
     path = Path(path)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian if jpeg_quality is None else JPEGBaseline8Bit
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
@@ -79,7 +85,14 @@ def write_dicom(
         ds.RescaleSlope, ds.RescaleIntercept = rescale
     if window is not None:
         ds.WindowCenter, ds.WindowWidth = window
-    if with_pixels:
+    if with_pixels and jpeg_quality is not None:
+        assert bits == 8, "JPEG Baseline holds 8-bit pixels"
+        ok, encoded = cv2.imencode(".jpg", pixels.astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+        assert ok
+        ds.PixelData = encapsulate([encoded.tobytes()])
+        ds["PixelData"].VR = "OB"
+        ds.LossyImageCompression = "01"
+    elif with_pixels:
         dtype = {8: np.uint8, 16: np.int16 if signed else np.uint16}[bits]
         ds.PixelData = np.ascontiguousarray(pixels.astype(dtype)).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)

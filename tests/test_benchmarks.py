@@ -48,3 +48,27 @@ def test_the_quality_benchmark_runs_on_the_real_data(shared_data, shared_weights
     assert set(results["shortcuts"]["source_prediction"]) == set(results["pipelines"])
     assert set(results["shortcuts"]["lungs_hidden"]) == {"a", "b", "c"}
     assert "## Results" in markdown and "| (d) leave out kaggle |" in markdown and results["disclaimer"] in markdown
+
+
+def test_the_speed_benchmark_runs_and_its_three_training_paths_agree(shared_data, shared_weights, tmp_path):
+    """The speed script end to end (MobileNet only, tiny settings). Its timings mean nothing here; what must hold
+    at any size is that the seeds' loop, xraylib's cached features and xraylib's streamed images, started from
+    the same weights and drawing the same batches and dropout masks, train to the same test AUC."""
+    env = {**os.environ, "XRAYLIB_SHARED_DATA": str(shared_data), "XRAYLIB_SHARED_WEIGHTS": str(shared_weights)}
+    out = tmp_path / "results"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed.py"), "--smoke", "--backbones", "mobilenet",
+                           "--only", "training", "preprocessing", "--work", str(tmp_path / "work"), "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((out / "speed.json").read_text())
+    (training,) = results["training"]
+    for epochs, row in training["median"].items():
+        if not str(epochs).isdigit():
+            continue
+        assert row["speedup"] > 0
+        assert abs(row["xraylib_test_auc"] - row["seeds_loop_test_auc"]) <= 0.01, (epochs, row)
+        assert abs(row["xraylib_test_auc"] - row["streaming_test_auc"]) <= 0.01, (epochs, row)
+    kinds = [row["kind"] for row in results["preprocessing"]]
+    assert kinds[0].startswith("JPEG/PNG") and any("RSNA" in k for k in kinds) and any("uncompressed" in k for k in kinds)
+    assert all(rate > 0 for row in results["preprocessing"] for rate in row["images_per_second"].values())
+    assert "## Training" in (out / "speed.md").read_text()

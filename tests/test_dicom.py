@@ -176,6 +176,58 @@ def test_rgb_dicom_reads_as_gray(tmp_path):
     assert np.abs(result - expected).max() <= 0.5 + 1e-9
 
 
+# --- JPEG Baseline DICOMs (how the RSNA files are stored) -----------------------------------
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_jpeg_baseline_dicom_gives_pydicoms_pixels(tmp_path, photometric):
+    # xraylib decodes the JPEG frame with OpenCV; pydicom with Pillow: both are libjpeg, the pixels must agree.
+    pixels = gradient_image(300, 260, seed=7)
+    path = write_dicom(tmp_path / "rsna.dcm", pixels, photometric=photometric, jpeg_quality=90)
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == uid.JPEGBaseline8Bit
+    stored = pydicom.dcmread(path).pixel_array
+    assert 0 < np.abs(stored.astype(int) - pixels).max() < 40  # JPEG loss: stored as given less the loss
+    result = images.read_image(path)
+    np.testing.assert_array_equal(result, stored if photometric == "MONOCHROME2" else 255 - stored)
+    np.testing.assert_array_equal(dicom.decode_dicom(path.read_bytes(), str(path))[0], result)
+
+
+def test_jpeg_baseline_dicom_is_preprocessed_as_the_same_jpeg_file(tmp_path):
+    # The frame of a JPEG Baseline DICOM is a JPEG file: stored either way, the same model input,
+    # decoded at a reduced scale for a large image (1024 px at 224: 1/2) exactly as the JPEG file is.
+    from xraylib.preprocess import PreprocessSettings, preprocess_bytes, resize_image
+
+    pixels = cv2.resize(gradient_image(256, 256, seed=8), (1024, 1024), interpolation=cv2.INTER_CUBIC)
+    path = write_dicom(tmp_path / "large.dcm", pixels, jpeg_quality=95)
+    frame = next(pydicom.encaps.generate_frames(pydicom.dcmread(path).PixelData, number_of_frames=1))
+    settings = PreprocessSettings(image_size=224)
+    as_dicom = preprocess_bytes(path.read_bytes(), str(path), settings)
+    np.testing.assert_array_equal(as_dicom, preprocess_bytes(frame, "frame.jpg", settings))
+    full = resize_image(pydicom.dcmread(path).pixel_array, 224)
+    assert 0 < np.abs(as_dicom.astype(int) - full).mean() < 1.0  # reduced, and within a grey level of a full decode
+
+
+def test_jpeg_baseline_dicom_with_a_window_goes_through_the_luts(tmp_path):
+    pixels = gradient_image(120, 100, seed=9)
+    plain = images.read_image(write_dicom(tmp_path / "plain.dcm", pixels, jpeg_quality=95))
+    windowed = images.read_image(write_dicom(tmp_path / "window.dcm", pixels, jpeg_quality=95, window=(100, 80)))
+    stored = plain.astype(float)
+    inside = (stored > 70) & (stored < 130)
+    assert (windowed[stored <= 55] == 0).all() and (windowed[stored >= 145] == 255).all()
+    assert windowed[inside].std() > plain[inside].std()  # the window stretches its range
+
+
+def test_jpeg_baseline_dicom_with_a_damaged_frame_is_reported(tmp_path):
+    path = write_dicom(tmp_path / "damaged.dcm", gradient_image(64, 64), jpeg_quality=90)
+    ds = pydicom.dcmread(path)
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xc0" + b"not a JPEG frame" * 8])
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(BadFileError) as info:
+        images.read_image(path)
+    message = str(info.value)
+    assert str(path) in message and "JPEG Baseline" in message and "damaged" in message, message
+
+
 # --- files that cannot be decoded ---------------------------------------------------------
 
 
@@ -315,7 +367,9 @@ def test_real_monochrome2_dicom(real_dicoms):
     header = images.inspect_file(real).dicom_header
     assert (header.age, header.view, header.photometric, header.rows, header.columns) == (62.0, "PA", "MONOCHROME2", 1024, 1024)
     assert header.patient_id and header.sex in ("M", "F")
-    # Plain 8-bit MONOCHROME2 without LUTs: the stored pixels themselves, nothing inverted or stretched.
+    # Plain 8-bit MONOCHROME2 without LUTs: the stored pixels themselves, nothing inverted or stretched
+    # (JPEG Baseline, as all RSNA files: decoded by OpenCV to pydicom's pixels).
+    assert pydicom.dcmread(real, stop_before_pixels=True).file_meta.TransferSyntaxUID == uid.JPEGBaseline8Bit
     np.testing.assert_array_equal(result, pydicom.dcmread(real).pixel_array)
 
 

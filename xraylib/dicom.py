@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pydicom
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 
@@ -27,6 +28,13 @@ _PLUGIN_HINTS = {
     "RLE": "pip install pylibjpeg pylibjpeg-rle",
     "HTJ2K": "pip install pylibjpeg pylibjpeg-openjpeg",
 }
+
+
+#: JPEG Baseline (Process 1): the compression of the RSNA challenge's DICOMs.
+JPEG_BASELINE_UID = "1.2.840.10008.1.2.4.50"
+
+#: Elements that change how stored pixel values map to display values.
+_LUT_KEYWORDS = ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence", "WindowCenter", "VOILUTSequence")
 
 
 @dataclass(frozen=True)
@@ -193,8 +201,7 @@ def _display_pixels(pixels: np.ndarray, header: DicomHeader, ds: pydicom.Dataset
         return _to_uint8(gray)
     if pixels.ndim != 2:
         return pixels  # refused by the caller, which knows the path
-    has_luts = any(k in ds for k in ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence", "WindowCenter", "VOILUTSequence"))
-    if pixels.dtype == np.uint8 and not has_luts:
+    if pixels.dtype == np.uint8 and not _has_luts(ds):
         # Plain 8-bit pixels are already display values: keep them as they are, as for a PNG,
         # so the same pixels give the same model input whether stored as PNG or as DICOM.
         image = pixels
@@ -206,11 +213,37 @@ def _display_pixels(pixels: np.ndarray, header: DicomHeader, ds: pydicom.Dataset
             # e.g. RescaleSlope 1e308: scaling would give noise, not an image
             raise ValueError("pixel values are not finite after the rescale slope/intercept and window")
         image = _to_uint8(values)
-    if header.photometric == "MONOCHROME1":
-        # Invert after scaling, so a MONOCHROME1 file reads as exactly 255 - x of the same pixels
-        # labelled MONOCHROME2 (inverting before the rounding made ties round the other way).
-        image = 255 - image
-    return image
+    # Invert after scaling, so a MONOCHROME1 file reads as exactly 255 - x of the same pixels
+    # labelled MONOCHROME2 (inverting before the rounding made ties round the other way).
+    return invert_monochrome1(image, header)
+
+
+def _has_luts(ds: pydicom.Dataset) -> bool:
+    return any(k in ds for k in _LUT_KEYWORDS)
+
+
+def invert_monochrome1(image: np.ndarray, header: DicomHeader) -> np.ndarray:
+    """``255 - image`` for a MONOCHROME1 file (a high value is dark there), else ``image`` itself."""
+    return 255 - image if header.photometric == "MONOCHROME1" else image
+
+
+def jpeg_frame(ds: pydicom.Dataset, header: DicomHeader) -> bytes | None:
+    """The compressed frame of a one-frame, 8-bit, grey JPEG Baseline DICOM with no LUTs; else None.
+
+    Such a frame is an ordinary JPEG file whose decoded values are the display values (after
+    :func:`invert_monochrome1`), so :mod:`xraylib.images` decodes it as it does a JPEG: with OpenCV,
+    to the same pixels as pydicom's Pillow decoder (both are libjpeg), without holding Python's
+    lock, and at a reduced scale where the caller shrinks the image anyway. This is how the
+    26,684 RSNA files are stored. Anything else (and a frame that cannot be found) is left to pydicom.
+    """
+    if (header.transfer_syntax_uid != JPEG_BASELINE_UID or header.frames != 1 or header.bits_stored != 8
+            or ds.get("BitsAllocated") != 8 or ds.get("SamplesPerPixel", 1) != 1
+            or header.photometric not in ("MONOCHROME1", "MONOCHROME2") or _has_luts(ds)):
+        return None
+    try:
+        return next(generate_frames(ds.PixelData, number_of_frames=1))
+    except Exception:  # damaged encapsulation: pydicom's decoder reports it
+        return None
 
 
 def missing_decoder_message(header: DicomHeader) -> str | None:

@@ -137,7 +137,7 @@ def decode_bytes(data: bytes, path: str = "<bytes>", *, at_least: int | None = N
 
     The file is checked as by :func:`inspect_bytes` (complete, not a decompression bomb) and
     parsed once. For a caller that shrinks the image anyway: ``at_least`` lets a large 8-bit JPEG
-    be decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT-domain scaling, Pillow's draft mode),
+    (or the JPEG frame of a JPEG Baseline DICOM, as the RSNA files are) be decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT-domain scaling, Pillow's draft mode),
     straight to gray (its luma: the same for gray content, a few grey levels off a conversion of
     the decoded colours on saturated ones), while both its sides stay at least ``at_least``
     pixels (a side that does not divide is rounded up: the aspect ratio may change by a fraction
@@ -145,11 +145,14 @@ def decode_bytes(data: bytes, path: str = "<bytes>", *, at_least: int | None = N
     plain 8-bit DICOM pixels come back as a read-only view of the file's bytes instead of a copy.
     """
     checked = _check_bytes(data, path)
-    factor = _jpeg_reduction(checked, at_least) if at_least else 1
+    factor = _jpeg_reduction(checked.width, checked.height, at_least) \
+        if at_least and checked.file_format == "jpeg" and checked.bit_depth == 8 else 1
     if factor > 1:  # the header's size was checked, and the reduced image keeps `at_least`
         return _decode_raster(data, path, _REDUCED_GRAYSCALE[factor])
     if checked.file_format == "dicom":
-        pixels = dicom.decode_dataset(checked.dataset, checked.dicom_header, path, writable=writable)
+        pixels = _decode_dicom_jpeg(checked, at_least)
+        if pixels is None:
+            pixels = dicom.decode_dataset(checked.dataset, checked.dicom_header, path, writable=writable)
     else:
         pixels = _decode_raster(data, path)
     if pixels.shape[0] < MIN_SIDE or pixels.shape[1] < MIN_SIDE:
@@ -157,18 +160,40 @@ def decode_bytes(data: bytes, path: str = "<bytes>", *, at_least: int | None = N
     return pixels
 
 
-def _jpeg_reduction(checked: _Checked, at_least: int) -> int:
-    """The largest of 1, 2, 4, 8 that keeps both sides of a JPEG (libjpeg rounds them up) at ``at_least`` or more.
+def _jpeg_reduction(width: int, height: int, at_least: int | None) -> int:
+    """The largest of 1, 2, 4, 8 that keeps both sides of an 8-bit JPEG (libjpeg rounds them up) at ``at_least`` or more.
 
-    1 for anything but an 8-bit JPEG: a 12-bit one keeps its depth (the reduced flags cut it to 8 bits).
+    (Only for 8-bit JPEGs: a 12-bit one keeps its depth, which the reduced flags cut to 8 bits.)
     """
-    if checked.file_format != "jpeg" or checked.bit_depth != 8:
+    if not at_least:
         return 1
-    shorter = min(checked.width, checked.height)
+    shorter = min(width, height)
     factor = 1
     while factor < 8 and -(-shorter // (2 * factor)) >= at_least:
         factor *= 2
     return factor
+
+
+def _decode_dicom_jpeg(checked: _Checked, at_least: int | None) -> np.ndarray | None:
+    """A JPEG Baseline DICOM's frame decoded as a JPEG file (see :func:`xraylib.dicom.jpeg_frame`).
+
+    None, to leave the file to pydicom, for any other DICOM and for a frame whose own header
+    disagrees with the DICOM header (size, one 8-bit component) or that OpenCV cannot decode.
+    """
+    frame = dicom.jpeg_frame(checked.dataset, checked.dicom_header)
+    if frame is None:
+        return None
+    try:
+        width, height, components, depth = _jpeg_header(frame, "<frame>")
+    except BadFileError:
+        return None
+    if (width, height, components, depth) != (checked.width, checked.height, 1, 8):
+        return None
+    factor = _jpeg_reduction(width, height, at_least)
+    pixels = cv2.imdecode(np.frombuffer(frame, dtype=np.uint8), _REDUCED_GRAYSCALE.get(factor, cv2.IMREAD_GRAYSCALE))
+    if pixels is None or pixels.ndim != 2 or (factor == 1 and pixels.shape != (height, width)):
+        return None
+    return dicom.invert_monochrome1(pixels, checked.dicom_header)
 
 
 def read_image(path: str | os.PathLike, opener: Callable[[str, str], Any] = open) -> np.ndarray:

@@ -31,8 +31,8 @@ from .split import SPLITS, assert_patient_disjoint, split_by_patient
 RESIZE_MODES = ("stretch", "pad")
 #: The version of the decode-and-resize code. Part of the cache key here and of the feature cache's key, so a
 #: cache built by code that gave other pixels is built again, not reused. 2: reduced-scale JPEG decoding and
-#: 2x2 halving before INTER_AREA.
-PIXELS_VERSION = 2
+#: 2x2 halving before INTER_AREA. 3: JPEG Baseline DICOMs (the RSNA files) decoded by OpenCV, reduced as JPEGs are.
+PIXELS_VERSION = 3
 
 #: How each backbone expects its input scaled (Keras' ``imagenet_utils`` modes), applied inside the model.
 NORMALISATION = {
@@ -120,8 +120,8 @@ def preprocess_bytes(data: bytes, path: str, settings: PreprocessSettings) -> np
     """PNG/JPEG/DICOM bytes to the model input ``(S, S) uint8``; :class:`BadFileError` naming ``path``.
 
     The one way files become model inputs (the cache, :mod:`xraylib.predict`, the web page). When
-    stretching, it decodes no more pixels than the resize needs: a large JPEG at a reduced scale
-    that keeps it :data:`JPEG_REDUCING_GAP` times the output size, so the result may differ from
+    stretching, it decodes no more pixels than the resize needs: a large JPEG (or a JPEG Baseline DICOM) at a
+    reduced scale that keeps it :data:`JPEG_REDUCING_GAP` times the output size, so the result may differ from
     resizing :func:`xraylib.images.read_image`'s full-size pixels by a fraction of a grey level
     on average (a few at sharp edges); any other file gives exactly that. Padding keeps the full
     decode: its placement depends on the exact aspect ratio.
