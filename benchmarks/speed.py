@@ -56,10 +56,10 @@ CLASSES = ("normal", "covid")
 MODES = {
     "quick": {"repeats": 3, "train_repeats": {"vgg16": 1, "mobilenet": 3}, "train_images": {"vgg16": 240, "mobilenet": 200},
               "test_images": {"vgg16": 120, "mobilenet": 200},
-              "raster_files": 300, "dicom_files": 150, "infer_files": {"vgg16": 24, "mobilenet": 96},
+              "raster_files": 300, "dicom_files": 300, "infer_files": {"vgg16": 24, "mobilenet": 96},
               "memory_sizes": (1000, 8000), "memory_repeats": 1, "streaming": ("mobilenet",), "epochs": (10, 25)},
     "full": {"repeats": 3, "train_repeats": {"vgg16": 3, "mobilenet": 3}, "train_images": {"vgg16": 400, "mobilenet": 400}, "test_images": {"vgg16": 300, "mobilenet": 300},
-             "raster_files": 960, "dicom_files": 400, "infer_files": {"vgg16": 100, "mobilenet": 400},
+             "raster_files": 960, "dicom_files": 1000, "infer_files": {"vgg16": 100, "mobilenet": 400},
              "memory_sizes": (1000, 8000), "memory_repeats": 3, "streaming": ("vgg16", "mobilenet"), "epochs": (10, 25)},
     # Checks the script itself in a few minutes; its numbers mean nothing.
     "smoke": {"repeats": 1, "train_repeats": {"vgg16": 1, "mobilenet": 1}, "train_images": {"vgg16": 16, "mobilenet": 40}, "test_images": {"vgg16": 16, "mobilenet": 20},

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.shared_data
 
 
+@pytest.mark.slow
 def test_the_quality_benchmark_runs_on_the_real_data(shared_data, shared_weights, tmp_path):
     env = {**os.environ, "XRAYLIB_SHARED_DATA": str(shared_data), "XRAYLIB_SHARED_WEIGHTS": str(shared_weights)}
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality.py"), "--smoke", "--work", str(tmp_path)],
@@ -50,6 +51,7 @@ def test_the_quality_benchmark_runs_on_the_real_data(shared_data, shared_weights
     assert "## Results" in markdown and "| (d) leave out kaggle |" in markdown and results["disclaimer"] in markdown
 
 
+@pytest.mark.slow
 def test_the_speed_benchmark_runs_and_its_three_training_paths_agree(shared_data, shared_weights, tmp_path):
     """The speed script end to end (MobileNet only, tiny settings). Its timings mean nothing here; what must hold
     at any size is that the seeds' loop, xraylib's cached features and xraylib's streamed images, started from

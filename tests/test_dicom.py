@@ -179,17 +179,63 @@ def test_rgb_dicom_reads_as_gray(tmp_path):
 # --- JPEG Baseline DICOMs (how the RSNA files are stored) -----------------------------------
 
 
+def _pydicom_not_called(monkeypatch) -> None:
+    """Make pydicom's pixel decoding fail the test: what follows must take the JPEG frame path."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("pydicom's decoder was called")
+
+    monkeypatch.setattr(dicom, "decode_dataset", refuse)
+
+
+def _with_frame(path: Path, frame: bytes) -> Path:
+    """Replace a JPEG Baseline DICOM's frame with ``frame``."""
+    def change(ds):
+        ds.PixelData = encapsulate([frame])
+        ds["PixelData"].VR = "OB"
+
+    return _resave(path, change)
+
+
 @pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
-def test_jpeg_baseline_dicom_gives_pydicoms_pixels(tmp_path, photometric):
+def test_jpeg_baseline_dicom_gives_pydicoms_pixels(tmp_path, monkeypatch, photometric):
     # xraylib decodes the JPEG frame with OpenCV; pydicom with Pillow: both are libjpeg, the pixels must agree.
     pixels = gradient_image(300, 260, seed=7)
     path = write_dicom(tmp_path / "rsna.dcm", pixels, photometric=photometric, jpeg_quality=90)
     assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == uid.JPEGBaseline8Bit
     stored = pydicom.dcmread(path).pixel_array
     assert 0 < np.abs(stored.astype(int) - pixels).max() < 40  # JPEG loss: stored as given less the loss
+    via_pydicom = dicom.decode_dicom(path.read_bytes(), str(path))[0]
+    _pydicom_not_called(monkeypatch)
     result = images.read_image(path)
     np.testing.assert_array_equal(result, stored if photometric == "MONOCHROME2" else 255 - stored)
-    np.testing.assert_array_equal(dicom.decode_dicom(path.read_bytes(), str(path))[0], result)
+    np.testing.assert_array_equal(result, via_pydicom)
+
+
+def test_jpeg_baseline_dicom_ignores_an_exif_orientation_in_its_frame(tmp_path, monkeypatch):
+    # DICOM has its own orientation; pydicom does not apply an EXIF tag inside the frame, and neither may OpenCV.
+    import io
+
+    from PIL import Image
+
+    pixels = gradient_image(120, 100, seed=10)
+    exif = Image.Exif()
+    exif[0x0112] = 3  # Orientation: rotate 180
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    path = _with_frame(write_dicom(tmp_path / "exif.dcm", pixels, jpeg_quality=95), buffer.getvalue())
+    stored = pydicom.dcmread(path).pixel_array
+    assert np.abs(stored.astype(int) - pixels).mean() < 2  # as stored, not rotated
+    _pydicom_not_called(monkeypatch)
+    np.testing.assert_array_equal(images.read_image(path), stored)
+
+
+def test_signed_jpeg_baseline_dicom_goes_through_the_luts(tmp_path):
+    # PixelRepresentation 1: pydicom gives int8 values, which the LUT path scales; a plain JPEG decode would not.
+    pixels = gradient_image(120, 100, seed=11)
+    path = write_dicom(tmp_path / "signed.dcm", pixels, jpeg_quality=95, signed=True)
+    stored = pydicom.dcmread(path).pixel_array
+    assert stored.dtype == np.int8
+    np.testing.assert_array_equal(images.read_image(path), dicom._to_uint8(stored))
 
 
 def test_jpeg_baseline_dicom_is_preprocessed_as_the_same_jpeg_file(tmp_path):
@@ -215,6 +261,46 @@ def test_jpeg_baseline_dicom_with_a_window_goes_through_the_luts(tmp_path):
     inside = (stored > 70) & (stored < 130)
     assert (windowed[stored <= 55] == 0).all() and (windowed[stored >= 145] == 255).all()
     assert windowed[inside].std() > plain[inside].std()  # the window stretches its range
+
+
+def _without_segments(jpeg: bytes, marker: int) -> bytes:
+    """``jpeg`` with every header segment of type ``marker`` (e.g. 0xDB, the quantisation tables) removed."""
+    out, pos = bytearray(jpeg[:2]), 2
+    while jpeg[pos + 1] != 0xDA:  # up to the start of scan
+        length = int.from_bytes(jpeg[pos + 2:pos + 4], "big")
+        if jpeg[pos + 1] != marker:
+            out += jpeg[pos:pos + 2 + length]
+        pos += 2 + length
+    return bytes(out + jpeg[pos:])
+
+
+def test_jpeg_baseline_dicom_whose_frame_opencv_refuses_is_reported(tmp_path):
+    # Headers complete (frame size, end marker) but no quantisation tables: OpenCV refuses the frame, pydicom is
+    # asked, and its failure is reported as a damaged file, naming it.
+    path = write_dicom(tmp_path / "no_tables.dcm", gradient_image(64, 64), jpeg_quality=90)
+    frame = next(pydicom.encaps.generate_frames(pydicom.dcmread(path).PixelData, number_of_frames=1))
+    broken = _without_segments(frame, 0xDB)
+    assert len(broken) < len(frame) and cv2.imdecode(np.frombuffer(broken, np.uint8), cv2.IMREAD_GRAYSCALE) is None
+    _with_frame(path, broken)
+    with pytest.raises(BadFileError) as info:
+        images.read_image(path)
+    message = str(info.value)
+    assert str(path) in message and "JPEG Baseline" in message and "damaged" in message, message
+
+
+def test_jpeg_baseline_dicom_whose_size_disagrees_with_its_frame_is_left_to_pydicom(tmp_path, monkeypatch):
+    path = write_dicom(tmp_path / "rows.dcm", gradient_image(64, 64), jpeg_quality=90)
+
+    def taller(ds):
+        ds.Rows = 80
+
+    _resave(path, taller)
+    called = []
+    real_decode = dicom.decode_dataset
+    monkeypatch.setattr(dicom, "decode_dataset", lambda *a, **k: called.append(1) or real_decode(*a, **k))
+    with pytest.raises(BadFileError) as info:
+        images.read_image(path)
+    assert called and str(path) in str(info.value)
 
 
 def test_jpeg_baseline_dicom_with_a_damaged_frame_is_reported(tmp_path):

@@ -228,16 +228,19 @@ def invert_monochrome1(image: np.ndarray, header: DicomHeader) -> np.ndarray:
 
 
 def jpeg_frame(ds: pydicom.Dataset, header: DicomHeader) -> bytes | None:
-    """The compressed frame of a one-frame, 8-bit, grey JPEG Baseline DICOM with no LUTs; else None.
+    """The compressed frame of a one-frame, unsigned 8-bit, grey JPEG Baseline DICOM with no LUTs; else None.
 
     Such a frame is an ordinary JPEG file whose decoded values are the display values (after
-    :func:`invert_monochrome1`), so :mod:`xraylib.images` decodes it as it does a JPEG: with OpenCV,
-    to the same pixels as pydicom's Pillow decoder (both are libjpeg), without holding Python's
-    lock, and at a reduced scale where the caller shrinks the image anyway. This is how the
-    26,684 RSNA files are stored. Anything else (and a frame that cannot be found) is left to pydicom.
+    :func:`invert_monochrome1`), so :mod:`xraylib.images` decodes it as it does a JPEG: with OpenCV's
+    libjpeg-turbo, without holding Python's lock, and at a reduced scale where the caller shrinks the
+    image anyway. At full size that gives the pixels pydicom gives through Pillow (also libjpeg-turbo;
+    tested on the real RSNA-format file); with another pydicom plugin (pylibjpeg, GDCM) installed the
+    two may differ by the codecs' rounding. This is how the 26,684 RSNA files are stored. Anything else
+    (and a frame that cannot be found) is left to pydicom.
     """
     if (header.transfer_syntax_uid != JPEG_BASELINE_UID or header.frames != 1 or header.bits_stored != 8
             or ds.get("BitsAllocated") != 8 or ds.get("SamplesPerPixel", 1) != 1
+            or ds.get("PixelRepresentation", 0) != 0  # signed: pydicom gives int8 values, scaled by the LUT path
             or header.photometric not in ("MONOCHROME1", "MONOCHROME2") or _has_luts(ds)):
         return None
     try:

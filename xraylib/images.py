@@ -190,7 +190,9 @@ def _decode_dicom_jpeg(checked: _Checked, at_least: int | None) -> np.ndarray | 
     if (width, height, components, depth) != (checked.width, checked.height, 1, 8):
         return None
     factor = _jpeg_reduction(width, height, at_least)
-    pixels = cv2.imdecode(np.frombuffer(frame, dtype=np.uint8), _REDUCED_GRAYSCALE.get(factor, cv2.IMREAD_GRAYSCALE))
+    # DICOM has its own orientation: an EXIF tag inside the frame is not applied (pydicom ignores it too).
+    flags = _REDUCED_GRAYSCALE.get(factor, cv2.IMREAD_GRAYSCALE) | cv2.IMREAD_IGNORE_ORIENTATION
+    pixels = cv2.imdecode(np.frombuffer(frame, dtype=np.uint8), flags)
     if pixels is None or pixels.ndim != 2 or (factor == 1 and pixels.shape != (height, width)):
         return None
     return dicom.invert_monochrome1(pixels, checked.dicom_header)
@@ -276,7 +278,7 @@ def _jpeg_header(data: bytes, path: str) -> tuple[int, int, int, int]:
             # An FF byte inside entropy-coded data is always followed by 00, so a complete file has
             # an end-of-image marker after its first scan. Bytes after that marker (camera or
             # editor trailers) do not make a file truncated, so the marker need not be last.
-            if data.find(b"\xff\xd9", pos + 2 + length) == -1:
+            if data.rfind(b"\xff\xd9") < pos + 2 + length:  # from the end: a whole file's marker is found at once
                 raise BadFileError(path, "truncated JPEG file (no end-of-image marker: the file was cut short)")
             return frame
         pos += 2 + length
