@@ -24,8 +24,8 @@ the two sides of a comparison alternate inside each repeat, so a noisy machine s
    (batched) against one ``model.predict`` per image, as the seeds' "check your own images" did.
 4. Peak memory (RSS) of building the manifest and the preprocessed cache for 1,000 and 8,000
    synthetic 256x256 JPEG Baseline DICOMs in the RSNA layout, each in a fresh process.
-5. GPU rows (training and inference with and without mixed precision): measured only where a
-   GPU is visible; otherwise marked "not measured".
+5. GPU rows: VGG16 training (frozen backbone, streamed) and inference images/s, float32 and
+   mixed float16, measured where a GPU is visible; otherwise marked "not measured".
 
 Not part of the tests. Needs ../shared/data (or $XRAYLIB_SHARED_DATA) and ../shared/weights.
 """
@@ -57,14 +57,17 @@ MODES = {
     "quick": {"repeats": 3, "train_repeats": {"vgg16": 1, "mobilenet": 3}, "train_images": {"vgg16": 240, "mobilenet": 200},
               "test_images": {"vgg16": 120, "mobilenet": 200},
               "raster_files": 300, "dicom_files": 300, "infer_files": {"vgg16": 24, "mobilenet": 96},
-              "memory_sizes": (1000, 8000), "memory_repeats": 1, "streaming": ("mobilenet",), "epochs": (10, 25)},
+              "memory_sizes": (1000, 8000), "memory_repeats": 1, "streaming": ("mobilenet",), "epochs": (10, 25),
+              "gpu_images": 512},
     "full": {"repeats": 3, "train_repeats": {"vgg16": 3, "mobilenet": 3}, "train_images": {"vgg16": 400, "mobilenet": 400}, "test_images": {"vgg16": 300, "mobilenet": 300},
              "raster_files": 960, "dicom_files": 1000, "infer_files": {"vgg16": 100, "mobilenet": 400},
-             "memory_sizes": (1000, 8000), "memory_repeats": 3, "streaming": ("vgg16", "mobilenet"), "epochs": (10, 25)},
+             "memory_sizes": (1000, 8000), "memory_repeats": 3, "streaming": ("vgg16", "mobilenet"), "epochs": (10, 25),
+             "gpu_images": 2048},
     # Checks the script itself in a few minutes; its numbers mean nothing.
     "smoke": {"repeats": 1, "train_repeats": {"vgg16": 1, "mobilenet": 1}, "train_images": {"vgg16": 16, "mobilenet": 40}, "test_images": {"vgg16": 16, "mobilenet": 20},
               "raster_files": 40, "dicom_files": 40, "infer_files": {"vgg16": 4, "mobilenet": 8},
-              "memory_sizes": (100, 300), "memory_repeats": 1, "streaming": ("mobilenet",), "epochs": (2, 3)},
+              "memory_sizes": (100, 300), "memory_repeats": 1, "streaming": ("mobilenet",), "epochs": (2, 3),
+              "gpu_images": 16},
 }
 EPOCHS = (10, 25)  # set from the mode in main()
 BATCH_SIZE = 8  # the seeds'
@@ -517,6 +520,51 @@ def bench_inference(backbone: str, run_dir: Path, files: list[Path], repeats: in
 
 
 # --------------------------------------------------------------------------------------------
+# 5. GPU: training and inference images/s with and without mixed precision
+
+
+def bench_accelerator(n_images: int, repeats: int, seed: int) -> dict:
+    """VGG16 (random weights: the speed does not depend on them) at 224 px on the default device, float32 and
+    mixed float16: training images/s through the frozen backbone (the streaming path: fine-tuning and
+    ``feature_cache=False``), batch 32; inference images/s (``predict``), features.default_batch_size().
+    XLA as xraylib compiles (``jit_compile="auto"``: on a GPU). Random images: decoding is not measured here."""
+    import keras
+
+    from xraylib import features, models
+    from xraylib import train as xt
+
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, size=(n_images, 224, 224, 1), dtype=np.uint8).astype(np.float32)
+    y = np.eye(2, dtype=np.float32)[rng.integers(0, 2, size=n_images)]
+    capabilities = models.gpu_compute_capabilities()
+    out = {"images": n_images, "repeats": repeats, "train_batch_size": 32,
+           "inference_batch_size": features.default_batch_size(), "compute_capabilities": capabilities, "rows": {}}
+    for policy in ("float32", "mixed_float16"):
+        if policy == "mixed_float16" and capabilities and models.choose_dtype_policy("auto", capabilities) != policy:
+            out["rows"][policy] = {"status": f"not supported: compute capability {capabilities} < 7.0"}
+            continue
+        keras.utils.set_random_seed(seed)
+        model = models.build_model(backbone="vgg16", weights=None, image_size=224, dtype_policy=policy)
+        xt.compile_model(model, 1e-3)
+        model.fit(x[:64], y[:64], batch_size=32, epochs=1, verbose=0)  # build and compile the steps (XLA) first
+        model.predict(x[:out["inference_batch_size"]], batch_size=out["inference_batch_size"], verbose=0)
+        train_s, infer_s = [], []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+            train_s.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            model.predict(x, batch_size=out["inference_batch_size"], verbose=0)
+            infer_s.append(time.perf_counter() - started)
+        out["rows"][policy] = {"train_seconds": train_s, "inference_seconds": infer_s,
+                               "train_images_per_second": n_images / median(train_s),
+                               "inference_images_per_second": n_images / median(infer_s),
+                               "uses_mixed_precision": models.uses_mixed_precision(model)}
+        keras.backend.clear_session()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # 4. Peak memory of manifest + cache, in fresh processes
 
 
@@ -751,10 +799,23 @@ def markdown(results: dict) -> str:
                       f"{fmt(memory['seeds_float32_rgb_arrays_gb'][str(extra['images'])], 1)} GB for the seeds' float32 RGB arrays."]
     gpu = results.get("gpu", {})
     lines += ["", "## GPU", "", "| measurement | float32 | mixed float16 |", "|---|---|---|"]
-    if gpu.get("status") == "not measured":
+    if gpu.get("status") == "measured":
+        rows = gpu["rows"]
+
+        def cell(policy: str, key: str) -> str:
+            row = rows.get(policy, {})
+            return fmt(row[key]) if key in row else row.get("status", "not measured")
+
+        lines.append(f"| training images/s (VGG16, 224, frozen backbone streamed, batch {gpu['train_batch_size']}) | "
+                     f"{cell('float32', 'train_images_per_second')} | {cell('mixed_float16', 'train_images_per_second')} |")
+        lines.append(f"| inference images/s (VGG16, 224, batch {gpu['inference_batch_size']}) | "
+                     f"{cell('float32', 'inference_images_per_second')} | {cell('mixed_float16', 'inference_images_per_second')} |")
+        lines += ["", f"Device: {gpu['device']} (compute capability {gpu['compute_capabilities'] or 'n/a'}); "
+                      f"{gpu['images']} random images, median of {gpu['repeats']}; XLA as xraylib compiles (on a GPU)."]
+    else:
         for name in ("training images/s (VGG16, 224)", "inference images/s (VGG16, 224)"):
             lines.append(f"| {name} | not measured | not measured |")
-        lines += ["", f"Not measured: {gpu.get('reason')}."]
+        lines += ["", f"Not measured: {gpu.get('reason', 'not part of this run')}."]
     return "\n".join(lines) + "\n"
 
 
@@ -775,7 +836,7 @@ def jsonable(value):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer images and repeats (about 20 minutes on 2 cores)")
-    parser.add_argument("--only", nargs="+", choices=("training", "preprocessing", "inference", "memory"),
+    parser.add_argument("--only", nargs="+", choices=("training", "preprocessing", "inference", "memory", "gpu"),
                         help="run only these parts")
     parser.add_argument("--backbones", nargs="+", default=["vgg16", "mobilenet"], choices=("vgg16", "mobilenet"))
     parser.add_argument("--loaded", default="",
@@ -803,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = MODES[mode_name]
     global EPOCHS
     EPOCHS = tuple(mode["epochs"])
-    parts = set(args.only or ("training", "preprocessing", "inference", "memory"))
+    parts = set(args.only or ("training", "preprocessing", "inference", "memory", "gpu"))
     data_root, weights_dir = config.shared_data_dir(), config.shared_weights_dir()
     if data_root is None:
         print("../shared/data not found (set XRAYLIB_SHARED_DATA): the benchmark needs the real images", file=sys.stderr)
@@ -841,9 +902,13 @@ def main(argv: list[str] | None = None) -> int:
                 if "inference" in parts and (run_dir / "model.keras").exists():
                     files = raster_files(data_root, mode["infer_files"][backbone], args.seed + 1)
                     results["inference"].append(bench_inference(backbone, run_dir, files, mode["repeats"]))
-        gpus = results["machine"]["gpus"]
-        results["gpu"] = ({"status": "not measured", "reason": "no GPU on this machine (none was lent to this task)"}
-                          if not gpus else {"status": "not measured", "reason": "GPU rows are not automated yet"})
+        if "gpu" in parts and (results["machine"]["gpus"] or mode_name == "smoke"):
+            # (The smoke run measures these rows on the CPU too, to check the code; its numbers mean nothing.)
+            log("accelerator rows: VGG16 training and inference, float32 and mixed float16")
+            results["gpu"] = {"status": "measured", "device": ", ".join(results["machine"]["gpus"]) or "CPU (smoke run)",
+                              **bench_accelerator(mode["gpu_images"], mode["repeats"], args.seed)}
+        elif "gpu" in parts:
+            results["gpu"] = {"status": "not measured", "reason": "no GPU on this machine (none was lent to this task)"}
     finally:
         results["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
         results["machine"]["load_average_end"] = load_average()

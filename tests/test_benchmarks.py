@@ -59,7 +59,7 @@ def test_the_speed_benchmark_runs_and_its_three_training_paths_agree(shared_data
     env = {**os.environ, "XRAYLIB_SHARED_DATA": str(shared_data), "XRAYLIB_SHARED_WEIGHTS": str(shared_weights)}
     out = tmp_path / "results"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed.py"), "--smoke", "--backbones", "mobilenet",
-                           "--only", "training", "preprocessing", "--work", str(tmp_path / "work"), "--out", str(out)],
+                           "--only", "training", "preprocessing", "gpu", "--work", str(tmp_path / "work"), "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=1200)
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads((out / "speed.json").read_text())
@@ -73,4 +73,9 @@ def test_the_speed_benchmark_runs_and_its_three_training_paths_agree(shared_data
     kinds = [row["kind"] for row in results["preprocessing"]]
     assert kinds[0].startswith("JPEG/PNG") and any("RSNA" in k for k in kinds) and any("uncompressed" in k for k in kinds)
     assert all(rate > 0 for row in results["preprocessing"] for rate in row["images_per_second"].values())
-    assert "## Training" in (out / "speed.md").read_text()
+    # The GPU rows' code runs on the CPU in a smoke run (on a GPU machine it measures the GPU).
+    rows = results["gpu"]["rows"]
+    assert rows["float32"]["train_images_per_second"] > 0 and rows["mixed_float16"]["inference_images_per_second"] > 0
+    assert rows["mixed_float16"]["uses_mixed_precision"] and not rows["float32"]["uses_mixed_precision"]
+    markdown = (out / "speed.md").read_text()
+    assert "## Training" in markdown and "| training images/s (VGG16, 224" in markdown
