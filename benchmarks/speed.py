@@ -56,7 +56,8 @@ CLASSES = ("normal", "covid")
 MODES = {
     "quick": {"repeats": 3, "train_repeats": {"vgg16": 1, "mobilenet": 3}, "train_images": {"vgg16": 240, "mobilenet": 200},
               "test_images": {"vgg16": 120, "mobilenet": 200},
-              "raster_files": 300, "dicom_files": 300, "infer_files": {"vgg16": 24, "mobilenet": 96},
+              # Preprocessing as in the full run: per-call costs (cache key, status files, manifest) weigh as at scale.
+              "raster_files": 960, "dicom_files": 1000, "infer_files": {"vgg16": 24, "mobilenet": 96},
               "memory_sizes": (1000, 8000), "memory_repeats": 1, "streaming": ("mobilenet",), "epochs": (10, 25),
               "gpu_images": 512},
     "full": {"repeats": 3, "train_repeats": {"vgg16": 3, "mobilenet": 3}, "train_images": {"vgg16": 400, "mobilenet": 400}, "test_images": {"vgg16": 300, "mobilenet": 300},
