@@ -75,7 +75,8 @@ def assert_matches_predict(values: dict, row) -> None:
     assert values["decision"] == row["decision"]
     for name, exact in values["exact"].items():
         assert abs(exact - row[f"prob_{name}"]) < 1e-5
-        assert values["shown"][name] == f"{100 * row[f'prob_{name}']:.1f} %"
+        # the page rounds its own number; predict_files' may differ in the last float digits (other batches)
+        assert values["shown"][name] == f"{100 * exact:.1f} %"
 
 
 def test_upload_an_xray_and_a_photo_through_the_page(browser, site, tmp_path):

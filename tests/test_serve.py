@@ -145,7 +145,11 @@ def test_the_api_gives_what_predict_files_gives_for_png_dicom_and_jpeg(client, r
         original = decode_data_uri(result["images"]["original"])
         assert max(original.shape[:2]) == 320 and original.ndim == 2
     lean = upload(client, (samples["png"].name, samples["png"].read_bytes()), query="?images=0").get_json()["results"][0]
-    assert "images" not in lean and lean["probabilities"] == results[0]["probabilities"]
+    # Another request runs the model through other batches and code paths, which changes the last float digits:
+    # compare with a tolerance far below what a preprocessing difference moves (about 1e-2 and more).
+    assert "images" not in lean and lean["probabilities"].keys() == results[0]["probabilities"].keys()
+    for name, probability in lean["probabilities"].items():
+        assert probability == pytest.approx(results[0]["probabilities"][name], abs=1e-5)
 
 
 def test_notebook_helpers_tabulate_and_show_the_results(analyser, samples):
