@@ -150,7 +150,7 @@ def pipelines(mode: dict, weights_dir: Path | None) -> dict[str, tuple]:
 
 
 def train_run(view, spec, settings, run_dir: Path):
-    from xraylib.train import train
+    from xraylib.runs import train
 
     started = time.perf_counter()
     result = train(view, spec, settings, run_dir, resume=True, verbose=0)
@@ -160,11 +160,11 @@ def train_run(view, spec, settings, run_dir: Path):
 def predictions(result, view, spec, split: str = "test") -> pd.DataFrame:
     """Test predictions: from the cached features where the backbone stayed frozen (the same numbers as the full
     model within float32 rounding; the backbone runs only for images no protocol has seen), else the full model."""
-    from xraylib import features, predict
+    from xraylib import features, models
 
     if features.can_cache(result.model):
         return features.predict_split(result.model, view, spec, split)
-    return predict.predict_split(result.model, view[split])
+    return models.predict_split(result.model, view[split])
 
 
 def metric_row(ev) -> dict:

@@ -10,7 +10,7 @@ the two sides of a comparison alternate inside each repeat, so a noisy machine s
 1. Training wall time, same data, same model and head, same epochs (10 and 25), same class
    weights, no augmentation on either side: the seeds' loop (every image as float32 in memory,
    ``model.fit`` through the frozen backbone every epoch, the model saved as .h5) against
-   ``xraylib.train.train`` with its default settings (features cached once, checkpoints, model
+   ``xraylib.runs.train`` with its default settings (features cached once, checkpoints, model
    saved as .keras + .h5 + JSON), with the test AUC of both. VGG16 runs with weights=None: its
    ImageNet weights cannot be downloaded on this machine; the timing does not depend on the
    weights' values. MobileNet(alpha=0.25) runs with its real ImageNet weights from ../shared/weights.
@@ -198,13 +198,14 @@ def seeds_loop(data, spec, work: Path, seed: int) -> dict:
     """The seeds' loop: every image as float32 in memory, ``model.fit`` through the frozen backbone every epoch.
 
     One change, so that the test AUCs compare the two computations rather than two shuffles: the batches
-    are drawn in the order xraylib draws them (``train.epoch_order`` from ``(seed, epoch)``, where the seeds
+    are drawn in the order xraylib draws them (``batches.epoch_order`` from ``(seed, epoch)``, where the seeds
     let Keras shuffle), with dropout reseeded per epoch as xraylib does. It costs nothing measurable.
     """
     import keras
 
     from xraylib import models
     from xraylib import train as xt
+    from xraylib.batches import epoch_order
 
     class InMemoryBatches(keras.utils.PyDataset):
         """Batches of the in-memory float32 arrays, in xraylib's order for each epoch."""
@@ -212,7 +213,7 @@ def seeds_loop(data, spec, work: Path, seed: int) -> dict:
         def __init__(self, x: np.ndarray, y: np.ndarray):
             super().__init__()
             self.x, self.y, self.epochs_begun = x, y, 0
-            self.order = xt.epoch_order(len(x), seed, 0)  # fit() reads a batch for the shapes before epoch 0 begins
+            self.order = epoch_order(len(x), seed, 0)  # fit() reads a batch for the shapes before epoch 0 begins
 
         def __len__(self) -> int:
             return -(-len(self.x) // BATCH_SIZE)
@@ -222,7 +223,7 @@ def seeds_loop(data, spec, work: Path, seed: int) -> dict:
             return self.x[rows], self.y[rows]
 
         def on_epoch_begin(self) -> None:  # called by fit() at each epoch's start (as for xraylib's ImageBatches)
-            self.order = xt.epoch_order(len(self.x), seed, self.epochs_begun)
+            self.order = epoch_order(len(self.x), seed, self.epochs_begun)
             self.epochs_begun += 1
 
     started = time.perf_counter()
@@ -261,9 +262,10 @@ def seeds_loop(data, spec, work: Path, seed: int) -> dict:
 
 def xraylib_run(data, spec, epochs: int, run_dir: Path, seed: int, fresh_cache: bool = True,
                 feature_cache: bool = True) -> dict:
-    """``xraylib.train.train`` with its default settings (a fresh run, and a fresh feature cache unless told)."""
+    """``xraylib.runs.train`` with its default settings (a fresh run, and a fresh feature cache unless told)."""
     from xraylib.features import FEATURES_DIR
-    from xraylib.train import TrainSettings, train
+    from xraylib.runs import train
+    from xraylib.train import TrainSettings
 
     if fresh_cache:  # the run extracts the train and val features again; the test features (for the AUC) stay
         for path in (Path(data.folder) / FEATURES_DIR).glob("*/*"):

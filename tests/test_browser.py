@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from test_ood import build_trained_run, colour_photo, encode
-from xraylib import models, serve
+from xraylib import models, runs, serve
 from xraylib.predict import predict_files
 
 pytestmark = [
@@ -50,7 +50,7 @@ def site(tmp_path_factory):
 
     run_dir, data = build_trained_run(tmp_path_factory.mktemp("browser_run"))
     loaded = models.load_model(run_dir)
-    reference, note = serve.prepare_ood(loaded, say=lambda line: None)
+    reference, note = runs.prepare_ood(loaded, say=lambda line: None)
     app = serve.create_app(serve.Analyser(loaded, reference, note), serve.ServeSettings(port=0))
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

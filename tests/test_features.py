@@ -27,12 +27,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from xraylib import features, models, predict, synthetic
+from xraylib import features, models, synthetic
 from xraylib import train as train_module
 from xraylib.errors import ConfigError, ModelError
 from xraylib.fileio import sha1_file
 from xraylib.preprocess import PreprocessSettings, preprocess_dataset, split_and_preprocess
-from xraylib.train import AugmentSettings, ImageBatches, TrainSettings, as_dataset, train
+from xraylib.batches import AugmentSettings, FeatureBatches, ImageBatches, as_dataset, augment_image
+from xraylib.runs import train
+from xraylib.train import TrainSettings
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 
@@ -130,7 +132,7 @@ def test_the_cached_path_saves_the_full_model_as_the_streaming_path_does(both_pa
     assert meta["execution"]["stage_1_input"] == "cached features"
     assert meta["training"]["feature_cache"] is True and meta["training"]["augment_views"] == 1
     # The threshold was chosen on validation probabilities from the cache; the saved model gives the same ones.
-    val = predict.predict_split(loaded.model, data["val"])
+    val = models.predict_split(loaded.model, data["val"])
     from xraylib import evaluate
 
     expected = evaluate.threshold_from_validation(val, CLASSES, positive_class="covid", rule=meta["threshold"]["rule"],
@@ -305,7 +307,7 @@ def test_features_computed_for_one_split_are_reused_for_another(fresh_data):
 def test_predictions_from_cached_features_match_the_full_model(data):
     model = built()
     from_features = features.predict_split(model, data, VGG, "test")
-    full = predict.predict_split(model, data["test"])
+    full = models.predict_split(model, data["test"])
     assert list(from_features.columns) == list(full.columns) and len(from_features) == 5
     np.testing.assert_allclose(from_features[["prob_normal", "prob_covid"]].to_numpy(),
                                full[["prob_normal", "prob_covid"]].to_numpy(), rtol=1e-4, atol=1e-5)
@@ -376,7 +378,7 @@ def test_augmented_views_are_fixed_per_image_and_view(fresh_data):
     # View v of an image is the augmentation drawn from (v, its content hash), whatever the run.
     split = fresh_data["train"]
     ids = features.content_ids(split)
-    by_hand = np.stack([train_module.augment_image(split.images[r], augment, features.view_rng(ids[r], 2))
+    by_hand = np.stack([augment_image(split.images[r], augment, features.view_rng(ids[r], 2))
                         for r in range(len(split))])
     expected = features.feature_extractor(model).predict(as_input(by_hand), verbose=0)
     np.testing.assert_allclose(view2, expected, rtol=1e-5, atol=1e-6)
@@ -399,14 +401,14 @@ def test_feature_batches_follow_the_image_batches_order_and_draw_views_per_epoch
     views = [row_ids, row_ids + 1000, row_ids + 2000]
     for epoch in (0, 3):
         images = ImageBatches(split, BATCH, shuffle=True, seed=5, start_epoch=epoch)
-        batches = features.FeatureBatches(views, split.labels, 2, BATCH, shuffle=True, seed=5, start_epoch=epoch)
+        batches = FeatureBatches(views, split.labels, 2, BATCH, shuffle=True, seed=5, start_epoch=epoch)
         assert len(batches) == len(images) == 4
         rows = np.concatenate([batches[i][0][:, 0] % 1000 for i in range(4)]).astype(int)
         np.testing.assert_array_equal(rows, images._order)  # the same permutation of (seed, epoch)
         for i in range(4):
             x, y = batches[i]
             np.testing.assert_array_equal(y.argmax(axis=1), split.labels[(x[:, 0] % 1000).astype(int)])
-    drawn = lambda epoch: np.concatenate([features.FeatureBatches(  # noqa: E731
+    drawn = lambda epoch: np.concatenate([FeatureBatches(  # noqa: E731
         views, split.labels, 2, BATCH, shuffle=True, seed=5, start_epoch=epoch)[i][0][:, 0] // 1000 for i in range(4)])
     assert set(drawn(0)) == {0, 1, 2}  # 14 rows see all three views
     np.testing.assert_array_equal(drawn(1), drawn(1))  # reproducible (as after a resume)
@@ -425,7 +427,7 @@ def test_training_on_augmented_views(data, tmp_path):
 
 KILL_SCRIPT = textwrap.dedent("""
     import json, os, signal, sys
-    from xraylib import models, preprocess, train
+    from xraylib import models, preprocess, runs, train
     cache, run_dir, mode = sys.argv[1:]
     data = preprocess.load_preprocessed(cache)
 
@@ -440,7 +442,7 @@ KILL_SCRIPT = textwrap.dedent("""
     if mode == "kill":
         train.EpochCheckpoint = KilledInEpoch3
     spec = models.ModelSpec(backbone="vgg16", weights=None, image_size=32, classes=tuple(data.classes))
-    result = train.train(data, spec, train.TrainSettings(epochs=5, batch_size=4, augment=None), run_dir=run_dir, verbose=0)
+    result = runs.train(data, spec, train.TrainSettings(epochs=5, batch_size=4, augment=None), run_dir=run_dir, verbose=0)
     print("RESUMED_FROM", result.resumed_from_epoch)
     print("EXECUTION", json.dumps(result.execution))
 """)

@@ -10,10 +10,11 @@ import json
 import numpy as np
 import pytest
 
-from xraylib import audit, config, evaluate, manifest, models, synthetic
-from xraylib.modelcard import KNOWN_FAILURE_MODES, MODEL_CARD_NAME, model_card_markdown, write_model_card
+from xraylib import audit, config, manifest, models, runs, synthetic
+from xraylib.modelcard import KNOWN_FAILURE_MODES, MODEL_CARD_NAME, model_card_markdown
+from xraylib.runs import train, write_card as write_model_card
 from xraylib.preprocess import PreprocessSettings, split_and_preprocess
-from xraylib.train import TrainSettings, train
+from xraylib.train import TrainSettings
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning",
                                         "ignore:Invalid value for VR AS")
@@ -39,7 +40,7 @@ def test_three_classes_train_and_evaluate_with_per_class_sensitivity_and_ppv(thr
     root, data = three_class
     assert data.classes == ("normal", "pneumonia", "covid")
     assert set(data["test"].manifest["label"]) == set(THREE)
-    result = evaluate.evaluate_model(root / "models" / "run", data, out_dir=root / "reports" / "run", n_boot=100,
+    result = runs.evaluate(root / "models" / "run", data, out_dir=root / "reports" / "run", n_boot=100,
                                      save_plots=False)
     ev = result.evaluation
     assert ev.positive_class == "covid" and ev.confusion.index.tolist() == ["not covid", "covid"]
@@ -92,7 +93,7 @@ def test_a_card_before_evaluation_says_what_the_model_is_for_and_what_it_was_tra
 def test_the_card_in_the_output_folder_gathers_evaluation_audit_and_warnings(three_class):
     root, data = three_class
     model_dir = root / "models" / "run"
-    result = evaluate.evaluate_model(model_dir, data, out_dir=root / "reports" / "run", n_boot=100, save_plots=False)
+    result = runs.evaluate(model_dir, data, out_dir=root / "reports" / "run", n_boot=100, save_plots=False)
     report = audit.audit(None, data, classes=THREE)
     audit.write_audit(report, root / "reports")
     # As training calls it: the metadata it saved, nothing else; the rest is found where the stages wrote it.

@@ -17,7 +17,8 @@ import keras
 import numpy as np
 import pytest
 
-from xraylib import models, synthetic
+from xraylib import models, runs, synthetic
+from xraylib.preprocess import PreprocessSettings
 from xraylib.errors import ModelError
 from xraylib.preprocess import NORMALISATION, normalise, to_rgb_float
 from xraylib.train import compile_model
@@ -227,15 +228,16 @@ def test_weights_file_of_the_wrong_architecture_is_a_model_error(shared_weights)
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> dict:
-    """A VGG16 (weights=None, 32 px) saved with save_model, its inputs and the probabilities before saving."""
+    """A VGG16 (weights=None, 32 px) saved by the run folder, its inputs and the probabilities before saving."""
     folder = tmp_path_factory.mktemp("saved") / "run"
     keras.utils.set_random_seed(4)
     model = models.build_model(backbone="vgg16", weights=None, image_size=SIZE, classes=CLASSES)
     x = as_input(phantoms(4, SIZE, seed=20)[0])
     probs = model.predict(x, verbose=0)
-    metadata = {"classes": list(CLASSES), "model": model.xraylib_spec.to_dict(),
+    metadata = {"classes": list(CLASSES), "model": model.xraylib_spec.to_dict(), "input_size": [SIZE, SIZE, 1],
+                "preprocessing": PreprocessSettings(image_size=SIZE).to_dict(),
                 "threshold": {"value": 0.3, "positive_class": "covid"}}
-    files = models.save_model(model, folder, metadata)
+    files = runs.RunFolder(folder).save_model(model, metadata)
     np.save(folder.parent / "x.npy", x)
     return {"folder": folder, "files": files, "x": x, "probs": probs}
 

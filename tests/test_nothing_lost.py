@@ -348,14 +348,14 @@ def test_sample_data_killed_mid_write_is_cleaned_up_by_the_next_call(tmp_path):
 
 TRAIN_CHILD = textwrap.dedent("""
     # Train the small CNN; SIGKILL self at the KILL_AT-th event (a training batch ending, or an os.replace
-    # of a checkpoint, history or state file, just before or just after it). Events inside finish_run
+    # of a checkpoint, history or state file, just before or just after it). Events inside runs.finish
     # (saving the final model) are counted only with FINISH_EVENTS=1.
     import hashlib, json, os, signal, sys
     cache, run_dir, epochs, dropout, kill_at, finish_events = sys.argv[1:7]
     kill_at, finish_events = int(kill_at), finish_events == "1"
     import keras
     import numpy as np
-    from xraylib import models, preprocess, train
+    from xraylib import models, preprocess, runs, train
 
     state = {"events": 0, "finishing": False, "log": []}
 
@@ -380,16 +380,16 @@ TRAIN_CHILD = textwrap.dedent("""
             event(f"batch {batch} ended")
     train.EpochCheckpoint = KillableCheckpoint
 
-    real_finish = train.finish_run
-    def finish_run(*args, **kwargs):
+    real_finish = runs.finish
+    def finish(*args, **kwargs):
         state["finishing"] = True
         return real_finish(*args, **kwargs)
-    train.finish_run = finish_run
+    runs.finish = finish
 
     data = preprocess.load_preprocessed(cache)
     spec = models.ModelSpec(backbone="small_cnn", weights=None, image_size=data.settings.image_size,
                             classes=data.classes, dropout=float(dropout))
-    result = train.train(data, spec, train.TrainSettings(epochs=int(epochs), batch_size=4), run_dir=run_dir, verbose=0)
+    result = runs.train(data, spec, train.TrainSettings(epochs=int(epochs), batch_size=4), run_dir=run_dir, verbose=0)
     digest = lambda model: hashlib.sha1(b"".join(np.asarray(w).tobytes() for w in model.get_weights())).hexdigest()
     saved = keras.models.load_model(os.path.join(run_dir, "model.keras"))
     print("RESULT " + json.dumps({"events": state["events"], "weights": digest(result.model),
@@ -500,7 +500,7 @@ def test_training_killed_while_saving_the_final_model_is_finished_by_the_next_ru
     shutil.copytree(reference_dir, run_dir)
     for name in ("model.keras", "model.h5", "model.json"):
         (run_dir / name).unlink()
-    # The next runs only finish: their events are finish_run's. Kill at each in turn until model.keras is in place.
+    # The next runs only finish: their events are runs.finish's. Kill at each in turn until model.keras is in place.
     for kill_at in range(1, 8):
         code, out, err = _train(train_script, train_cache, run_dir, kill_at=kill_at, finish_events=True)
         assert code == -signal.SIGKILL, f"finished without a kill after model.keras: {out} {err[-2000:]}"
@@ -517,13 +517,13 @@ def test_training_killed_while_saving_the_final_model_is_finished_by_the_next_ru
 
 @pytest.mark.slow
 def test_training_with_dropout_resumed_ends_like_an_uninterrupted_run(train_cache, tmp_path):
-    from xraylib import models, train  # TensorFlow: imported only by the tests that train
+    from xraylib import models, runs, train  # TensorFlow: imported only by the tests that train
 
     data = preprocess.load_preprocessed(train_cache)
     spec = models.ModelSpec(backbone="small_cnn", weights=None, image_size=32, classes=data.classes, dropout=0.5)
 
     def run(folder: str, epochs: int):
-        return train.train(data, spec, train.TrainSettings(epochs=epochs, batch_size=4), run_dir=tmp_path / folder,
+        return runs.train(data, spec, train.TrainSettings(epochs=epochs, batch_size=4), run_dir=tmp_path / folder,
                            verbose=0)
 
     straight = run("straight", TRAIN_EPOCHS)

@@ -18,12 +18,12 @@ import pandas as pd
 import pytest
 
 from conftest import write_dicom, write_raster
-from xraylib import models, ood, synthetic
+from xraylib import models, ood, runs, synthetic
 from xraylib.errors import BadFileError, ConfigError, ModelError
 from xraylib.fileio import sha1_file
 from xraylib.images import read_image
 from xraylib.preprocess import PreprocessedData, PreprocessSettings, split_and_preprocess
-from xraylib.train import RunPaths, TrainSettings, compile_model, finish_run
+from xraylib.train import TrainSettings, compile_model
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Invalid value for VR AS"),
@@ -147,7 +147,7 @@ def build_trained_run(root: Path) -> tuple[Path, PreprocessedData]:
     compile_model(model, 1e-3)
     train = data["train"]
     model.fit(np.asarray(train.images, np.float32)[..., None], train.one_hot, epochs=25, batch_size=16, verbose=0)
-    finish_run(model, data, spec, TrainSettings(epochs=25, batch_size=16, augment=None), RunPaths(root / "run"))
+    runs.finish(model, data, spec, TrainSettings(epochs=25, batch_size=16, augment=None), runs.RunFolder(root / "run"))
     return root / "run", data
 
 
@@ -272,7 +272,7 @@ def test_save_and_load_beside_the_model(reference, loaded, tmp_path):
     for name in ("model.json", "model.keras"):
         (folder / name).write_bytes((loaded.path.parent / name).read_bytes())
     assert ood.load_ood(folder) is None  # none yet
-    files = ood.save_ood(reference, folder / "model.keras")  # a model file names its folder
+    files = runs.RunFolder.of(folder / "model.keras").save_ood(reference)  # a model file names its folder
     assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.keras", "ood.json", "ood.npz"]  # no temp files
     meta = json.loads(files["ood.json"].read_text())
     assert meta["feature_threshold"] == pytest.approx(reference.feature_threshold)

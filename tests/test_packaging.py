@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -33,11 +31,3 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_command():
     commands = [line.split("#")[0].strip() for line in first_block.splitlines()[1:] if line.strip()]
     assert commands == ["make demo", "make test"]
     assert "make test" in (ROOT / ".ci" / "run").read_text()
-
-
-def test_the_data_side_imports_no_tensorflow():
-    code = ("import sys; import xraylib.config, xraylib.sources, xraylib.dicom, xraylib.images, xraylib.manifest, "
-            "xraylib.split, xraylib.preprocess, xraylib.synthetic, xraylib.audit, xraylib.evaluate; "
-            "print('tensorflow' in sys.modules or 'keras' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "False"

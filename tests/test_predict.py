@@ -11,14 +11,15 @@ import pandas as pd
 import pytest
 
 from conftest import write_dicom, write_raster
-from xraylib import models, synthetic
+from xraylib import models, runs, synthetic
 from xraylib.errors import ConfigError
 from xraylib.fileio import sha1_file
 from xraylib.predict import (
-    collect_image_paths, decide, predict_files, predict_images, predict_split, preprocess_for_model, probability_columns,
+    collect_image_paths, decide, predict_files, preprocess_for_model,
 )
 from xraylib.preprocess import PreprocessSettings, preprocess_file, split_and_preprocess
-from xraylib.train import RunPaths, TrainSettings, finish_run
+from xraylib.models import predict_images, predict_split, probability_columns
+from xraylib.train import TrainSettings
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Invalid value for VR AS"),
@@ -52,7 +53,7 @@ def model_dir(data, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("model") / "run"
     spec = models.ModelSpec(backbone="small_cnn", weights=None, image_size=SIZE, classes=CLASSES)
     keras.utils.set_random_seed(5)
-    finish_run(models.build_model(spec), data, spec, TrainSettings(), RunPaths(folder))
+    runs.finish(models.build_model(spec), data, spec, TrainSettings(), runs.RunFolder(folder))
     return folder
 
 
@@ -193,8 +194,9 @@ def test_the_preprocessing_comes_from_the_models_json(tmp_path):
     spec = models.ModelSpec(backbone="small_cnn", weights=None, image_size=48, classes=CLASSES)
     keras.utils.set_random_seed(6)
     model = models.build_model(spec)
-    models.save_model(model, tmp_path / "run", {"classes": list(CLASSES), "preprocessing": pad.to_dict(),
-                                                "model": spec.to_dict(), "threshold": {"value": 0.5, "positive_class": "covid"}})
+    runs.RunFolder(tmp_path / "run").save_model(model, {"classes": list(CLASSES), "preprocessing": pad.to_dict(),
+                                                        "input_size": [48, 48, 1], "model": spec.to_dict(),
+                                                        "threshold": {"value": 0.5, "positive_class": "covid"}})
     tall = write_raster(tmp_path / "tall.png", phantom(7, 120, 60))  # 2:1, so padding and stretching differ
     table = predict_files(tmp_path / "run", tall)
     probs = table[["prob_normal", "prob_covid"]].to_numpy(dtype=np.float32)

@@ -23,9 +23,10 @@ import numpy as np
 import pytest
 
 from test_ood import build_trained_run, colour_photo, encode, frontal_phantom
-from xraylib import DISCLAIMER, models, ood, serve
+from xraylib import DISCLAIMER, models, ood, runs, serve
 from xraylib.errors import ConfigError, ModelError
-from xraylib.predict import predict_files, predict_images
+from xraylib.models import predict_images
+from xraylib.predict import predict_files
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Invalid value for VR AS"),
@@ -423,7 +424,7 @@ def test_keras_h5_and_saved_model_load_and_give_the_same_probabilities(formats, 
 def test_the_server_runs_a_saved_model_without_grad_cam_and_says_so(formats, run, samples):
     loaded = models.load_model(formats["savedmodel"])
     reference = ood.fit_ood(loaded, run[1])
-    analyser = serve.Analyser(loaded, reference, serve._partial_note(loaded, reference))
+    analyser = serve.Analyser(loaded, reference, runs._partial_note(loaded, reference))
     assert analyser.info()["model"] == "run" and analyser.info()["ood_check"] == "statistics"
     (result,) = analyser.analyse([(samples["png"].name, samples["png"].read_bytes())])
     expected = predict_files(models.load_model(formats["keras"]), samples["png"])
@@ -454,12 +455,12 @@ def test_prepare_ood_builds_the_reference_from_the_training_data_and_reuses_it(r
         shutil.copy(run_dir / name, folder / name)
     loaded = models.load_model(folder)
     said = []
-    reference, note = serve.prepare_ood(loaded, say=said.append)  # the folder named in model.json
+    reference, note = runs.prepare_ood(loaded, say=said.append)  # the folder named in model.json
     assert reference is not None and note is None
     assert (folder / "ood.json").is_file() and (folder / "ood.npz").is_file()
     assert any("training data" in line for line in said)
     said.clear()
-    again, _ = serve.prepare_ood(loaded, say=said.append)
+    again, _ = runs.prepare_ood(loaded, say=said.append)
     np.testing.assert_array_equal(again.train_features, reference.train_features)
     assert said == [f"out-of-distribution reference: {folder / 'ood.json'}"]
 
@@ -470,7 +471,7 @@ def test_prepare_ood_builds_the_reference_from_the_training_data_and_reuses_it(r
     (folder / "model.json").write_text(json.dumps(meta))
     retrained = models.load_model(folder)
     said.clear()
-    reference, note = serve.prepare_ood(retrained, say=said.append)
+    reference, note = runs.prepare_ood(retrained, say=said.append)
     assert reference is None and "--data" in note and "stale" in note
     assert any("made for another model" in line for line in said)
     assert serve.Analyser(retrained, None, note).info()["ood_check"] == "basic"

@@ -27,7 +27,8 @@ from xraylib import config, explain, manifest, models, plots, shortcuts, synthet
 from xraylib.errors import ConfigError
 from xraylib.preprocess import PreprocessedData, PreprocessedSplit, PreprocessSettings, split_and_preprocess
 from xraylib.split import patients_in_several_splits
-from xraylib.train import TrainSettings, train
+from xraylib.runs import train
+from xraylib.train import TrainSettings
 
 from test_explain import evidence_model
 

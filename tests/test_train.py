@@ -21,12 +21,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from xraylib import evaluate, models, predict, synthetic
+from xraylib import evaluate, models, synthetic
 from xraylib import train as train_module
 from xraylib.errors import ConfigError
 from xraylib.fileio import sha1_file
 from xraylib.preprocess import PreprocessSettings, split_and_preprocess
-from xraylib.train import AugmentSettings, ImageBatches, TrainSettings, augment_image, class_weights, train
+from xraylib.batches import AugmentSettings, ImageBatches, augment_image
+from xraylib.runs import train
+from xraylib.train import TrainSettings, class_weights
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 
@@ -106,9 +108,9 @@ def recorded_train(monkeypatch: pytest.MonkeyPatch, recorder: Recorder, *args, *
     class RecordingCheckpoint(train_module.EpochCheckpoint):
         def on_epoch_end(self, epoch, logs=None):
             super().on_epoch_end(epoch, logs)
-            state = json.loads(self.paths.state.read_text())
-            files = sorted(p.name for p in self.paths.checkpoints.iterdir())
-            recorder.after_epoch.append((epoch + 1, state, files, len(pd.read_csv(self.paths.history))))
+            state = json.loads(self.run.state.read_text())
+            files = sorted(p.name for p in self.run.checkpoints.iterdir())
+            recorder.after_epoch.append((epoch + 1, state, files, len(pd.read_csv(self.run.history))))
 
     monkeypatch.setattr(train_module, "ImageBatches", RecordingBatches)
     monkeypatch.setattr(train_module, "EpochCheckpoint", RecordingCheckpoint)
@@ -323,7 +325,7 @@ def test_model_json_records_what_is_needed_to_use_the_model(run4, data):
     assert threshold["chosen_on"] == "validation split" and threshold["positive_class"] == "covid"
     # The threshold is the one the rule picks on the validation predictions of the saved model.
     loaded = models.load_model(result.paths.root)
-    val = predict.predict_split(loaded.model, data["val"])
+    val = models.predict_split(loaded.model, data["val"])
     expected = evaluate.threshold_from_validation(val, CLASSES, positive_class="covid", rule=threshold["rule"],
                                                   min_sensitivity=threshold["min_sensitivity"])
     assert threshold["value"] == pytest.approx(float(expected))
@@ -391,7 +393,7 @@ def test_resume_refuses_other_data_or_settings_and_resume_false_starts_over(data
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from xraylib import models, preprocess, train
+    from xraylib import models, preprocess, runs, train
     cache, run_dir, mode = sys.argv[1:]
     data = preprocess.load_preprocessed(cache)
 
@@ -406,7 +408,7 @@ KILL_SCRIPT = textwrap.dedent("""
     if mode == "kill":
         train.EpochCheckpoint = KilledInEpoch3
     spec = models.ModelSpec(backbone="small_cnn", weights=None, image_size=32, classes=tuple(data.classes))
-    result = train.train(data, spec, train.TrainSettings(epochs=5, batch_size=4), run_dir=run_dir, verbose=0)
+    result = runs.train(data, spec, train.TrainSettings(epochs=5, batch_size=4), run_dir=run_dir, verbose=0)
     print("RESUMED_FROM", result.resumed_from_epoch)
 """)
 

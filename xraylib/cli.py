@@ -98,8 +98,9 @@ def _model_spec(args: argparse.Namespace, data: preprocess.PreprocessedData):
 
 def _train_settings(args: argparse.Namespace):
     from . import train
+    from .batches import AugmentSettings
 
-    augment = None if args.no_augment else train.AugmentSettings(horizontal_flip=args.flip)
+    augment = None if args.no_augment else AugmentSettings(horizontal_flip=args.flip)
     return train.TrainSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
                                fine_tune_epochs=args.fine_tune_epochs, fine_tune_learning_rate=args.fine_tune_learning_rate,
                                augment=augment, class_weighting=not args.no_class_weights, seed=args.seed,
@@ -108,7 +109,7 @@ def _train_settings(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from . import train
+    from . import runs
 
     layout = config.OutputLayout(_output_dir(args))
     data = preprocess.load_preprocessed(layout.preprocessed)
@@ -117,7 +118,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     run_dir = layout.models / args.run
     print(f"training {spec.backbone} (weights={spec.weights}) on {len(data['train'])} images, "
           f"validating on {len(data['val'])}; run folder {run_dir}")
-    result = train.train(data, spec, settings, run_dir=run_dir, resume=args.resume, verbose=2 if args.quiet else "auto")
+    result = runs.train(data, spec, settings, run_dir=run_dir, resume=args.resume, verbose=2 if args.quiet else "auto")
     _print_train_result(result)
 
 
@@ -134,18 +135,18 @@ def _print_train_result(result) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from . import evaluate
+    from . import runs
 
     layout = config.OutputLayout(_output_dir(args))
     data = preprocess.load_preprocessed(layout.preprocessed)
-    result = evaluate.evaluate_model(layout.models / args.run, data, out_dir=layout.reports / args.run,
-                                     split=args.split, n_boot=args.n_boot)
+    result = runs.evaluate(layout.models / args.run, data, out_dir=layout.reports / args.run,
+                           split=args.split, n_boot=args.n_boot)
     print(result.evaluation.to_markdown())
     print("written:", ", ".join(str(p) for p in result.files.values()))
 
 
 def cmd_shortcuts(args: argparse.Namespace) -> None:
-    from . import modelcard, plots, shortcuts
+    from . import plots, runs, shortcuts
 
     layout = config.OutputLayout(_output_dir(args))
     data = preprocess.load_preprocessed(layout.preprocessed)
@@ -159,7 +160,7 @@ def cmd_shortcuts(args: argparse.Namespace) -> None:
         if isinstance(result, shortcuts.SaliencyResult):
             figure = plots.mean_heatmaps(result.mean_maps, result.lung_mask, result.shares)
             files["heatmaps"] = plots.save_figure(figure, out / "mean_heatmaps.png")
-    files["card"] = modelcard.write_model_card(model_dir, data=data, shortcut_results=results)
+    files["card"] = runs.write_card(model_dir, data=data, shortcut_results=results)
     print(shortcuts.shortcut_report_markdown(results))
     print("written:", ", ".join(str(p) for p in files.values()))
 
@@ -203,7 +204,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from . import evaluate, predict, train
+    from . import predict, runs
 
     out = Path(args.output_dir).expanduser().resolve()
     layout = config.OutputLayout(out)
@@ -224,11 +225,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print_preprocess_summary(data)
     print(f"\n4/5 training (notebook 03): {args.backbone}, {args.epochs} epochs")
     spec = _model_spec(args, data)
-    trained = train.train(data, spec, _train_settings(args), run_dir=layout.models / args.run, resume=True,
+    trained = runs.train(data, spec, _train_settings(args), run_dir=layout.models / args.run, resume=True,
                           verbose=2 if args.quiet else "auto")
     _print_train_result(trained)
     print("\n5/5 evaluation on the held-out test patients (notebook 04) and predictions (notebook 05)")
-    evaluation = evaluate.evaluate_model(layout.models / args.run, data, out_dir=layout.reports / args.run, n_boot=args.n_boot)
+    evaluation = runs.evaluate(layout.models / args.run, data, out_dir=layout.reports / args.run, n_boot=args.n_boot)
     ev = evaluation.evaluation
     print(f"test set: {ev.n_patients} patients, {ev.n_images} images; threshold {float(ev.threshold):.3f} "
           "chosen on the validation split")

@@ -48,6 +48,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import models
+from .batches import augment_image
 from .errors import ConfigError
 from .fileio import save_npy_atomic, write_json_atomic
 from .preprocess import PIXELS_VERSION, PreprocessedData, PreprocessedSplit, PreprocessSettings
@@ -56,8 +57,6 @@ FORMAT = "xraylib bottleneck features v1"
 FEATURES_DIR = "features"
 #: Rows extracted between two saves of progress: an interrupted extraction resumes from the last one.
 CHUNK_ROWS = 512
-# A constant third seed word keeps the per-epoch view draw apart from the batch order drawn from (seed, epoch).
-_VIEW_STREAM = 7919
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,7 +205,7 @@ def cached_features(
     """Features of ``data``'s train split (``views`` views) and val split (plain) through ``model``'s frozen backbone.
 
     Reuses what the cache already holds (per image content hash), computes the rest, and returns
-    memory-mapped arrays. ``augment`` (:class:`xraylib.train.AugmentSettings`) is needed for
+    memory-mapped arrays. ``augment`` (:class:`xraylib.batches.AugmentSettings`) is needed for
     ``views > 1``; without it only view 0 exists. Raises :class:`ConfigError` when the backbone is
     not frozen (fine-tuning trains on streamed images instead).
     """
@@ -248,7 +247,7 @@ def split_features(model: keras.Model, data: PreprocessedData, spec: models.Mode
     protocol already computed is not run through the backbone again.
     """
     if not can_cache(model):
-        raise ConfigError("the backbone has trainable layers: its features cannot be cached; use xraylib.predict.predict_split")
+        raise ConfigError("the backbone has trainable layers: its features cannot be cached; use xraylib.models.predict_split")
     description = describe(model, spec, data.settings)
     folder = cache_folder(data, cache_key(description))
     folder.mkdir(parents=True, exist_ok=True)
@@ -261,17 +260,15 @@ def split_features(model: keras.Model, data: PreprocessedData, spec: models.Mode
 
 def predict_split(model: keras.Model, data: PreprocessedData, spec: models.ModelSpec, split: str = "test",
                   progress: bool = False) -> pd.DataFrame:
-    """What :func:`xraylib.predict.predict_split` returns (the split's rows with ``prob_<class>`` columns),
+    """What :func:`xraylib.models.predict_split` returns (the split's rows with ``prob_<class>`` columns),
     computed from cached features through the model's head: the backbone runs only for images not cached yet.
     Agrees with the full model within float32 rounding."""
-    from .predict import probability_columns
-
     rows = data[split].manifest.copy()
     if len(rows) == 0:
-        return rows.assign(**{c: np.zeros(0, dtype=np.float32) for c in probability_columns(data.classes)})
+        return rows.assign(**{c: np.zeros(0, dtype=np.float32) for c in models.probability_columns(data.classes)})
     feats = np.asarray(split_features(model, data, spec, split, progress=progress))
     probabilities = np.asarray(head_model(model).predict(feats, batch_size=256, verbose=0), dtype=np.float32)
-    rows[probability_columns(data.classes)] = probabilities
+    rows[models.probability_columns(data.classes)] = probabilities
     return rows
 
 
@@ -367,15 +364,13 @@ def _extract_rows(extractor: keras.Model, images_uint8: np.ndarray, rows: np.nda
     index batches -> parallel reads (and augmentation) from the memory-mapped uint8 array -> prefetch -> the model."""
     import tensorflow as tf
 
-    from . import train  # train imports this module
-
     size = images_uint8.shape[1:]
     while True:
         def load(index: np.ndarray, batch_size: int = batch_size) -> np.ndarray:
             picked = rows[int(index) * batch_size:(int(index) + 1) * batch_size]
             batch = np.asarray(images_uint8[picked])  # rows ascending: a forward read of the file
             if view:
-                batch = np.stack([train.augment_image(image, augment, view_rng(ids[row], view))
+                batch = np.stack([augment_image(image, augment, view_rng(ids[row], view))
                                   for image, row in zip(batch, picked)])
             return batch.astype(np.float32)[..., None]
 
@@ -393,58 +388,3 @@ def _extract_rows(extractor: keras.Model, images_uint8: np.ndarray, rows: np.nda
             if batch_size == 1:
                 raise
             batch_size = max(1, batch_size // 2)  # the GPU ran out of memory: the same rows in smaller batches
-
-
-# --------------------------------------------------------------------------------------------
-# Batches of cached features, in the order ImageBatches gives the images
-
-
-class FeatureBatches(keras.utils.PyDataset):
-    """Batches of ``(B, D) float32`` cached features and one-hot labels.
-
-    The order is ImageBatches' (a permutation drawn from ``(seed, epoch)``), so without augmentation
-    the head meets the same batches as on the streaming path. With K views each row's view is drawn
-    from ``(seed, epoch)`` too: reproducible, also after a resume (``start_epoch``).
-    """
-
-    def __init__(self, views: list[np.ndarray], labels: np.ndarray, n_classes: int, batch_size: int,
-                 shuffle: bool = False, seed: int = 0, start_epoch: int = 0):
-        super().__init__(workers=1, use_multiprocessing=False)
-        if not views or any(len(v) != len(labels) for v in views):
-            raise ConfigError(f"every view needs one row per label ({len(labels)}), got {[len(v) for v in views]}")
-        self.views, self.labels = views, np.asarray(labels)
-        self.n_classes, self.batch_size, self.shuffle, self.seed = n_classes, batch_size, shuffle, seed
-        self.start_epoch = self.epoch = start_epoch
-        self._epochs_begun = 0
-        self._order, self._view_of_row = self._draw()
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return (int(self.views[0].shape[1]),)
-
-    def _draw(self) -> tuple[np.ndarray, np.ndarray]:
-        from . import train
-
-        n = len(self.labels)
-        order = train.epoch_order(n, self.seed, self.epoch, self.shuffle)
-        if len(self.views) == 1:
-            return order, np.zeros(n, dtype=np.int64)
-        return order, np.random.default_rng([self.seed, self.epoch, _VIEW_STREAM]).integers(0, len(self.views), size=n)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.labels) / self.batch_size)
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = self._order[index * self.batch_size:(index + 1) * self.batch_size]
-        views = self._view_of_row[rows]
-        x = np.empty((len(rows), self.sample_shape[0]), dtype=np.float32)
-        for view in np.unique(views):
-            picked = views == view
-            x[picked] = self.views[int(view)][rows[picked]]
-        y = np.eye(self.n_classes, dtype=np.float32)[self.labels[rows]]
-        return x, y
-
-    def on_epoch_begin(self) -> None:
-        self.epoch = self.start_epoch + self._epochs_begun
-        self._epochs_begun += 1
-        self._order, self._view_of_row = self._draw()

@@ -24,9 +24,8 @@ from typing import Any, Sequence
 import pandas as pd
 
 from . import DISCLAIMER
-from .fileio import write_text_atomic
 
-__all__ = ["MODEL_CARD_NAME", "KNOWN_FAILURE_MODES", "model_card_markdown", "write_model_card", "training_data_table"]
+__all__ = ["MODEL_CARD_NAME", "KNOWN_FAILURE_MODES", "model_card_markdown", "training_data_table"]
 
 #: The card's file name, next to ``model.keras`` / ``model.h5`` / ``model.json``.
 MODEL_CARD_NAME = "MODEL_CARD.md"
@@ -70,36 +69,6 @@ _STRONG_WARNING = (
 )
 
 
-def write_model_card(
-    model_dir: str | os.PathLike,
-    metadata: dict[str, Any] | None = None,
-    evaluation: Any = None,
-    audit_report: Any = None,
-    *,
-    data: Any = None,
-    shortcut_results: Sequence[Any] | None = None,
-) -> Path:
-    """Write ``MODEL_CARD.md`` into ``model_dir`` (atomically) and return its path.
-
-    ``metadata``: the model's metadata (default: ``model_dir/model.json``; when given, it is laid
-    over the JSON on disk, so :func:`xraylib.train.finish_run` can pass the dict it saved).
-    ``evaluation``: an :class:`xraylib.evaluate.Evaluation`, a
-    :class:`~xraylib.evaluate.ModelEvaluation` or the dict of ``evaluation.json``; default: the
-    output folder's ``reports/<run>/evaluation.json``, else the test metrics recorded in
-    ``model.json``, else "not evaluated yet". ``audit_report``: an
-    :class:`xraylib.audit.AuditReport`, its dict or the path of ``audit.json``; default: the
-    output folder's ``reports/audit.json``. ``data``: the
-    :class:`~xraylib.preprocess.PreprocessedData` trained on, for counts per source and class
-    (default: the ``manifest.csv`` of the cache named in the JSON). ``shortcut_results``: the
-    results of :mod:`xraylib.shortcuts` (default: ``reports/<run>/shortcuts.json``).
-    """
-    model_dir = Path(model_dir)
-    text = model_card_markdown(model_dir, metadata, evaluation, audit_report, data=data, shortcut_results=shortcut_results)
-    path = model_dir / MODEL_CARD_NAME
-    write_text_atomic(path, text)
-    return path
-
-
 def model_card_markdown(
     model_dir: str | os.PathLike,
     metadata: dict[str, Any] | None = None,
@@ -109,7 +78,20 @@ def model_card_markdown(
     data: Any = None,
     shortcut_results: Sequence[Any] | None = None,
 ) -> str:
-    """The card's Markdown (what :func:`write_model_card` writes); the same arguments."""
+    """The card's Markdown (what :meth:`xraylib.runs.RunFolder.write_card` writes into the run folder).
+
+    ``metadata``: the model's metadata (default: ``model_dir/model.json``; when given, it is laid
+    over the JSON on disk, so :func:`xraylib.runs.finish` can pass the dict it saved).
+    ``evaluation``: an :class:`xraylib.evaluate.Evaluation`, a
+    :class:`~xraylib.runs.ModelEvaluation` or the dict of ``evaluation.json``; default: the
+    output folder's ``reports/<run>/evaluation.json``, else the test metrics recorded in
+    ``model.json``, else "not evaluated yet". ``audit_report``: an
+    :class:`xraylib.audit.AuditReport`, its dict or the path of ``audit.json``; default: the
+    output folder's ``reports/audit.json``. ``data``: the
+    :class:`~xraylib.preprocess.PreprocessedData` trained on, for counts per source and class
+    (default: the ``manifest.csv`` of the cache named in the JSON). ``shortcut_results``: the
+    results of :mod:`xraylib.shortcuts` (default: ``reports/<run>/shortcuts.json``).
+    """
     model_dir = Path(model_dir)
     meta = _metadata(model_dir, metadata)
     root, run = _output_root(model_dir)

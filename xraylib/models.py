@@ -16,13 +16,14 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from dataclasses import replace as dataclasses_replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import keras
 import numpy as np
+import pandas as pd
 
 from .errors import ModelError
-from .preprocess import NORMALISATION, PIXELS_VERSION
+from .preprocess import NORMALISATION, PIXELS_VERSION, PreprocessedSplit
 
 #: backbone name -> (keras.applications constructor name, last conv layer, top-block layer prefixes)
 BACKBONES: dict[str, tuple[str | None, str, tuple[str, ...]]] = {
@@ -313,43 +314,83 @@ def feature_layer_name(model: keras.Model) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Predicting a cached split
+
+
+def predict_images(model, images_uint8: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Class probabilities ``(N, C) float32`` for ``(N, S, S) uint8`` images, in chunks (memory stays flat)."""
+    n = len(images_uint8)
+    if n == 0:
+        return np.zeros((0, int(model.output_shape[-1])), dtype=np.float32)
+    chunks = []
+    for begin in range(0, n, 512):
+        x = np.asarray(images_uint8[begin:begin + 512], dtype=np.float32)[..., None]
+        chunks.append(np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32))
+    return np.concatenate(chunks)
+
+
+def probability_columns(classes: Iterable[str]) -> list[str]:
+    """The prediction tables' column of each class: ``prob_<class>``."""
+    return [f"prob_{c}" for c in classes]
+
+
+def predict_split(model, split: PreprocessedSplit, batch_size: int = 32) -> pd.DataFrame:
+    """The split's manifest rows with one ``prob_<class>`` column per class."""
+    probs = predict_images(model, split.images, batch_size)
+    out = split.manifest.copy()
+    out[probability_columns(split.classes)] = probs
+    return out
+
+
+
+# --------------------------------------------------------------------------------------------
 # Saving and loading
 
 MODEL_FILES = ("model.keras", "model.h5", "model.json")
 
 
-def save_model(model: keras.Model, folder: str | os.PathLike, metadata: dict[str, Any]) -> dict[str, Path]:
-    """Save ``model.keras``, ``model.h5`` (the seeds' format) and ``model.json`` in ``folder``, each atomically.
+METADATA_FORMAT = "xraylib model metadata v1"
 
-    ``metadata`` (classes, preprocessing, model spec, training, threshold, ...) is written as the
-    JSON with the xraylib, Keras and TensorFlow versions added.
+
+def check_metadata(metadata: Any, where: str | os.PathLike = "model.json") -> dict[str, Any]:
+    """Check a ``model.json`` against what loading and prediction need; return it, or raise :class:`ModelError`
+    naming ``where`` and the field.
+
+    The schema: ``classes`` two or more distinct names; ``input_size`` ``[S, S, 1]``; ``preprocessing`` a mapping
+    with ``image_size`` S; ``model`` a mapping that :class:`ModelSpec` reads, with the same classes and size;
+    ``threshold`` a mapping with a finite ``value`` in [0, 1] and a ``positive_class`` among the classes.
+    :meth:`xraylib.runs.RunFolder.save_model` checks every ``model.json`` with it before writing.
     """
-    import datetime
+    def bad(field_name: str, what: str) -> ModelError:
+        return ModelError(f"{where}: field {field_name!r} {what}")
 
-    from . import __version__
-    from .fileio import write_json_atomic
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for name in ("model.keras", "model.h5"):
-        suffix = Path(name).suffix
-        tmp = folder / f"tmp_saving{suffix}"  # Keras picks the format from the suffix
-        model.save(tmp)
-        os.replace(tmp, folder / name)
-        out[name] = folder / name
-    versions = {"xraylib": __version__, "keras": keras.__version__, "backend": keras.backend.backend()}
+    if not isinstance(metadata, dict):
+        raise ModelError(f"{where}: expected a JSON object, got {type(metadata).__name__}")
+    classes = metadata.get("classes")
+    if (not isinstance(classes, list) or len(classes) < 2 or len(set(map(str, classes))) != len(classes)
+            or not all(isinstance(c, str) and c for c in classes)):
+        raise bad("classes", f"must list two or more distinct class names, got {classes!r}")
+    preprocessing = metadata.get("preprocessing")
+    if not isinstance(preprocessing, dict) or not isinstance(preprocessing.get("image_size"), int):
+        raise bad("preprocessing", f"must be a mapping with a whole-number image_size, got {preprocessing!r}")
+    size = preprocessing["image_size"]
+    if metadata.get("input_size") != [size, size, 1]:
+        raise bad("input_size", f"must be [{size}, {size}, 1] (the preprocessed size), got {metadata.get('input_size')!r}")
     try:
-        import tensorflow as tf
-
-        versions["tensorflow"] = tf.__version__
-    except ImportError:  # another Keras backend
-        pass
-    full = {"format": "xraylib model metadata v1", "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "versions": versions, **metadata}
-    write_json_atomic(folder / "model.json", full)
-    out["model.json"] = folder / "model.json"
-    return out
+        spec = ModelSpec.from_dict(metadata.get("model"))
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise bad("model", f"is not a model description ({type(exc).__name__}: {exc})") from None
+    if list(spec.classes) != classes or spec.image_size != size:
+        raise bad("model", f"describes classes {list(spec.classes)} at {spec.image_size} px, not {classes} at {size} px")
+    threshold = metadata.get("threshold")
+    if not isinstance(threshold, dict):
+        raise bad("threshold", f"must be a mapping with value and positive_class, got {threshold!r}")
+    value = threshold.get("value")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) <= 1.0):
+        raise bad("threshold.value", f"must be a number from 0 to 1, got {value!r}")
+    if threshold.get("positive_class") not in classes:
+        raise bad("threshold.positive_class", f"must be one of {classes}, got {threshold.get('positive_class')!r}")
+    return metadata
 
 
 @dataclass

@@ -39,8 +39,8 @@ of good images, mostly ones only just beyond a threshold. With it, none of the 4
 frontal phantoms of the tests and none of the 29 test images of ``make demo`` is flagged, while
 every colour photo, page, CT slice, lateral view and noise image the tests make is.
 
-:func:`fit_ood` computes the reference from the preprocessed data; :func:`save_ood` writes it
-beside the model (``ood.npz`` + ``ood.json``), :func:`load_ood` reads it back.
+:func:`fit_ood` computes the reference from the preprocessed data; the run folder writes it
+beside the model (``ood.npz`` + ``ood.json``, :meth:`xraylib.runs.RunFolder.save_ood`), :func:`load_ood` reads it back.
 :class:`OODGuard` checks images. A guard without a reference runs the colour and shape checks
 only, and says so in every result.
 
@@ -60,7 +60,6 @@ import cv2
 import numpy as np
 
 from .errors import BadFileError, ConfigError, ModelError
-from .fileio import atomic_path, write_json_atomic
 
 if TYPE_CHECKING:
     import keras
@@ -382,18 +381,15 @@ def _model_dir(model_dir: str | os.PathLike) -> Path:
     return path
 
 
-def save_ood(reference: OODReference, model_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``ood.npz`` (arrays) and ``ood.json`` (settings, bounds, threshold) beside the model, each atomically."""
-    folder = _model_dir(model_dir)
+def reference_files(reference: OODReference) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """What ``ood.npz`` (arrays) and ``ood.json`` (settings, bounds, threshold) hold for ``reference``; the run
+    folder writes them beside the model (:meth:`xraylib.runs.RunFolder.save_ood`) and :func:`load_ood` reads them."""
     arrays: dict[str, np.ndarray] = {"stat_low": reference.stat_low, "stat_high": reference.stat_high}
     if reference.train_features is not None:
         arrays["train_features"] = reference.train_features
     for name in ("val_distances", "train_layouts", "val_layout_distances"):
         if getattr(reference, name) is not None:
             arrays[name] = getattr(reference, name)
-    with atomic_path(folder / "ood.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
     meta = {
         "format": _FORMAT, "fingerprint": reference.fingerprint, "k": reference.k, "quantile": reference.quantile,
         "feature_layer": reference.feature_layer, "feature_threshold": reference.feature_threshold,
@@ -404,9 +400,7 @@ def save_ood(reference: OODReference, model_dir: str | os.PathLike) -> dict[str,
         "stat_percentiles": list(STAT_PERCENTILES),
         "colour_chroma": COLOUR_CHROMA, "colour_fraction": COLOUR_FRACTION, "aspect_range": list(ASPECT_RANGE),
     }
-    # The JSON last: a reference is only read when its JSON names it, so an interrupted save leaves none.
-    write_json_atomic(folder / "ood.json", meta)
-    return {"ood.npz": folder / "ood.npz", "ood.json": folder / "ood.json"}
+    return arrays, meta
 
 
 def load_ood(model_dir: str | os.PathLike, loaded: "LoadedModel | None" = None) -> OODReference | None:
@@ -493,24 +487,21 @@ def check(reference: OODReference | None, images_uint8: np.ndarray, facts: Seque
                 if not reference.stat_low[j] <= value <= reference.stat_high[j]:
                     reasons.append(f"Its {STAT_LABELS[name]} ({value:.2f}) is far outside the training images' "
                                    f"({max(reference.stat_low[j], 0):.2f} to {reference.stat_high[j]:.2f}).")
-            if layouts is not None:
-                layout = float(layouts[i])
-                measures["layout_distance"] = layout
-                measures["layout_threshold"] = float(reference.layout_threshold)
-                if layout > reference.layout_threshold:
-                    reasons.append(f"Its overall layout is unlike the training images', as a lateral view's, a CT "
-                                   f"slice's or a page's would be ({LAYOUT_SIDE} x {LAYOUT_SIDE} thumbnail distance "
-                                   f"{layout:.3f}, above the threshold {reference.layout_threshold:.3f} set on "
-                                   "validation images).")
-            if distances is not None:
-                distance = float(distances[i])
-                measures["feature_distance"] = distance
-                measures["feature_threshold"] = float(reference.feature_threshold)
-                if distance > reference.feature_threshold:
-                    reasons.append(f"The model's features for it are far from those of the training images (distance "
-                                   f"{distance:.3f}, above the threshold {reference.feature_threshold:.3f} set on "
-                                   "validation images).")
-            else:
+            distance_checks = (
+                ("layout", layouts, reference.layout_threshold,
+                 f"Its overall layout is unlike the training images', as a lateral view's, a CT slice's or a page's "
+                 f"would be ({LAYOUT_SIDE} x {LAYOUT_SIDE} thumbnail distance"),
+                ("feature", distances, reference.feature_threshold,
+                 "The model's features for it are far from those of the training images (distance"),
+            )
+            for name, values, threshold, unlike in distance_checks:
+                if values is None:
+                    continue
+                value = float(values[i])
+                measures[f"{name}_distance"], measures[f"{name}_threshold"] = value, float(threshold)
+                if value > threshold:
+                    reasons.append(f"{unlike} {value:.3f}, above the threshold {threshold:.3f} set on validation images).")
+            if distances is None:
                 notes.append("The feature-distance check did not run (it needs the model's layers: a .keras or .h5 "
                              "model, and a reference made with them).")
         results.append(OODResult(not reasons, tuple(reasons), measures, tuple(notes)))

@@ -12,7 +12,7 @@ import seaborn as sns
 from sklearn import metrics as skm  # as a module: the figures below are named roc_curve, confusion_matrix, ...
 
 from .errors import BadFileError
-from .evaluate import METRIC_LABELS, binary_metrics
+from .evaluate import METRIC_LABELS, binary_metrics, binary_targets
 from .images import read_image
 
 
@@ -224,6 +224,25 @@ def save_figure(figure: Figure, path: "str | os.PathLike", dpi: int = 110) -> "P
         figure.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
     plt.close(figure)
     return path
+
+
+def evaluation_figures(result, predictions: pd.DataFrame, classes: Sequence[str], positive_class: str,
+                       history: pd.DataFrame | None, out_dir: "str | os.PathLike", split: str = "test") -> "dict[str, Path]":
+    """Draw and save an evaluation's figures into ``out_dir``: confusion matrix, ROC and precision-recall curves,
+    metrics by source, and the training history when given. ``result`` is the
+    :class:`xraylib.evaluate.Evaluation` of ``predictions``. Returns ``{file name: path}``."""
+    from pathlib import Path
+
+    y_true, y_score, _ = binary_targets(predictions, classes, positive_class)
+    figures = {
+        "confusion_matrix.png": confusion_matrix(result.confusion, title=f"Confusion matrix ({split})"),
+        "roc.png": roc_curve(y_true, y_score, auc_ci=result.ci["roc_auc"], threshold=float(result.threshold)),
+        "precision_recall.png": precision_recall_curve(y_true, y_score),
+        "by_source.png": metrics_by_group(result.by_source),
+    }
+    if history is not None:
+        figures["training_history.png"] = training_history(history)
+    return {name: save_figure(figure, Path(out_dir) / name) for name, figure in figures.items()}
 
 
 # ---------------------------------------------------------------------------------------------

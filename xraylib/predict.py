@@ -1,4 +1,4 @@
-"""Predict with a trained model: on cached arrays, or on your own PNG/JPEG/DICOM files.
+"""Predict with a trained model on your own PNG/JPEG/DICOM files (cached splits: :func:`xraylib.models.predict_split`).
 
 Files are preprocessed exactly as in training: the settings come from the JSON saved with
 the model, never re-typed. The decision uses the threshold chosen on the validation split.
@@ -13,33 +13,9 @@ import numpy as np
 import pandas as pd
 
 from .errors import BadFileError, ConfigError
-from .models import LoadedModel, load_model
-from .preprocess import PreprocessedSplit, PreprocessSettings, preprocess_file
+from .models import LoadedModel, load_model, predict_images, probability_columns
+from .preprocess import PreprocessSettings, preprocess_file
 from .sources import IMAGE_SUFFIXES
-
-
-def predict_images(model, images_uint8: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Class probabilities ``(N, C) float32`` for ``(N, S, S) uint8`` images, in chunks (memory stays flat)."""
-    n = len(images_uint8)
-    if n == 0:
-        return np.zeros((0, int(model.output_shape[-1])), dtype=np.float32)
-    chunks = []
-    for begin in range(0, n, 512):
-        x = np.asarray(images_uint8[begin:begin + 512], dtype=np.float32)[..., None]
-        chunks.append(np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32))
-    return np.concatenate(chunks)
-
-
-def probability_columns(classes: Iterable[str]) -> list[str]:
-    return [f"prob_{c}" for c in classes]
-
-
-def predict_split(model, split: PreprocessedSplit, batch_size: int = 32) -> pd.DataFrame:
-    """The split's manifest rows with one ``prob_<class>`` column per class."""
-    probs = predict_images(model, split.images, batch_size)
-    out = split.manifest.copy()
-    out[probability_columns(split.classes)] = probs
-    return out
 
 
 def decide(probs: np.ndarray, classes: tuple[str, ...], positive_class: str, threshold: float) -> list[str]:

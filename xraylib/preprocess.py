@@ -432,6 +432,15 @@ def _read_meta(out_dir: Path) -> dict | None:
         return None
 
 
+def holds_preprocessed(folder: str | os.PathLike, key: str | None = None) -> bool:
+    """Whether ``folder`` holds a finished cache (with the data ``key``, when given); False for an unreadable folder."""
+    try:
+        meta = _read_meta(Path(folder)) if Path(folder).is_dir() else None
+    except OSError:
+        return False
+    return bool(meta and meta.get("complete") and (key is None or meta.get("key") == key))
+
+
 def _clear(out_dir: Path) -> None:
     """Remove a cache built from other inputs or settings (only xraylib's own cache files)."""
     for split in SPLITS:

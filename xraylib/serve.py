@@ -178,7 +178,8 @@ class Analyser:
     def analyse(self, uploads: Sequence[tuple[str | None, bytes]], with_images: bool = True) -> list[dict[str, Any]]:
         """One result per upload, in order (see the module doc and :meth:`_result` for the fields)."""
         from . import ood
-        from .predict import decide, predict_images
+        from .models import predict_images
+        from .predict import decide
 
         results: list[dict[str, Any]] = []
         inputs, facts, originals, where = [], [], [], []
@@ -282,67 +283,6 @@ def results_html(results: Sequence[dict[str, Any]], side: int = 256) -> str:
         figures.append(f'<figure style="display:inline-block;margin:4px;vertical-align:top;width:{side}px">{image}'
                        f'<figcaption style="font-size:12px">{caption}</figcaption></figure>')
     return "<div>" + "".join(figures) + "</div>"
-
-
-# --------------------------------------------------------------------------------------------
-# The out-of-distribution reference for a served model
-
-
-def prepare_ood(loaded: "LoadedModel", data_dir: str | Path | None = None,
-                say: Callable[[str], None] = print) -> tuple["OODReference | None", str | None]:
-    """The model's out-of-distribution reference, and a note for the page when it is missing or partial.
-
-    Uses ``ood.json``/``ood.npz`` beside the model when they were made for it. Otherwise builds
-    one from ``data_dir`` (the preprocessed folder, e.g. ``OUTPUT_DIR/preprocessed``) or, when
-    not given, from the folder named in ``model.json`` if it still holds the same data, and
-    saves it beside the model (kept in memory when the folder is read-only). Without any, the
-    guard runs its colour and shape checks only, and the note says so.
-    """
-    from . import ood
-
-    stale = None
-    try:
-        reference = ood.load_ood(loaded.path, loaded)
-    except ModelError as exc:
-        reference, stale = None, str(exc)
-        say(f"warning: {exc}")
-    if reference is not None:
-        say(f"out-of-distribution reference: {ood._model_dir(loaded.path) / 'ood.json'}")
-        return reference, _partial_note(loaded, reference)
-    training = loaded.metadata.get("training_data", {})
-    if data_dir is None and training.get("folder"):
-        candidate = Path(training["folder"])
-        try:
-            meta = preprocess._read_meta(candidate) if candidate.is_dir() else None
-        except OSError:
-            meta = None
-        if meta and meta.get("complete") and meta.get("key") == training.get("key"):
-            data_dir = candidate
-            say(f"building the out-of-distribution reference from the model's training data: {candidate}")
-    if data_dir is None:
-        why = "it is stale" if stale else "there is none"
-        note = (f"The out-of-distribution check is limited to colour and shape: this model has no reference of its "
-                f"training images ({why}). Start the server with --data OUTPUT_DIR/preprocessed to build one.")
-        say(f"warning: {note}")
-        return None, note
-    data = preprocess.load_preprocessed(data_dir)
-    if training.get("key") and data.key != training.get("key"):
-        say(f"warning: {data_dir} is not the data the model was trained on (its key differs from model.json's); "
-            "the reference describes these images instead")
-    reference = ood.fit_ood(loaded, data)
-    try:
-        files = ood.save_ood(reference, loaded.path)
-        say(f"saved the out-of-distribution reference: {files['ood.json']}")
-    except OSError as exc:
-        say(f"warning: could not save the out-of-distribution reference beside the model ({exc}); kept in memory")
-    return reference, _partial_note(loaded, reference)
-
-
-def _partial_note(loaded: "LoadedModel", reference: "OODReference") -> str | None:
-    if reference.has_features and loaded.has_layers:
-        return None
-    return ("The out-of-distribution check compares intensity statistics, layout, colour and shape, without the "
-            "feature-distance check: that needs the model's layers (load model.keras or model.h5, not a SavedModel).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,12 +415,13 @@ def build_server(model: "LoadedModel | str | Path", settings: ServeSettings = Se
     ``server.server_port`` (``settings.port=0`` takes a free one)."""
     from werkzeug.serving import make_server
 
+    from . import runs
     from .models import LoadedModel, load_model
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     if loaded.file_format == "savedmodel":
         say("note: a SavedModel runs a TensorFlow graph outside Keras' safe mode; serve only SavedModels you trust")
-    reference, note = prepare_ood(loaded, data_dir, say)
+    reference, note = runs.prepare_ood(loaded, data_dir, say)
     app = create_app(Analyser(loaded, reference, note, settings.display_px), settings)
     try:
         return make_server(settings.host, settings.port, app, threaded=True)

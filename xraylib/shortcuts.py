@@ -448,19 +448,13 @@ def _check_model_classes(loaded: "LoadedModel | None", data: PreprocessedData) -
 
 def _train_same_pipeline(view: PreprocessedData, spec: "ModelSpec", settings: "TrainSettings", run_dir: Path,
                          verbose: int | str) -> "TrainResult":
-    """:func:`xraylib.train.train` on a view, with the model's classes set to the view's."""
-    from . import train as train_module
+    """:func:`xraylib.runs.train` on a view, with the model's classes set to the view's. A view of 3+ sources
+    (source prediction) has no "positive class vs the rest" threshold to choose: it is scored by AUC only."""
+    from . import runs
 
     spec = dataclasses.replace(spec, classes=tuple(view.classes))
-    try:
-        return train_module.train(view, spec, settings, run_dir=run_dir, resume=True, verbose=verbose)
-    except ConfigError:
-        if not (_threshold_refused(view.classes) and _trained_but_not_saved(view, spec, settings, Path(run_dir))):
-            raise
-    # train.finish_run chooses a "positive class vs the rest" threshold on validation and cannot
-    # for 3+ classes without "covid" (3+ sources). The weights are trained and checkpointed: save
-    # them as finish_run would, without a threshold (source prediction is scored by AUC only).
-    return _finish_without_threshold(view, spec, settings, Path(run_dir))
+    return runs.train(view, spec, settings, run_dir=run_dir, resume=True, verbose=verbose,
+                      choose_threshold=not _threshold_refused(view.classes))
 
 
 def _threshold_refused(classes: Sequence[str]) -> bool:
@@ -469,53 +463,6 @@ def _threshold_refused(classes: Sequence[str]) -> bool:
     except ConfigError:
         return True
     return False
-
-
-def _trained_but_not_saved(view: PreprocessedData, spec: "ModelSpec", settings: "TrainSettings", run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds this run's last checkpoint (all epochs done) but no saved model."""
-    from .train import RunPaths, fingerprint
-
-    paths = RunPaths(run_dir)
-    try:
-        state = json.loads(paths.state.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    done = int(state.get("epochs_done", 0)) >= settings.epochs + settings.fine_tune_epochs
-    return done and state.get("fingerprint") == fingerprint(view, spec, settings) and not paths.model_keras.exists()
-
-
-def _finish_without_threshold(view: PreprocessedData, spec: "ModelSpec", settings: "TrainSettings",
-                              run_dir: Path) -> "TrainResult":
-    import keras
-
-    from . import models
-    from . import train as train_module
-
-    paths = train_module.RunPaths(run_dir)
-    state = json.loads(paths.state.read_text())
-    if state.get("kind", "model") == "head":  # stage 1 ran on cached backbone features: rebuild the full model
-        keras.utils.set_random_seed(settings.seed)  # as train() does: a randomly initialised backbone comes back the same
-        model = train_module._model_from_head_checkpoint(paths, state, spec, settings)
-    else:
-        model = keras.models.load_model(paths.checkpoints / state["checkpoint"])
-    metadata = {
-        "classes": list(view.classes),
-        "input_size": [spec.image_size, spec.image_size, 1],
-        "preprocessing": {**view.settings.to_dict(), "normalisation": "inside the model (layers to_rgb, normalise)"},
-        "model": spec.to_dict(),
-        "training": settings.to_dict(),
-        "training_data": {"key": view.key, "folder": str(view.folder), "view": view.report.get("view"),
-                          "counts": {name: len(split) for name, split in view.splits.items()}},
-        "threshold": {"value": 0.5, "positive_class": view.classes[-1], "rule": "none (scored by AUC only)",
-                      "chosen_on": "not chosen"},
-    }
-    models.save_model(models.as_float32(model, spec), paths.root, metadata)
-    from .modelcard import write_model_card
-
-    write_model_card(paths.root, metadata, data=view)
-    history = pd.read_csv(paths.history) if paths.history.exists() else pd.DataFrame()
-    weights = train_module.class_weights(view["train"].labels, len(view.classes)) if settings.class_weighting else {}
-    return train_module.TrainResult(model, history, paths, weights, 0.5, int(state.get("epochs_done", 0)))
 
 
 def training_recipe(model: "LoadedModel | str | os.PathLike") -> tuple["ModelSpec", "TrainSettings"]:
@@ -607,7 +554,7 @@ def source_prediction(
     checks (:func:`xraylib.audit.confound_warnings`) say whether they do.
     """
     from . import audit
-    from .predict import predict_split
+    from .models import predict_split
 
     view = source_view(data, source_groups)
     reasons = [f.message for f in audit.confound_warnings(data.manifest, classes=data.classes)
@@ -764,7 +711,7 @@ def lungs_hidden(
     :class:`LungsHiddenResult` whose verdict rests on the AUC (threshold-free; the blacked-out
     images may shift the scores, so the validation threshold may not fit them).
     """
-    from .predict import predict_split
+    from .models import predict_split
 
     keras_model, loaded = _resolve_model(model)
     _check_model_classes(loaded, data)
@@ -934,7 +881,7 @@ def leave_one_source_out(
     :class:`LeaveOneSourceOutResult`: AUC, sensitivity, specificity with 95% intervals over
     patients and n per source left out, and a verdict.
     """
-    from .predict import predict_split
+    from .models import predict_split
     from .preprocess import load_preprocessed
 
     if isinstance(data, (str, os.PathLike)):
