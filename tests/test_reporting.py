@@ -123,3 +123,20 @@ def test_one_disclaimer_and_one_probability_column_rule():
     assert reporting.REPORT_DISCLAIMER == "Research software, not a diagnostic device."
     assert probability_column("covid") == "prob_covid"
     assert probability_columns(("normal", "covid")) == ["prob_normal", "prob_covid"]
+
+
+def test_audit_findings_carry_their_numbers_and_the_model_card_reads_the_level_not_the_words():
+    from xraylib import audit, modelcard
+
+    manifest = pd.DataFrame({"path": [f"{i}.png" for i in range(20)], "label": ["normal"] * 10 + ["covid"] * 10,
+                             "source": ["kaggle"] * 10 + ["ieee8023"] * 10, "patient_id": [str(i) for i in range(20)]})
+    findings = {f.check: f for f in audit.confound_warnings(manifest)}
+    single = findings["single_source_class"]
+    assert single.level == "shortcut" and single.numbers["images"] == 10 and single.numbers["source"] in ("kaggle", "ieee8023")
+    assert findings["source_predicts_label"].numbers == {"accuracy": 1.0, "baseline": 0.5}
+    assert audit.source_label_accuracy(manifest)[:2] == (1.0, 0.5)
+
+    shortcut = {"findings": [{"check": "anything", "level": "shortcut", "message": "", "numbers": {}}]}
+    caution = {"findings": [{"check": "single_source_class_renamed", "level": "caution", "message": "", "numbers": {}}]}
+    assert "shortcut learning" in modelcard._applies_here(None, shortcut, {})
+    assert "shortcut learning" not in modelcard._applies_here(None, caution, {})
