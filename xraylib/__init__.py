@@ -7,7 +7,4 @@ no TensorFlow; the model side (models, train, evaluate, explain, predict) does.
 """
 __version__ = "0.1.0"
 
-DISCLAIMER = (
-    "xraylib is research software, not a diagnostic device. Its models and numbers must not be "
-    "used to diagnose, treat or triage anyone."
-)
+from .reporting import DISCLAIMER  # noqa: E402  (defined with the other report text)

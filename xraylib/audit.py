@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from . import DISCLAIMER
+from .reporting import DISCLAIMER, REPORT_DISCLAIMER, Finding, format_number, markdown_table, warning_lines
 from .errors import ConfigError
 from .fileio import write_json_atomic, write_text_atomic, json_safe
 from .sources import SOURCE_NOTES
@@ -42,11 +42,8 @@ __all__ = [
     "SOURCE_POPULATION", "THRESHOLDS", "AuditReport", "Finding", "audit", "write_audit",
     "counts_table", "age_table", "category_table", "image_size_table", "border_profiles", "border_summary",
     "detect_marker", "group_mean_images", "perceptual_hashes", "hamming_pairs", "find_duplicates",
-    "confound_warnings", "class_order",
+    "confound_warnings", "class_order", "source_label_accuracy",
 ]
-
-#: The line every written audit carries.
-REPORT_DISCLAIMER = "Research software, not a diagnostic device."
 
 #: Documented age range (years) of sources whose files carry no per-image age. A (class, source)
 #: group without recorded ages takes this range in the age checks. Kaggle chest-xray-pneumonia
@@ -147,24 +144,13 @@ _REQUIRED = ("path", "label", "source", "patient_id")
 
 
 @dataclass
-class Finding:
-    """One warning: ``check`` names the test that raised it (e.g. ``"single_source_class"``)."""
-
-    check: str
-    message: str
-
-    def to_dict(self) -> dict[str, str]:
-        return {"check": self.check, "message": self.message}
-
-
-@dataclass
 class AuditReport:
     """What :func:`audit` found.
 
     ``tables``: name -> DataFrame (``counts``, ``ages``, ``sex``, ``views``, ``image_sizes``,
     ``file_types``, and with images ``border``, ``border_by_class``). ``warnings``: plain-words
-    sentences, most serious first; ``findings`` the same with the name of the check that raised
-    each. ``duplicates``: one row per pair of images that are the same picture across splits or
+    sentences, most serious first; ``findings`` the same as :class:`~xraylib.reporting.Finding`
+    records: the check that raised each, its level and its numbers. ``duplicates``: one row per pair of images that are the same picture across splits or
     patients. ``border_images``: the per-image border table (not written to JSON);
     ``mean_images``: ``{"source / label": (S, S) float32}`` average image per group.
     """
@@ -209,7 +195,7 @@ class AuditReport:
             "",
         ]
         if self.warnings:
-            lines += ["## Warnings", ""] + [f"- **Warning:** {w}" for w in self.warnings] + [""]
+            lines += ["## Warnings", ""] + warning_lines(self.findings or self.warnings) + [""]
         else:
             lines += ["## Warnings", "", "None of the checks found a confound. That is not proof that none "
                       "exists: read the tables, and test the trained model (source prediction, lungs hidden).", ""]
@@ -226,7 +212,7 @@ class AuditReport:
         }
         for name, table in self.tables.items():
             lines += [f"## {titles.get(name, name)}", ""]
-            lines += _md_frame(table) + [""]
+            lines += markdown_table(table) + [""]
         lines += ["## Duplicates across splits or patients", ""]
         if self.duplicates.empty:
             lines += ["No exact or near-duplicate images across splits or patients were found"
@@ -234,7 +220,7 @@ class AuditReport:
         else:
             shown = self.duplicates.head(max_duplicate_rows)
             columns = ["kind", "distance", "path_a", "split_a", "patient_a", "path_b", "split_b", "patient_b"]
-            lines += _md_frame(shown[[c for c in columns if c in shown.columns]].assign(
+            lines += markdown_table(shown[[c for c in columns if c in shown.columns]].assign(
                 path_a=shown["path_a"].map(lambda p: Path(str(p)).name),
                 path_b=shown["path_b"].map(lambda p: Path(str(p)).name)))
             if len(self.duplicates) > max_duplicate_rows:
@@ -787,7 +773,9 @@ def class_order(labels: Iterable[str], classes: Sequence[str] | None = None) -> 
 
 def confound_warnings(manifest: pd.DataFrame, border_images: pd.DataFrame | None = None,
                       duplicates: pd.DataFrame | None = None, classes: Sequence[str] | None = None) -> list[Finding]:
-    """Every check's findings, most serious first: each a :class:`Finding` with a plain-words message.
+    """Every check's findings, most serious first: each a :class:`~xraylib.reporting.Finding` with its
+    numbers (shares, counts, AUCs, the class and source concerned), its level ("shortcut", "leak" or
+    "caution") and a plain-words message rendered from them.
 
     ``classes``: the task's classes, negative first (see :func:`class_order`); with two classes
     the symmetric checks speak of the last one.
@@ -797,7 +785,7 @@ def confound_warnings(manifest: pd.DataFrame, border_images: pd.DataFrame | None
     findings: list[Finding] = []
     if len(classes) < 2:
         findings.append(Finding("one_class", f"the data hold one class only ({classes[0]}): there is nothing to "
-                                             "tell apart, and none of the confound checks can run"))
+                                             "tell apart, and none of the confound checks can run", {"class": classes[0]}))
         return findings
     findings += _source_checks(frame, classes)
     findings += _age_checks(frame, classes)
@@ -813,7 +801,7 @@ def confound_warnings(manifest: pd.DataFrame, border_images: pd.DataFrame | None
 
 
 def _pct(x: float) -> str:
-    return f"{100 * x:.0f}%"
+    return format_number(x, 0, style="percent")
 
 
 def _sources_text(counts: pd.Series) -> str:
@@ -827,7 +815,7 @@ def _source_checks(frame: pd.DataFrame, classes: list[str]) -> list[Finding]:
         out.append(Finding("one_source", (
             f"all images come from one source ({sources[0]}): source and class are not confounded here, but nothing "
             "shows that a model trained on them works on images from another hospital; test it on another source "
-            "before trusting it elsewhere.")))
+            "before trusting it elsewhere."), {"source": sources[0]}))
         return out
     for label in classes:
         part = frame[frame["label"] == label]
@@ -838,11 +826,10 @@ def _source_checks(frame: pd.DataFrame, classes: list[str]) -> list[Finding]:
                 f"all {len(part)} '{label}' images ({part['patient_id'].nunique()} patients) come from one source, "
                 f"{source}: a model can learn the source (hospital, scanner, processing, population) instead of the "
                 f"disease, and nothing in these data can tell the two apart. Add '{label}' images from another source, "
-                "or test on a source the model never saw.")))
-    # Predict each image's label as its source's commonest label: how far does that get?
-    table = pd.crosstab(frame["source"], frame["label"])
-    accuracy = float(table.max(axis=1).sum() / len(frame))
-    baseline = float(frame["label"].value_counts().max() / len(frame))
+                "or test on a source the model never saw."),
+                {"class": label, "source": source, "images": len(part), "patients": int(part["patient_id"].nunique())},
+                level="shortcut"))
+    accuracy, baseline, table = source_label_accuracy(frame)
     if accuracy >= SOURCE_ACCURACY_WARN and accuracy - baseline >= SOURCE_ACCURACY_GAIN:
         detail = "; ".join(
             f"{source}: " + (f"only {row.idxmax()}" if (row > 0).sum() == 1 else f"{_pct(row.max() / row.sum())} {row.idxmax()}")
@@ -851,8 +838,22 @@ def _source_checks(frame: pd.DataFrame, classes: list[str]) -> list[Finding]:
             f"the source alone tells the label of {_pct(accuracy)} of the images (guessing the commonest class "
             f"gives {_pct(baseline)}): {detail}. A classifier can reach that accuracy by recognising where an "
             "image comes from; use sources that hold every class, report results per source, and run the "
-            "leave-one-source-out and source-prediction tests.")))
+            "leave-one-source-out and source-prediction tests."), {"accuracy": accuracy, "baseline": baseline},
+            level="shortcut"))
     return out
+
+
+def source_label_accuracy(manifest: pd.DataFrame) -> tuple[float, float, pd.DataFrame]:
+    """How far the source alone gets: ``(accuracy, baseline, table)``.
+
+    ``accuracy``: the share of images whose label is their source's commonest label;
+    ``baseline``: the share of the commonest class (always guessing it); ``table``: images per
+    source (rows) and label (columns).
+    """
+    table = pd.crosstab(manifest["source"], manifest["label"])
+    accuracy = float(table.max(axis=1).sum() / len(manifest))
+    baseline = float(manifest["label"].value_counts().max() / len(manifest))
+    return accuracy, baseline, table
 
 
 def _age_checks(frame: pd.DataFrame, classes: list[str]) -> list[Finding]:
@@ -891,14 +892,18 @@ def _age_checks(frame: pd.DataFrame, classes: list[str]) -> list[Finding]:
             f"{_age_words(row)}, while '{other}' patients are aged {low:.0f} to {high:.0f} "
             f"({_basis_words(other_groups)}): the ages do not overlap, so a model can learn {contrast} instead of "
             f"the disease. Compare '{row.label}' and '{other}' patients of the same ages"
-            f"{' (e.g. adult normals such as NIH ChestX-ray14)' if younger and row.range_high < ADULT_AGE else ''}.")))
+            f"{' (e.g. adult normals such as NIH ChestX-ray14)' if younger and row.range_high < ADULT_AGE else ''}."),
+            {"class": row.label, "source": row.source, "images": int(row.images), "class_images": class_size,
+             "range_low": row.range_low, "range_high": row.range_high, "other_class": other, "other_low": low,
+             "other_high": high}, level="shortcut"))
     for row in ages[ages["range_low"].isna()].itertuples():
         share = row.images / int((frame["label"] == row.label).sum())
         if share >= 0.2:
             out.append(Finding("ages_unknown", (
                 f"no ages are recorded for the {row.images} '{row.label}' images from {row.source} ({_pct(share)} of "
                 "the class) and the source's population is not documented in xraylib.audit.SOURCE_POPULATION: "
-                "the age balance between classes cannot be checked.")))
+                "the age balance between classes cannot be checked."),
+                {"class": row.label, "source": row.source, "images": int(row.images), "share": share}))
     return out
 
 
@@ -964,16 +969,20 @@ def _category_checks(frame: pd.DataFrame, classes: list[str], column: str, what:
         else:
             consequence = (f"the {what} is a shortcut a model can use to pick '{top}' without looking at the "
                            f"lungs{_category_hint(column, category)}")
-        out.append(Finding(f"{column}_in_one_class", f"{name}: {amount} '{top}' ({where}): {consequence}."))
+        out.append(Finding(f"{column}_in_one_class", f"{name}: {amount} '{top}' ({where}): {consequence}.",
+                           {"column": column, "category": category, "class": top, "images": total,
+                            "class_images": int(row.max()), "share": float(row.max() / total)}, level="shortcut"))
     if not flagged and tv_warn is not None:
         for label in (classes[-1:] if len(classes) == 2 else classes):
             inside, rest = _distribution(values[labels == label]), _distribution(values[labels != label])
-            if len(inside) and len(rest) and _total_variation(inside, rest) >= tv_warn:
+            tv = _total_variation(inside, rest) if len(inside) and len(rest) else math.nan
+            if tv >= tv_warn:
                 pair, others = _versus(label, classes)
                 out.append(Finding(f"{column}_differs", (
-                    f"the {what} differs between {pair} (total variation {_total_variation(inside, rest):.2f}): "
+                    f"the {what} differs between {pair} (total variation {format_number(tv, 2)}): "
                     f"'{label}' {_shares_text(inside)}; {others} {_shares_text(rest)}. A model can use the {what} "
-                    "as a shortcut.")))
+                    "as a shortcut."), {"column": column, "class": label, "total_variation": tv,
+                                        "shares": inside.to_dict(), "other_shares": rest.to_dict()}, level="shortcut"))
     return out
 
 
@@ -1020,7 +1029,9 @@ def _sex_checks(frame: pd.DataFrame, classes: list[str]) -> list[Finding]:
             out.append(Finding("sex_imbalance", (
                 f"sex is unbalanced between {pair} (among images with a recorded sex): "
                 f"'{label}' {_shares_text(inside)}; {others} {_shares_text(rest)}. A model can partly learn sex "
-                "(body shape, breast shadows) instead of the disease.")))
+                "(body shape, breast shadows) instead of the disease."),
+                {"class": label, "total_variation": tv, "shares": inside.to_dict(), "other_shares": rest.to_dict()},
+                level="shortcut"))
     out += _category_checks(frame, classes, "sex", "sex", tv_warn=None)
     return out
 
@@ -1043,10 +1054,11 @@ def _size_checks(frame: pd.DataFrame, classes: list[str]) -> list[Finding]:
     out = []
     for label in (classes[-1:] if len(classes) == 2 else classes):
         positive = (frame["label"] == label).to_numpy()
-        separating = []
+        separating, aucs = [], {}
         for name, values in measures.items():
             auc = _auc(values, positive)
             if math.isfinite(auc) and abs(auc - 0.5) >= SIZE_AUC_DISTANCE_WARN:
+                aucs[name.split(" ")[0]] = auc
                 digits = 2 if name.startswith("aspect") else 0
                 separating.append(f"{name}, {'larger' if auc > 0.5 else 'smaller'} in '{label}' (AUC {max(auc, 1 - auc):.2f}; "
                                   f"median {np.nanmedian(values[positive]):.{digits}f} against "
@@ -1055,7 +1067,8 @@ def _size_checks(frame: pd.DataFrame, classes: list[str]) -> list[Finding]:
             out.append(Finding("image_size", (
                 f"the original image size alone separates '{label}' from {_versus(label, classes)[1].replace('others', 'the other classes')}: {'; '.join(separating)}. "
                 "Resizing to one size does not remove it: stretching distorts the anatomy by the aspect ratio and "
-                "downscaling blurs large and small files differently, which a model can pick up.")))
+                "downscaling blurs large and small files differently, which a model can pick up."),
+                {"class": label, "auc": aucs}, level="shortcut"))
     return out
 
 
@@ -1102,7 +1115,9 @@ def _border_checks(border_images: pd.DataFrame, classes: list[str]) -> list[Find
                 f"a small bright mark (a burned-in letter, marker or text) is found {where}{most} in "
                 f"{_pct(share_in)} of '{label}' images against {_pct(share_rest)} of {_others_words(label, classes)} images: "
                 f"a model can find '{label}' by the mark. Look at the mean image per class, and crop or mask the "
-                "edges before training.")))
+                "edges before training."),
+                {"class": label, "where": where, "share": float(share_in), "other_share": float(share_rest)},
+                level="shortcut"))
         smds = {}
         for region in (*BORDER_REGIONS, "border_minus_centre"):
             values = border_images[region].to_numpy(dtype=float)
@@ -1120,7 +1135,9 @@ def _border_checks(border_images: pd.DataFrame, classes: list[str]) -> list[Find
             f"the image borders of '{label}' differ from {_others_words(label, classes)}: {_REGION_WORDS[region]} mean "
             f"intensity {mean_in:.0f} against {mean_rest:.0f} (of 255), standardised difference {d:+.1f} "
             f"(warning at |d| >= {BORDER_SMD_WARN:g}). Edges carry collimation, text and markers that differ by "
-            "hospital, not by disease: a model can use them.")))
+            "hospital, not by disease: a model can use them."),
+            {"class": label, "region": region, "smd": d, "mean": float(mean_in), "other_mean": float(mean_rest)},
+            level="shortcut"))
     return out
 
 
@@ -1132,7 +1149,8 @@ def _leak_checks(frame: pd.DataFrame, duplicates: pd.DataFrame | None) -> list[F
         if leaked:
             out.append(Finding("patient_in_several_splits", (
                 f"{len(leaked)} patient(s) have images in more than one split (e.g. {', '.join(leaked[:3])}): the test "
-                "set holds patients seen in training. Split by patient (xraylib.split.split_by_patient).")))
+                "set holds patients seen in training. Split by patient (xraylib.split.split_by_patient)."),
+                {"patients": len(leaked)}, level="leak"))
     if duplicates is None or duplicates.empty:
         return out
     for kind, words in (("exact", "identical files (same SHA-1)"), ("near", "near-identical images (perceptual hash)")):
@@ -1147,36 +1165,16 @@ def _leak_checks(frame: pd.DataFrame, duplicates: pd.DataFrame | None) -> list[F
             out.append(Finding(f"{kind}_duplicates_across_splits", (
                 f"{len(cross_split)} pair(s) of {words} sit in different splits ({_sources_text(pairs)}): the model "
                 "is tested on pictures it trained on. Remove the copies or give them one patient id so they share "
-                "a split.")))
+                "a split."), {"pairs": len(cross_split)}, level="leak"))
         if len(cross_patient):
             out.append(Finding(f"{kind}_duplicates_across_patients", (
                 f"{len(cross_patient)} pair(s) of {words} are filed under different patients in the same split "
                 "(the same picture reused, e.g. by two papers): a patient-level split cannot keep them together; "
-                "merge their patient ids.")))
+                "merge their patient ids."), {"pairs": len(cross_patient)}, level="leak"))
         if conflicts:
             out.append(Finding(f"{kind}_duplicates_label_conflict", (
-                f"{conflicts} pair(s) of {words} carry different labels: at least one label of each pair is wrong.")))
+                f"{conflicts} pair(s) of {words} carry different labels: at least one label of each pair is wrong."),
+                {"pairs": conflicts}))
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Output helpers
-
-
-
-
-def _md_cell(value: Any) -> str:
-    if isinstance(value, (float, np.floating)):
-        if not math.isfinite(value):
-            return "n/a"
-        return f"{value:g}" if float(value).is_integer() else f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _md_frame(table: pd.DataFrame) -> list[str]:
-    if table.empty:
-        return ["(empty)"]
-    header = [str(c) for c in table.columns]
-    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_md_cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return lines

@@ -33,9 +33,18 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from . import DISCLAIMER
 from .errors import ConfigError, XraylibError
 from .fileio import write_json_atomic, write_text_atomic, json_safe
+from .reporting import (
+    DISCLAIMER,
+    REPORT_DISCLAIMER,
+    Finding,
+    format_interval,
+    format_number,
+    markdown_table,
+    probability_column,
+    warning_lines,
+)
 
 #: The metrics that get a confidence interval, in report order.
 METRICS = ("roc_auc", "sensitivity", "specificity", "precision", "npv", "f1", "accuracy")
@@ -51,8 +60,6 @@ METRIC_LABELS = {
 THRESHOLD_RULES = ("max_specificity_at_sensitivity", "youden")
 #: Below this many positive test patients the report warns that the intervals are wide.
 MIN_POSITIVE_PATIENTS = 30
-#: The one-line disclaimer every report carries.
-REPORT_DISCLAIMER = "Research software, not a diagnostic device."
 #: Group name for rows whose source or view is missing.
 UNKNOWN_GROUP = "unknown"
 # Bootstrap work is done in chunks of at most this many (resample x image) cells (~32 MB of float64).
@@ -432,11 +439,6 @@ def resolve_positive_class(classes: Sequence[str], positive_class: str | None = 
     return positive_class
 
 
-def prob_column(class_name: str) -> str:
-    """The prediction table's probability column of a class: ``prob_<class>``."""
-    return f"prob_{class_name}"
-
-
 def check_predictions(predictions: pd.DataFrame, classes: Sequence[str], name: str = "predictions") -> pd.DataFrame:
     """Check a prediction table against the contract; return it (a copy, with ``view`` added if absent).
 
@@ -447,7 +449,7 @@ def check_predictions(predictions: pd.DataFrame, classes: Sequence[str], name: s
     classes = _check_classes(classes)
     if not isinstance(predictions, pd.DataFrame):
         raise EvaluationError(f"{name} must be a pandas DataFrame (one row per image), got {type(predictions).__name__}")
-    prob_columns = [prob_column(c) for c in classes]
+    prob_columns = [probability_column(c) for c in classes]
     missing = [c for c in ("label", "patient_id", "source", *prob_columns) if c not in predictions.columns]
     if missing:
         raise EvaluationError(f"{name} is missing column(s) {missing}; it has {list(predictions.columns)}")
@@ -482,7 +484,7 @@ def binary_targets(
     positive = resolve_positive_class(classes, positive_class)
     frame = check_predictions(predictions, classes)
     y_true = (frame["label"].to_numpy(dtype=object) == positive).astype(np.int8)
-    y_score = frame[prob_column(positive)].to_numpy(dtype=np.float64)
+    y_score = frame[probability_column(positive)].to_numpy(dtype=np.float64)
     return y_true, y_score, frame["patient_id"].to_numpy(dtype=object)
 
 
@@ -583,7 +585,8 @@ class Evaluation:
     ``confusion``: binary confusion matrix at the threshold (rows true, columns predicted);
     ``confusion_multiclass`` / ``per_class`` / ``accuracy_multiclass``: argmax results when
     there are more than two classes (else ``None``); ``by_source`` / ``by_view``: tables of
-    :func:`breakdown`; ``warnings``: one line per problem of the test set itself.
+    :func:`breakdown`; ``warnings``: one line per problem of the test set itself, ``findings``
+    the same as :class:`~xraylib.reporting.Finding` records with their numbers.
     """
 
     classes: tuple[str, ...]
@@ -604,6 +607,7 @@ class Evaluation:
     per_class: pd.DataFrame | None = None
     accuracy_multiclass: float | None = None
     warnings: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
     n_boot: int = 1000
     seed: int = 0
     level: float = 0.95
@@ -650,6 +654,7 @@ class Evaluation:
             "by_source": self.by_source.reset_index().to_dict(orient="records"),
             "by_view": self.by_view.reset_index().to_dict(orient="records"),
             "warnings": list(self.warnings),
+            "findings": [f.to_dict() for f in self.findings],
         }
         return json_safe(out)
 
@@ -675,23 +680,24 @@ class Evaluation:
         if self._has_collapsed_interval():
             lines[-1:-1] = ["- An interval of zero width (such as 1.000–1.000 for 38/38) is the percentile bootstrap's "
                             "limit at 0 or 1, not certainty: read it with its n."]
-        lines += [f"> **Warning:** {w}" for w in self.warnings]
+        lines += warning_lines(self.warnings, quote=True)
         if self.warnings:
             lines.append("")
         fractions = _fractions(self.metrics)
         lines += ["## Metrics at the threshold", ""]
-        rows = [[METRIC_LABELS[name], _fmt_ci(self.metrics[name], self.ci[name], pct), fractions[name][2]] for name in METRICS]
-        lines += _md_table(["metric", f"value ({pct} CI low–high)", "n"], rows)
+        rows = [[METRIC_LABELS[name], format_interval(self.metrics[name], self.ci[name], label=f"{pct} CI"), fractions[name][2]]
+                for name in METRICS]
+        lines += markdown_table(rows, ["metric", f"value ({pct} CI low–high)", "n"])
         lines += ["", "## Confusion matrix at the threshold (rows: true, columns: predicted)", ""]
         lines += _md_confusion(self.confusion)
         if self.confusion_multiclass is not None and self.per_class is not None:
             lines += ["", f"## All {len(self.classes)} classes, argmax prediction "
-                          f"(accuracy {_fmt(self.accuracy_multiclass)})", ""]
+                          f"(accuracy {format_number(self.accuracy_multiclass)})", ""]
             lines += _md_confusion(self.confusion_multiclass)
             lines.append("")
-            lines += _md_table(["class", "support", "predicted", "sensitivity", "PPV", "F1"],
-                               [[c, int(r.support), int(r.n_predicted), _fmt(r.sensitivity), _fmt(r.ppv), _fmt(r.f1)]
-                                for c, r in self.per_class.iterrows()])
+            lines += markdown_table([[c, int(r.support), int(r.n_predicted), format_number(r.sensitivity),
+                                      format_number(r.ppv), format_number(r.f1)] for c, r in self.per_class.iterrows()],
+                                    ["class", "support", "predicted", "sensitivity", "PPV", "F1"])
         for title, table in (("source", self.by_source), ("view", self.by_view)):
             lines += ["", f"## By {title}", ""]
             lines += _md_group_table(table, title)
@@ -734,7 +740,7 @@ def evaluate(
     labels = frame["label"].to_numpy(dtype=object)
     confusion_multiclass = per_class = accuracy_multiclass = None
     if len(classes) > 2:
-        probs = frame[[prob_column(c) for c in classes]].to_numpy(dtype=np.float64)
+        probs = frame[[probability_column(c) for c in classes]].to_numpy(dtype=np.float64)
         per_class = multiclass_metrics(labels, probs, classes)
         confusion_multiclass = confusion_table(labels, argmax_labels(probs, classes), classes)
         accuracy_multiclass = per_class.attrs["accuracy"]
@@ -746,6 +752,7 @@ def evaluate(
     patients_per_class = {c: int(frame.loc[frame["label"] == c, "patient_id"].nunique()) for c in classes}
     images_per_class = {c: int((frame["label"] == c).sum()) for c in classes}
     group_args = dict(classes=classes, threshold=threshold_value, positive_class=positive, n_boot=n_boot, seed=seed, level=level)
+    findings = dataset_findings(frame, classes, positive)
     return Evaluation(
         classes=classes,
         positive_class=positive,
@@ -764,16 +771,19 @@ def evaluate(
         confusion_multiclass=confusion_multiclass,
         per_class=per_class,
         accuracy_multiclass=accuracy_multiclass,
-        warnings=dataset_warnings(frame, classes, positive),
+        warnings=[f.message for f in findings],
+        findings=findings,
         n_boot=n_boot,
         seed=seed,
         level=level,
     )
 
 
-def dataset_warnings(predictions: pd.DataFrame, classes: Sequence[str], positive_class: str | None = None) -> list[str]:
-    """One line per reason not to trust a test set's numbers: source and class confounded, or too
-    few positive patients (< :data:`MIN_POSITIVE_PATIENTS`) for narrow intervals."""
+def dataset_findings(predictions: pd.DataFrame, classes: Sequence[str], positive_class: str | None = None) -> list[Finding]:
+    """Each reason not to trust a test set's numbers, as a :class:`~xraylib.reporting.Finding`:
+    ``source_class_confounded`` (no source holds more than one class; numbers: sources per class),
+    ``one_source`` (every class from one source), ``few_positive_patients`` (fewer than
+    :data:`MIN_POSITIVE_PATIENTS`; numbers: the count)."""
     positive = resolve_positive_class(classes, positive_class)
     frame = check_predictions(predictions, classes)
     sources = _group_values(frame, "source").to_numpy()
@@ -783,16 +793,28 @@ def dataset_warnings(predictions: pd.DataFrame, classes: Sequence[str], positive
     classes_per_source = [len(set(labels[sources == s])) for s in set(sources)]
     if len(sources_per_class) > 1 and max(classes_per_source) <= 1:
         where = "; ".join(f"{c}: {', '.join(s)}" for c, s in sources_per_class.items())
-        out.append(f"source and class are confounded: no source holds more than one class ({where}); "
-                   "a model can score well here by recognising the dataset, not the disease")
+        out.append(Finding("source_class_confounded", (
+            f"source and class are confounded: no source holds more than one class ({where}); "
+            "a model can score well here by recognising the dataset, not the disease"),
+            {"sources_per_class": sources_per_class}, level="shortcut"))
     elif len(sources_per_class) > 1 and all(len(s) == 1 for s in sources_per_class.values()):
-        out.append(f"all classes come from one source ({next(iter(sources_per_class.values()))[0]}): "
-                   "no external validation; results may not carry over to other hospitals")
+        source = next(iter(sources_per_class.values()))[0]
+        out.append(Finding("one_source", (
+            f"all classes come from one source ({source}): "
+            "no external validation; results may not carry over to other hospitals"), {"source": source}))
     n_positive_patients = int(pd.unique(frame["patient_id"].to_numpy(dtype=object)[labels == positive]).size)
     if n_positive_patients < MIN_POSITIVE_PATIENTS:
-        out.append(f"only {n_positive_patients} {positive} patient(s) in the test set (fewer than {MIN_POSITIVE_PATIENTS}): "
-                   "the intervals are wide and the point values unstable")
+        out.append(Finding("few_positive_patients", (
+            f"only {n_positive_patients} {positive} patient(s) in the test set (fewer than {MIN_POSITIVE_PATIENTS}): "
+            "the intervals are wide and the point values unstable"),
+            {"positive_class": positive, "n_positive_patients": n_positive_patients,
+             "min_positive_patients": MIN_POSITIVE_PATIENTS}))
     return out
+
+
+def dataset_warnings(predictions: pd.DataFrame, classes: Sequence[str], positive_class: str | None = None) -> list[str]:
+    """The messages of :func:`dataset_findings`: one line per reason not to trust a test set's numbers."""
+    return [f.message for f in dataset_findings(predictions, classes, positive_class)]
 
 
 def write_report(evaluation: Evaluation, out_dir: str | os.PathLike, name: str = "evaluation") -> dict[str, Path]:
@@ -831,43 +853,17 @@ def _fractions(m: dict[str, Any]) -> dict[str, tuple[int, int, str]]:
     return out
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, (float, np.floating)) and not math.isfinite(value)):
-        return "n/a"
-    return f"{value:.{digits}f}"
-
-
-def _fmt_ci(value: float, ci: tuple[float, float], pct: str | None = None) -> str:
-    if not math.isfinite(value):
-        return "n/a (undefined)"
-    low, high = ci
-    if not (math.isfinite(low) and math.isfinite(high)):
-        return f"{value:.3f} (CI n/a)"
-    prefix = f"{pct} CI " if pct else ""
-    return f"{value:.3f} ({prefix}{low:.3f}–{high:.3f})"
-
-
-def _md_cell(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_md_cell(v) for v in row) + " |" for row in rows]
-    return lines
-
-
 def _md_confusion(table: pd.DataFrame) -> list[str]:
     header = ["true \\ predicted", *[str(c) for c in table.columns]]
-    return _md_table(header, [[str(i), *[int(v) for v in row]] for i, row in zip(table.index, table.to_numpy())])
+    return markdown_table([[str(i), *[int(v) for v in row]] for i, row in zip(table.index, table.to_numpy())], header)
 
 
 def _md_group_table(table: pd.DataFrame, title: str) -> list[str]:
     header = [title, "patients", "images", "positive / negative images", "AUC", "sensitivity", "specificity", "accuracy"]
     rows = [[group, int(r["n_patients"]), int(r["n_images"]), f"{int(r['n_positive'])} / {int(r['n_negative'])}",
-             *[_fmt_ci(r[m], (r[f"{m}_low"], r[f"{m}_high"])) for m in ("roc_auc", "sensitivity", "specificity", "accuracy")]]
+             *[format_interval(r[m], (r[f"{m}_low"], r[f"{m}_high"])) for m in ("roc_auc", "sensitivity", "specificity", "accuracy")]]
             for group, r in table.iterrows()]
-    return _md_table(header, rows)
+    return markdown_table(rows, header)
 
 
 # --------------------------------------------------------------------------------------------

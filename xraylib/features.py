@@ -52,6 +52,7 @@ from .batches import augment_image
 from .errors import ConfigError
 from .fileio import save_npy_atomic, write_json_atomic
 from .preprocess import PIXELS_VERSION, PreprocessedData, PreprocessedSplit, PreprocessSettings
+from .reporting import probability_columns
 
 FORMAT = "xraylib bottleneck features v1"
 FEATURES_DIR = "features"
@@ -265,10 +266,10 @@ def predict_split(model: keras.Model, data: PreprocessedData, spec: models.Model
     Agrees with the full model within float32 rounding."""
     rows = data[split].manifest.copy()
     if len(rows) == 0:
-        return rows.assign(**{c: np.zeros(0, dtype=np.float32) for c in models.probability_columns(data.classes)})
+        return rows.assign(**{c: np.zeros(0, dtype=np.float32) for c in probability_columns(data.classes)})
     feats = np.asarray(split_features(model, data, spec, split, progress=progress))
     probabilities = np.asarray(head_model(model).predict(feats, batch_size=256, verbose=0), dtype=np.float32)
-    rows[models.probability_columns(data.classes)] = probabilities
+    rows[probability_columns(data.classes)] = probabilities
     return rows
 
 

@@ -16,14 +16,13 @@ Re-writing the card after each stage keeps it current. NumPy/pandas only: no Ten
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
 
-from . import DISCLAIMER
+from .reporting import DISCLAIMER, format_interval, format_number, markdown_table, warning_lines
 
 __all__ = ["MODEL_CARD_NAME", "KNOWN_FAILURE_MODES", "model_card_markdown", "training_data_table"]
 
@@ -119,7 +118,7 @@ def model_card_markdown(
     lines.append(f"- Classes: {', '.join(classes) or 'unknown'}; positive class for the binary metrics: "
                  f"{threshold.get('positive_class', classes[-1] if classes else 'unknown')}.")
     if threshold:
-        lines.append(f"- Decision threshold: {_num(threshold.get('value'), 4)} "
+        lines.append(f"- Decision threshold: {format_number(threshold.get('value'), 4)} "
                      f"({threshold.get('rule', 'rule not recorded')}, chosen on the {threshold.get('chosen_on', 'validation split')}).")
     versions = meta.get("versions", {})
     if versions or meta.get("saved_at"):
@@ -137,7 +136,7 @@ def model_card_markdown(
     if rows is not None and len(rows):
         table = training_data_table(rows)
         lines += ["", "Images (patients) per source and class:", ""]
-        lines += _md_table(table.reset_index())
+        lines += markdown_table(table.reset_index())
         lines.append("")
         lines += _source_notes(rows)
     else:
@@ -306,23 +305,13 @@ _METRIC_NAMES = {"roc_auc": "AUC", "sensitivity": "Sensitivity", "specificity": 
                  "npv": "NPV", "f1": "F1", "accuracy": "Accuracy"}
 
 
-def _num(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "n/a"
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    return f"{value:.{digits}f}" if math.isfinite(value) else "n/a"
-
-
 def _evaluation_lines(ev: dict[str, Any], source: str) -> list[str]:
     split = ev.get("split", "test")
     lines = [f"From {source}. Held-out {split} set: {ev.get('n_patients', '?')} patients, {ev.get('n_images', '?')} images"
              + (f" ({', '.join(f'{c}: {n} patients' for c, n in ev['patients_per_class'].items())})"
                 if ev.get("patients_per_class") else "") + ".", ""]
     if ev.get("threshold_chosen_by"):
-        lines += [f"Threshold {_num(ev.get('threshold'), 4)}, chosen by {ev['threshold_chosen_by']}.", ""]
+        lines += [f"Threshold {format_number(ev.get('threshold'), 4)}, chosen by {ev['threshold_chosen_by']}.", ""]
     counts = ev.get("counts", {})
     n_text = {"roc_auc": f"{counts.get('n_positive', '?')} pos / {counts.get('n_negative', '?')} neg images",
               "sensitivity": f"{counts.get('tp', '?')}/{_sum(counts, 'tp', 'fn')}",
@@ -335,24 +324,23 @@ def _evaluation_lines(ev: dict[str, Any], source: str) -> list[str]:
         m = ev.get("metrics", {}).get(name)
         if not isinstance(m, dict):
             continue
-        value, low, high = m.get("value"), m.get("ci_low"), m.get("ci_high")
-        shown = _num(value) if low is None or high is None else f"{_num(value)} ({_num(low)}–{_num(high)})"
+        shown = format_interval(m.get("value"), (m.get("ci_low"), m.get("ci_high")))
         rows.append([label, shown, n_text[name] if counts else ""])
-    lines += _md_rows(["metric", "value (95% CI over patients)", "n"], rows) + [""]
+    lines += markdown_table(rows, ["metric", "value (95% CI over patients)", "n"]) + [""]
     per_class = ev.get("per_class")
     if per_class:
         lines += ["Per class (argmax prediction):", ""]
-        lines += _md_rows(["class", "support", "sensitivity", "PPV"],
-                          [[r.get("class"), r.get("support"), _num(r.get("sensitivity")), _num(r.get("ppv"))] for r in per_class])
+        lines += markdown_table([[r.get("class"), r.get("support"), format_number(r.get("sensitivity")),
+                                  format_number(r.get("ppv"))] for r in per_class], ["class", "support", "sensitivity", "PPV"])
         lines.append("")
     by_source = ev.get("by_source")
     if by_source:
         lines += ["By source:", ""]
-        lines += _md_rows(["source", "patients", "images", "AUC", "sensitivity", "specificity"],
-                          [[r.get("source"), r.get("n_patients"), r.get("n_images"), _num(r.get("roc_auc")),
-                            _num(r.get("sensitivity")), _num(r.get("specificity"))] for r in by_source])
+        lines += markdown_table([[r.get("source"), r.get("n_patients"), r.get("n_images"), format_number(r.get("roc_auc")),
+                                  format_number(r.get("sensitivity")), format_number(r.get("specificity"))] for r in by_source],
+                                ["source", "patients", "images", "AUC", "sensitivity", "specificity"])
         lines.append("")
-    lines += [f"> **Warning:** {w}" for w in ev.get("warnings", [])]
+    lines += warning_lines(ev.get("warnings", []), quote=True)
     if ev.get("warnings"):
         lines.append("")
     return lines
@@ -363,16 +351,6 @@ def _sum(counts: dict[str, Any], a: str, b: str) -> str:
         return str(int(counts[a]) + int(counts[b]))
     except (KeyError, TypeError, ValueError):
         return "?"
-
-
-def _md_rows(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in rows]
-    return out
-
-
-def _md_table(frame: pd.DataFrame) -> list[str]:
-    return _md_rows([str(c) for c in frame.columns], frame.astype(str).to_numpy().tolist())
 
 
 def _source_notes(rows: pd.DataFrame) -> list[str]:
@@ -386,9 +364,10 @@ def _applies_here(rows: pd.DataFrame | None, audit: dict | None, meta: dict[str,
                   evaluation: dict | None = None) -> set[str]:
     """Failure modes these training data make especially likely."""
     out = {"new hospitals", "findings it never saw", "Grad-CAM"}
-    checks = {str(f.get("check")) for f in (audit or {}).get("findings", [])}
-    if checks & {"single_source_class", "source_predicts_label", "border_intensity", "burned_in_marker", "image_size"} \
-            or any(c.endswith(("_in_one_class", "_differs")) for c in checks):
+    findings = (audit or {}).get("findings", [])
+    checks = {str(f.get("check")) for f in findings}
+    # The audit marks each finding's level: "shortcut" where something besides the disease tells the classes apart.
+    if any(f.get("level") == "shortcut" for f in findings):
         out.add("shortcut learning")
     if rows is not None and len(rows):
         per_class = rows.groupby("label")["source"].nunique()

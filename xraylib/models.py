@@ -13,10 +13,10 @@ import contextlib
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from dataclasses import replace as dataclasses_replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import keras
 import numpy as np
@@ -24,6 +24,7 @@ import pandas as pd
 
 from .errors import ModelError
 from .preprocess import NORMALISATION, PIXELS_VERSION, PreprocessedSplit
+from .reporting import probability_columns
 
 #: backbone name -> (keras.applications constructor name, last conv layer, top-block layer prefixes)
 BACKBONES: dict[str, tuple[str | None, str, tuple[str, ...]]] = {
@@ -327,11 +328,6 @@ def predict_images(model, images_uint8: np.ndarray, batch_size: int = 32) -> np.
         x = np.asarray(images_uint8[begin:begin + 512], dtype=np.float32)[..., None]
         chunks.append(np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32))
     return np.concatenate(chunks)
-
-
-def probability_columns(classes: Iterable[str]) -> list[str]:
-    """The prediction tables' column of each class: ``prob_<class>``."""
-    return [f"prob_{c}" for c in classes]
 
 
 def predict_split(model, split: PreprocessedSplit, batch_size: int = 32) -> pd.DataFrame:

@@ -13,8 +13,9 @@ import numpy as np
 import pandas as pd
 
 from .errors import BadFileError, ConfigError
-from .models import LoadedModel, load_model, predict_images, probability_columns
+from .models import LoadedModel, load_model, predict_images
 from .preprocess import PreprocessSettings, preprocess_file
+from .reporting import probability_columns
 from .sources import IMAGE_SUFFIXES
 
 

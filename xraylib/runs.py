@@ -43,6 +43,7 @@ from .errors import ConfigError, ModelError
 from .fileio import atomic_path, write_csv_atomic, write_json_atomic, write_text_atomic
 from .models import LoadedModel, ModelSpec
 from .preprocess import PIXELS_VERSION, PreprocessedData
+from .reporting import probability_columns
 from .train import TrainResult, TrainSettings
 
 __all__ = ["RunFolder", "fingerprint", "run_metadata", "train", "finish", "evaluate", "ModelEvaluation",
@@ -315,7 +316,7 @@ def finish(model: keras.Model, data: PreprocessedData, spec: ModelSpec, settings
             val = models.predict_split(model, data["val"])
         else:
             val = data["val"].manifest.copy()
-            val[models.probability_columns(data.classes)] = val_probabilities
+            val[probability_columns(data.classes)] = val_probabilities
         positive = _positive_class(data.classes)
         value = judge.threshold_from_validation(val, data.classes, positive_class=positive,
                                                 rule=settings.threshold_rule, min_sensitivity=settings.min_sensitivity)

@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from . import DISCLAIMER, evaluate
+from . import evaluate
+from .reporting import DISCLAIMER, REPORT_DISCLAIMER, Finding, format_interval, format_number, markdown_table, probability_column
 from .errors import ConfigError
 from .fileio import write_json_atomic, write_text_atomic, json_safe
 from .preprocess import PreprocessedData, PreprocessedSplit
@@ -395,7 +396,7 @@ def macro_auc(predictions: pd.DataFrame, classes: Sequence[str], n_boot: int = 1
     samples = []
     for name in present:
         y_true = (labels == name).astype(np.int8)
-        y_score = frame[evaluate.prob_column(name)].to_numpy(dtype=np.float64)
+        y_score = frame[probability_column(name)].to_numpy(dtype=np.float64)
         per_class[name] = float(evaluate.binary_metrics(y_true, y_score)["roc_auc"])
         samples.append(evaluate.bootstrap_distribution(y_true, y_score, patient_ids, 0.5, n_boot=n_boot, seed=seed)["roc_auc"])
     stacked = np.vstack(samples)
@@ -406,27 +407,22 @@ def macro_auc(predictions: pd.DataFrame, classes: Sequence[str], n_boot: int = 1
     return float(np.mean(list(per_class.values()))), ci, per_class
 
 
-def _fmt(value: Any, digits: int = 2) -> str:
-    return "n/a" if value is None or not math.isfinite(float(value)) else f"{float(value):.{digits}f}"
+def _fmt_ci(value: float, ci: tuple[float, float]) -> str:
+    """An AUC, sensitivity or specificity with its interval, as the shortcut reports write them."""
+    return format_interval(value, ci, 2, label="95% CI")
 
 
-def _fmt_ci(value: float, ci: tuple[float, float], digits: int = 2) -> str:
-    if not math.isfinite(value):
-        return "n/a"
-    low, high = ci
-    if not (math.isfinite(low) and math.isfinite(high)):
-        return f"{value:.{digits}f}"
-    return f"{value:.{digits}f} (95% CI {low:.{digits}f}–{high:.{digits}f})"
+def _metric_ci(row: Any, metric: str) -> str:
+    """``_fmt_ci`` of a :func:`xraylib.evaluate.breakdown`-style row's ``metric``, ``metric_low``, ``metric_high``."""
+    return _fmt_ci(row[metric], (row[f"{metric}_low"], row[f"{metric}_high"]))
 
 
-
-
-def _md_table(frame: pd.DataFrame) -> list[str]:
-    header = [str(c) for c in frame.columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for row in frame.itertuples(index=False):
-        lines.append("| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |")
-    return lines
+def _finding(result: Any, numbers: dict[str, Any]) -> Finding:
+    """A shortcut test's verdict as a record: level "shortcut" when it found one, "ok" when it did not,
+    "caution" for a test without a pass/fail (leave one source out)."""
+    found = getattr(result, "shortcut_found", None)
+    level = "caution" if found is None else "shortcut" if found else "ok"
+    return Finding(result.name.replace(" ", "_"), result.verdict, numbers, level=level)
 
 
 def _resolve_model(model: Any) -> tuple["keras.Model", "LoadedModel | None"]:
@@ -516,17 +512,24 @@ class SourcePredictionResult:
                            "per_source_auc": self.per_source_auc, "n_images": self.n_images, "n_patients": self.n_patients,
                            "images_per_source": self.images_per_source, "confounded": self.confounded,
                            "confound_reasons": self.confound_reasons, "shortcut_found": self.shortcut_found,
-                           "verdict": self.verdict, "run_dir": self.run_dir, "left_out": self.left_out})
+                           "verdict": self.verdict, "run_dir": self.run_dir, "left_out": self.left_out,
+                           "finding": self.finding().to_dict()})
+
+    def finding(self) -> Finding:
+        """The verdict with its numbers (macro AUC, interval, n, per-source AUCs, confounded)."""
+        return _finding(self, {"macro_auc": self.auc, "ci_low": self.ci[0], "ci_high": self.ci[1],
+                               "per_source_auc": dict(self.per_source_auc), "n_images": self.n_images,
+                               "n_patients": self.n_patients, "confounded": self.confounded})
 
     def to_markdown(self) -> str:
         rows = pd.DataFrame([{"source": s, "test images": self.images_per_source.get(s, 0),
-                              "AUC (this source vs the rest)": _fmt(self.per_source_auc.get(s, math.nan))}
+                              "AUC (this source vs the rest)": format_number(self.per_source_auc.get(s, math.nan), 2)}
                              for s in self.sources])
         lines = ["## Source prediction", "", f"**{self.verdict}**", "",
                  f"The same pipeline trained to predict each image's source ({', '.join(self.sources)}) instead of its "
                  f"label. Test split: {self.n_patients} patients, {self.n_images} images; macro one-vs-rest AUC "
                  f"{_fmt_ci(self.auc, self.ci)}.", ""]
-        lines += _md_table(rows) + [""]
+        lines += markdown_table(rows) + [""]
         lines += [f"- {reason}" for reason in self.confound_reasons]
         return "\n".join(lines).rstrip() + "\n"
 
@@ -583,7 +586,7 @@ def _source_verdict(auc: float, ci: tuple[float, float], confounded: bool, image
         present = [s for s, n in images_per_source.items() if n]
         return (f"AUC undefined: the test split holds images of {len(present)} source(s) only ({', '.join(present)}); "
                 "use a larger test split")
-    text = f"AUC {auc:.2f} ({ci[0]:.2f}–{ci[1]:.2f})"
+    text = f"AUC {format_interval(auc, ci, 2)}"
     if auc >= SOURCE_AUC_WARN and confounded:
         return (f"{text}: source alone can carry the labels. The pipeline tells the sources apart from the pixels, and "
                 "the classes come from different sources, so a high score on these data may mean it recognises the "
@@ -604,7 +607,8 @@ def _wide_note(ci: tuple[float, float]) -> str:
     """A warning to add to a verdict whose AUC interval is too wide to rest a conclusion on."""
     low, high = ci
     if math.isfinite(low) and math.isfinite(high) and high - low > WIDE_INTERVAL:
-        return f" (but the interval, {low:.2f}–{high:.2f}, is too wide to be sure: too few test patients)"
+        return (f" (but the interval, {format_number(low, 2)}–{format_number(high, 2)}, is too wide to be sure: "
+                "too few test patients)")
     return ""
 
 
@@ -661,19 +665,26 @@ class LungsHiddenResult:
     def to_dict(self) -> dict[str, Any]:
         return json_safe({"test": self.name, "region": self.region, "hidden_share": self.hidden_share,
                            "shortcut_found": self.shortcut_found, "verdict": self.verdict, "run_dir": self.run_dir,
-                           "table": self.table().reset_index().to_dict(orient="records")})
+                           "table": self.table().reset_index().to_dict(orient="records"),
+                           "finding": self.finding().to_dict()})
+
+    def finding(self) -> Finding:
+        """The verdict with its numbers (AUC visible, hidden with its interval, trained hidden)."""
+        low, high = self.hidden.ci["roc_auc"]
+        return _finding(self, {"region": self.region, "hidden_share": self.hidden_share, "auc": self.auc,
+                               "auc_hidden": self.auc_hidden, "auc_hidden_low": low, "auc_hidden_high": high,
+                               "auc_trained_hidden": self.auc_trained_hidden})
 
     def to_markdown(self) -> str:
         table = self.table()
-        rows = pd.DataFrame([{"condition": name, "AUC": _fmt_ci(r["roc_auc"], (r["roc_auc_low"], r["roc_auc_high"])),
-                              "sensitivity": _fmt_ci(r["sensitivity"], (r["sensitivity_low"], r["sensitivity_high"])),
-                              "specificity": _fmt_ci(r["specificity"], (r["specificity_low"], r["specificity_high"])),
+        rows = pd.DataFrame([{"condition": name, "AUC": _metric_ci(r, "roc_auc"), "sensitivity": _metric_ci(r, "sensitivity"),
+                              "specificity": _metric_ci(r, "specificity"),
                               "n": f"{int(r['n_patients'])} patients / {int(r['n_images'])} images"}
                              for name, r in table.iterrows()])
         lines = ["## Lungs hidden", "", f"**{self.verdict}**", "",
                  f"Region blacked out: {self.region} ({self.hidden_share:.0%} of the image). Sensitivity and specificity "
                  "use the threshold chosen on validation with the lungs visible; the AUC needs no threshold.", ""]
-        return "\n".join(lines + _md_table(rows)) + "\n"
+        return "\n".join(lines + markdown_table(rows)) + "\n"
 
 
 def _above_chance(ev: evaluate.Evaluation) -> bool:
@@ -750,32 +761,30 @@ def _hidden_verdict(visible: evaluate.Evaluation, hidden: evaluate.Evaluation,
     low, high = hidden.ci["roc_auc"]
     if not math.isfinite(auc_hidden):
         return "AUC undefined: the test split lacks positives or negatives"
-    shown = f"{auc_hidden:.2f} ({low:.2f}–{high:.2f})"
+    shown = format_interval(auc_hidden, (low, high), 2)
     if not math.isfinite(auc) or auc < CHANCE_AUC:
-        parts = [f"Uninformative: the model is near chance even with the lungs visible (AUC {_fmt(auc)}), so hiding "
+        parts = [f"Uninformative: the model is near chance even with the lungs visible (AUC {format_number(auc, 2)}), so hiding "
                  f"them (AUC {shown}) cannot show where it looks"]
     elif _above_chance(hidden):
-        parts = [f"AUC stays {shown} with the lungs hidden (from {auc:.2f} with them visible): the model looks outside "
+        parts = [f"AUC stays {shown} with the lungs hidden (from {format_number(auc, 2)} with them visible): the model looks outside "
                  "the lungs (markers, text, borders, body shape), so its score is not evidence that it reads the disease"]
     elif _near_chance(hidden):
-        parts = [f"AUC falls from {auc:.2f} to {shown} with the lungs hidden, near chance: the model needs the centre "
+        parts = [f"AUC falls from {format_number(auc, 2)} to {shown} with the lungs hidden, near chance: the model needs the centre "
                  "of the film, as it should"]
     elif auc_hidden < 0.5:
-        parts = [f"AUC falls from {auc:.2f} to {shown} with the lungs hidden, below chance: the blacked-out images are "
+        parts = [f"AUC falls from {format_number(auc, 2)} to {shown} with the lungs hidden, below chance: the blacked-out images are "
                  "unlike anything the model saw; train with the lungs hidden (train_masked=True) for a fair test"]
     else:
-        parts = [f"AUC falls from {auc:.2f} to {shown} with the lungs hidden: part of what the model uses lies outside "
+        parts = [f"AUC falls from {format_number(auc, 2)} to {shown} with the lungs hidden: part of what the model uses lies outside "
                  "the lungs"]
     parts[0] += _wide_note((low, high))
     if trained_hidden is not None:
-        t_auc = float(trained_hidden.metrics["roc_auc"])
-        t_low, t_high = trained_hidden.ci["roc_auc"]
+        reached = ("a model trained and tested without the lungs reaches AUC "
+                   + format_interval(trained_hidden.metrics["roc_auc"], trained_hidden.ci["roc_auc"], 2))
         if _above_chance(trained_hidden):
-            parts.append(f"a model trained and tested without the lungs reaches AUC {t_auc:.2f} ({t_low:.2f}–{t_high:.2f}): "
-                         "these data let the labels be read outside the lungs")
+            parts.append(f"{reached}: these data let the labels be read outside the lungs")
         else:
-            parts.append(f"a model trained and tested without the lungs reaches AUC {_fmt(t_auc)} "
-                         f"({_fmt(t_low)}–{_fmt(t_high)}): little of the label can be read outside the lungs")
+            parts.append(f"{reached}: little of the label can be read outside the lungs")
     return "; ".join(parts)
 
 
@@ -838,7 +847,14 @@ class LeaveOneSourceOutResult:
     def to_dict(self) -> dict[str, Any]:
         return json_safe({"test": self.name, "verdict": self.verdict, "skipped": self.skipped,
                            "table": self.table.reset_index().to_dict(orient="records"),
-                           "folds": self.folds.to_dict(orient="records"), "run_dirs": self.run_dirs})
+                           "folds": self.folds.to_dict(orient="records"), "run_dirs": self.run_dirs,
+                           "finding": self.finding().to_dict()})
+
+    def finding(self) -> Finding:
+        """The verdict with its numbers: per source left out, AUC and its interval; the sources skipped."""
+        auc = {source: {"auc": r["roc_auc"], "ci_low": r["roc_auc_low"], "ci_high": r["roc_auc_high"]}
+               for source, r in self.table.iterrows()}
+        return _finding(self, {"auc_by_source_left_out": auc, "skipped": sorted(self.skipped)})
 
     def to_markdown(self) -> str:
         lines = ["## Leave one source out", "", f"**{self.verdict}**", "",
@@ -850,11 +866,11 @@ class LeaveOneSourceOutResult:
                 "source left out": source,
                 "n": f"{int(r['n_patients'])} patients / {int(r['n_images'])} images "
                      f"({int(r['n_positive'])} pos, {int(r['n_negative'])} neg)",
-                "AUC": _fmt_ci(r["roc_auc"], (r["roc_auc_low"], r["roc_auc_high"])),
-                "sensitivity": _fmt_ci(r["sensitivity"], (r["sensitivity_low"], r["sensitivity_high"])),
-                "specificity": _fmt_ci(r["specificity"], (r["specificity_low"], r["specificity_high"])),
+                "AUC": _metric_ci(r, "roc_auc"),
+                "sensitivity": _metric_ci(r, "sensitivity"),
+                "specificity": _metric_ci(r, "specificity"),
             } for source, r in t.iterrows()])
-            lines += _md_table(rows) + [""]
+            lines += markdown_table(rows) + [""]
         lines += [f"- {source} not left out: {reason}" for source, reason in self.skipped.items()]
         return "\n".join(lines).rstrip() + "\n"
 
@@ -930,15 +946,12 @@ def _loso_verdict(table: pd.DataFrame, folds: pd.DataFrame, positive: str) -> st
         return "not run: no source can be left out (" + "; ".join(f"{r.source}: {r.reason}" for r in folds.itertuples()) + ")"
     parts = []
     for source, r in table.iterrows():
-        def shown(metric: str) -> str:
-            return _fmt_ci(r[metric], (r[f"{metric}_low"], r[f"{metric}_high"]))
-
         if math.isfinite(r["roc_auc"]):
-            parts.append(f"{source}: AUC {shown('roc_auc')}")
+            parts.append(f"{source}: AUC {_metric_ci(r, 'roc_auc')}")
         elif r["n_positive"] > 0:
-            parts.append(f"{source} ({positive} only): sensitivity {shown('sensitivity')}")
+            parts.append(f"{source} ({positive} only): sensitivity {_metric_ci(r, 'sensitivity')}")
         else:
-            parts.append(f"{source} (no {positive}): specificity {shown('specificity')}")
+            parts.append(f"{source} (no {positive}): specificity {_metric_ci(r, 'specificity')}")
     skipped = [r.source for r in folds.itertuples() if not r.runnable]
     tail = f"; not testable: {', '.join(skipped)} (see the reasons)" if skipped else ""
     return "On sources the model never saw: " + "; ".join(parts) + tail
@@ -988,11 +1001,19 @@ class SaliencyResult:
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe({"test": self.name, "explained": self.explained, "verdict": self.verdict,
-                           "shortcut_found": self.shortcut_found, "table": self.table.reset_index().to_dict(orient="records")})
+                           "shortcut_found": self.shortcut_found, "table": self.table.reset_index().to_dict(orient="records"),
+                           "finding": self.finding().to_dict()})
+
+    def finding(self) -> Finding:
+        """The verdict with its numbers: per class, the heat share on the lung fields, its ratio to their area,
+        and the heat in the hottest corner."""
+        per_class = {c: {k: r[k] for k in ("heat_inside", "ratio", "hottest_corner", "corner_heat")}
+                     for c, r in self.table.iterrows()}
+        return _finding(self, {"explained": self.explained, "by_class": per_class})
 
     def to_markdown(self) -> str:
         def pct(value: float) -> str:
-            return f"{value:.0%}" if math.isfinite(value) else "n/a"
+            return format_number(value, 0, style="percent")
 
         def corner(r: pd.Series) -> str:  # no corner where every map of the class is zero
             if not isinstance(r["hottest_corner"], str):
@@ -1007,7 +1028,7 @@ class SaliencyResult:
                  f"Grad-CAM for each test image's {'own' if self.explained == 'true' else 'predicted'} class, averaged per "
                  "class. Lung fields: the approximate mask of xraylib.explain.lung_field_mask; frame: outside the central "
                  "rectangle the lungs-hidden test blacks out. Each share is compared with its region's share of the image.", ""]
-        return "\n".join(lines + _md_table(rows)) + "\n"
+        return "\n".join(lines + markdown_table(rows)) + "\n"
 
 
 def _where(mean_map: np.ndarray, lung_mask: np.ndarray) -> str:
@@ -1134,8 +1155,10 @@ def _saliency_verdict(table: pd.DataFrame, explained: str = "true") -> str:
             with_heat.append(name)
             left_out = f" ({n_zero} of {n} maps all zero, left out)" if n_zero else ""
             corner = r["hottest_corner"].replace("_", " ")
-            parts.append(f"{name}: {r['heat_inside']:.0%} of the heat on the lung fields ({r['lung_area_share']:.0%} of "
-                         f"the image), {r['corner_heat']:.0%} in the {corner} corner ({r['corner_area_share']:.0%} of the "
+            pct = {k: format_number(r[k], 0, style="percent")
+                   for k in ("heat_inside", "lung_area_share", "corner_heat", "corner_area_share")}
+            parts.append(f"{name}: {pct['heat_inside']} of the heat on the lung fields ({pct['lung_area_share']} of "
+                         f"the image), {pct['corner_heat']} in the {corner} corner ({pct['corner_area_share']} of the "
                          f"image), peak at the {r['peak']}{left_out}")
             if r["corner_heat"] >= CORNER_HEAT_WARN:
                 cornered.append(f"{name} ({corner})")
@@ -1215,10 +1238,10 @@ def run_shortcut_tests(
 
 def shortcut_report_markdown(results: Sequence[Any], title: str = "Shortcut tests") -> str:
     """The results of the shortcut tests as one Markdown report, verdicts first."""
-    lines = [f"# {title}", "", f"**{evaluate.REPORT_DISCLAIMER}**", "",
+    lines = [f"# {title}", "", f"**{REPORT_DISCLAIMER}**", "",
              "Did the model learn the disease or the data set? Each test below asks it a different way.", "",
              "## Verdicts", ""]
-    lines += [f"- **{r.name}**: {r.verdict}" for r in results]
+    lines += [f"- **{r.name}**: {r.finding().message}" for r in results]
     lines.append("")
     for r in results:
         lines.append(r.to_markdown())
