@@ -221,13 +221,13 @@ def run(data_root: Path, weights_dir: Path | None, work: Path, mode: dict, seed:
             if key in ("a", "b", "c"):
                 log(f"{name}: protocol {key}: lungs hidden")
                 t0 = time.perf_counter()
-                hidden = shortcuts.lungs_hidden(result.paths.root, view, "test", n_boot=mode["n_boot"], seed=seed)
+                hidden = shortcuts.lungs_hidden(view, result.paths.root, "test", n_boot=mode["n_boot"], seed=seed)
                 out["shortcuts"].setdefault("lungs_hidden", {}).setdefault(key, {})[name] = hidden.to_dict()
                 timings[f"{name}/{key}/lungs_hidden"] = time.perf_counter() - t0
             if key in ("b", "c") and name != "seeds-vgg16":
                 log(f"{name}: protocol {key}: Grad-CAM heat share")
                 t0 = time.perf_counter()
-                heat = shortcuts.saliency_heat_share(result.paths.root, view, "test",
+                heat = shortcuts.saliency_heat_share(view, result.paths.root, "test",
                                                      max_images_per_class=mode["saliency_images"])
                 out["shortcuts"].setdefault("saliency", {}).setdefault(key, {})[name] = heat.to_dict()
                 timings[f"{name}/{key}/saliency"] = time.perf_counter() - t0

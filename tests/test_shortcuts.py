@@ -218,7 +218,7 @@ def test_saliency_says_in_words_when_every_grad_cam_map_of_a_class_is_zero(tmp_p
     test = PreprocessedSplit("test", images, labels, frame, CLASSES)
     data = PreprocessedData(tmp_path, PreprocessSettings(image_size=size), CLASSES, {"test": test}, key="hand made")
 
-    result = shortcuts.saliency_heat_share(evidence_model(size), data, layer_name="evidence")
+    result = shortcuts.saliency_heat_share(data, evidence_model(size), layer_name="evidence")
     table = result.table
     assert table["n_images"].tolist() == [4, 3] and table["n_no_heat"].tolist() == [2, 3]
     # normal: the two maps with heat, all of it in the top-left corner (the black maps do not dilute it).
@@ -237,7 +237,7 @@ def test_saliency_says_in_words_when_every_grad_cam_map_of_a_class_is_zero(tmp_p
 
     # No class with heat at all: one plain sentence, not an empty or NaN verdict.
     white = PreprocessedSplit("test", covid, np.ones(3, int), frame.iloc[4:], CLASSES)
-    nothing = shortcuts.saliency_heat_share(evidence_model(size), dataclasses.replace(data, splits={"test": white}),
+    nothing = shortcuts.saliency_heat_share(dataclasses.replace(data, splits={"test": white}), evidence_model(size),
                                             layer_name="evidence")
     assert nothing.verdict.startswith("No heat: every Grad-CAM map is zero") and not nothing.shortcut_found
     assert "normal: no images" in nothing.verdict
@@ -253,10 +253,10 @@ def test_the_shortcut_tests_detect_a_burned_in_marker(marked, clean, marked_mode
     classes perfectly, the clean model falls towards chance; the marker model's Grad-CAM heat for covid
     sits outside the lungs, gathered in the marker's corner, far more than the clean model's."""
     (_, marked_data), (_, clean_data) = marked, clean
-    hidden_marked = shortcuts.lungs_hidden(marked_model, marked_data, n_boot=N_BOOT)
-    hidden_clean = shortcuts.lungs_hidden(clean_model, clean_data, n_boot=N_BOOT)
-    heat_marked = shortcuts.saliency_heat_share(marked_model, marked_data)
-    heat_clean = shortcuts.saliency_heat_share(clean_model, clean_data)
+    hidden_marked = shortcuts.lungs_hidden(marked_data, marked_model, n_boot=N_BOOT)
+    hidden_clean = shortcuts.lungs_hidden(clean_data, clean_model, n_boot=N_BOOT)
+    heat_marked = shortcuts.saliency_heat_share(marked_data, marked_model)
+    heat_clean = shortcuts.saliency_heat_share(clean_data, clean_model)
     numbers = (f"AUC with lungs visible / hidden: marker {hidden_marked.auc:.2f} / {hidden_marked.auc_hidden:.2f}, clean "
                f"{hidden_clean.auc:.2f} / {hidden_clean.auc_hidden:.2f}; covid heat outside the lungs: marker "
                f"{heat_marked.table.loc['covid', 'heat_outside']:.2f}, clean {heat_clean.table.loc['covid', 'heat_outside']:.2f}; "
@@ -338,7 +338,7 @@ def test_leave_one_source_out_on_chosen_rows(marked):
 
 def test_a_model_trained_with_the_lungs_hidden_still_reads_the_marker(marked, marked_model):
     root, data = marked
-    result = shortcuts.lungs_hidden(marked_model, data, train_masked=True, run_dir=root / "shortcuts" / "lungs_hidden",
+    result = shortcuts.lungs_hidden(data, marked_model, train_masked=True, run_dir=root / "shortcuts" / "lungs_hidden",
                                     n_boot=N_BOOT)
     assert result.auc_trained_hidden >= 0.9
     assert "these data let the labels be read outside the lungs" in result.verdict

@@ -34,7 +34,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -51,6 +51,9 @@ if TYPE_CHECKING:  # the data views need no TensorFlow; the tests that train imp
 
     from .models import LoadedModel, ModelSpec
     from .train import TrainResult, TrainSettings
+
+#: What the shortcut tests that run a trained model take as it: a loaded model, its folder or file, or a Keras model.
+ModelLike = Union["LoadedModel", str, os.PathLike, "keras.Model"]
 
 __all__ = [
     "HOSPITAL_GROUPS", "CENTRAL_RECTANGLE", "SOURCE_AUC_WARN", "HIDDEN_AUC_WARN", "CHANCE_AUC", "WIDE_INTERVAL",
@@ -425,7 +428,7 @@ def _finding(result: Any, numbers: dict[str, Any]) -> Finding:
     return Finding(result.name.replace(" ", "_"), result.verdict, numbers, level=level)
 
 
-def _resolve_model(model: Any) -> tuple["keras.Model", "LoadedModel | None"]:
+def _resolve_model(model: ModelLike) -> tuple["keras.Model", "LoadedModel | None"]:
     """(Keras model, LoadedModel or None) from a LoadedModel, a model folder or file, or a Keras model."""
     from .models import LoadedModel, load_model
 
@@ -698,8 +701,8 @@ def _near_chance(ev: evaluate.Evaluation) -> bool:
 
 
 def lungs_hidden(
-    model: Any,
     data: PreprocessedData,
+    model: ModelLike,
     split: str = "test",
     region: str | np.ndarray = "rectangle",
     *,
@@ -1059,8 +1062,8 @@ def _corner_masks(size: int) -> dict[str, np.ndarray]:
 
 
 def saliency_heat_share(
-    model: Any,
     data: PreprocessedData,
+    model: ModelLike,
     split: str = "test",
     *,
     explain_class: str = "true",
@@ -1226,13 +1229,13 @@ def run_shortcut_tests(
             results.append(source_prediction(data, spec, settings, work_dir / "source", split=split, n_boot=n_boot,
                                              seed=seed, verbose=verbose))
         elif test == "lungs":
-            results.append(lungs_hidden(loaded, data, split, train_masked=train_masked, run_dir=work_dir / "lungs_hidden",
+            results.append(lungs_hidden(data, loaded, split, train_masked=train_masked, run_dir=work_dir / "lungs_hidden",
                                         n_boot=n_boot, seed=seed, verbose=verbose))
         elif test == "loso":
             results.append(leave_one_source_out(data, spec, settings, work_dir / "loso", n_boot=n_boot, seed=seed,
                                                 verbose=verbose))
         else:
-            results.append(saliency_heat_share(loaded, data, split))
+            results.append(saliency_heat_share(data, loaded, split))
     return results
 
 
