@@ -292,7 +292,7 @@ def lung_field_mask(size: int | tuple[int, int], centre_offset: float = 0.20, ce
     For when no lung segmentation is available. Two ellipses, one per lung, centred at
     ``0.5 -/+ centre_offset`` of the width and ``centre_y`` of the height, with semi-axes
     ``half_width`` (of the width) and ``half_height`` (of the height). The defaults are fitted to
-    :func:`xraylib.synthetic.make_phantom` lungs resized to a square (mean IoU about 0.63) and
+    :func:`xraylib.phantoms.make_phantom` lungs resized to a square (mean IoU about 0.63) and
     match a typical adult PA film framed from the apices to the costophrenic angles: each lung
     a third of the width, from about a sixth to three quarters of the height. It ignores the
     heart and the apices' taper and fits lateral or oddly framed (e.g. paediatric) films poorly;
