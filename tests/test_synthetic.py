@@ -5,6 +5,7 @@ import hashlib
 import json
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -14,7 +15,7 @@ import pydicom
 import pytest
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from xraylib import synthetic
+from xraylib import sample_layouts, sources, synthetic
 from xraylib.errors import ConfigError
 from xraylib.synthetic import write_sample_data
 
@@ -133,7 +134,7 @@ def test_rsna_csvs_have_the_real_headers_and_agree(small: synthetic.SampleData) 
     # One class row per label row, in the same order, as in the real files.
     assert labels["patientId"].tolist() == classes["patientId"].tolist()
     assert ((labels["Target"] == 1) == (classes["class"] == "Lung Opacity")).all()
-    assert set(classes["class"]) == set(synthetic.RSNA_CLASSES)
+    assert set(classes["class"]) == set(sample_layouts.RSNA_CLASSES)
     assert labels.loc[labels["Target"] == 0, ["x", "y", "width", "height"]].isna().all().all()
     assert labels.groupby("patientId").size().max() <= 2
     assert labels["patientId"].str.fullmatch(UUID4).all()
@@ -302,7 +303,8 @@ def test_an_interrupted_write_leaves_no_folder(tmp_path: Path, monkeypatch: pyte
     def crash(*args: object, **kwargs: object) -> dict:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(synthetic, "_write_kaggle", crash)
+    kaggle_crashes = [replace(s, sample_writer=crash) if s.name == "kaggle" else s for s in sources.SOURCES]
+    monkeypatch.setattr(sources, "SOURCES", tuple(kaggle_crashes))
     with pytest.raises(KeyboardInterrupt):
         write_sample_data(tmp_path / "sample", n_patients=4, image_size=96)
     assert list(tmp_path.iterdir()) == []

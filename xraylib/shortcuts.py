@@ -43,6 +43,7 @@ from . import DISCLAIMER, evaluate
 from .errors import ConfigError
 from .fileio import write_json_atomic, write_text_atomic, json_safe
 from .preprocess import PreprocessedData, PreprocessedSplit
+from .sources import site_groups
 from .split import SPLITS
 
 if TYPE_CHECKING:  # the data views need no TensorFlow; the tests that train import it when called
@@ -62,10 +63,10 @@ __all__ = [
 ]
 
 # ---- thresholds and settings ------------------------------------------------------------------
-#: Sources that are one hospital. RSNA's images are drawn from NIH ChestX-ray14, so holding NIH
-#: out while training on RSNA (or telling the two apart) would test nothing: both tests treat them
-#: as one source, "nih+rsna". Pass ``source_groups={}`` to keep every source apart.
-HOSPITAL_GROUPS: dict[str, str] = {"nih": "nih+rsna", "rsna": "nih+rsna"}
+#: Sources that are one hospital (each record's ``site`` in ``xraylib.sources.SOURCES``). RSNA's images are
+#: drawn from NIH ChestX-ray14, so holding NIH out while training on RSNA (or telling the two apart) would
+#: test nothing: both tests treat them as one source, "nih+rsna". Pass ``source_groups={}`` to keep every source apart.
+HOSPITAL_GROUPS: dict[str, str] = site_groups()
 #: Source prediction: a macro one-vs-rest AUC at least this high means the sources are easy to
 #: tell apart from the pixels (where classes come from different sources, so are the classes).
 SOURCE_AUC_WARN = 0.90
@@ -287,7 +288,7 @@ def _cache_rows(data: PreprocessedData) -> pd.DataFrame:
 def _source_group(sources: pd.Series, source_groups: Mapping[str, str] | None) -> pd.Series:
     """Each row's source after ``source_groups`` (default :data:`HOSPITAL_GROUPS`); a group with one
     source present keeps that source's name."""
-    groups = HOSPITAL_GROUPS if source_groups is None else dict(source_groups)
+    groups = site_groups() if source_groups is None else dict(source_groups)
     names = sources.astype(str)
     present = set(names)
     members: dict[str, set[str]] = {}
