@@ -48,10 +48,11 @@ __all__ = [
 #: The line every written audit carries.
 REPORT_DISCLAIMER = "Research software, not a diagnostic device."
 
-#: Documented age range (years) of sources whose files carry no per-image age (Kaggle's children
-#: aged 1 to 5): a view of the ``population_ages`` of ``xraylib.sources.SOURCES``. A (class, source)
-#: group without recorded ages takes this range in the age checks.
-SOURCE_POPULATION: dict[str, tuple[float, float]] = source_populations()
+#: Documented age range (years) of sources whose files carry no per-image age. A (class, source)
+#: group without recorded ages takes this range in the age checks. Kaggle chest-xray-pneumonia
+#: (Kermany et al., Cell 2018) is "pediatric patients of one to five years old" from Guangzhou
+#: Women and Children's Medical Center; see ``xraylib.sources.SOURCE_NOTES``.
+SOURCE_POPULATION: dict[str, tuple[float, float]] = source_populations()  # a view of sources.SOURCES
 
 # ---- thresholds (each one is reported in the audit's JSON and Markdown) --------------------
 #: Age ranges compared are the 5th to 95th percentiles of the recorded ages ...
