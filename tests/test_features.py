@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from xraylib import features, models, predict, synthetic
+from xraylib import features, models, phantoms, predict
 from xraylib import train as train_module
 from xraylib.errors import ConfigError, ModelError
 from xraylib.fileio import sha1_file
@@ -49,7 +49,7 @@ def write_images(folder: Path, n_normal: int = 14, n_covid: int = 10) -> pd.Data
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, label in enumerate(["normal"] * n_normal + ["covid"] * n_covid):
-        image = synthetic.make_phantom(label, np.random.default_rng(100 + i), 64, 64, marker=label == "covid").image
+        image = phantoms.make_phantom(label, np.random.default_rng(100 + i), 64, 64, marker=label == "covid").image
         path = folder / f"{label}-{i:02d}.png"
         assert cv2.imwrite(str(path), image)
         rows.append({"path": str(path), "label": label, "source": "synthetic", "patient_id": f"synthetic:{i:02d}",

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import pytest
 
-from xraylib import models, synthetic
+from xraylib import models, phantoms
 from xraylib.errors import ModelError
 from xraylib.preprocess import NORMALISATION, normalise, to_rgb_float
 from xraylib.train import compile_model
@@ -35,7 +35,7 @@ def phantoms(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``(n, size, size) uint8`` synthetic radiographs and their labels 0/1 (normal/covid, alternating)."""
     labels = np.arange(n) % 2
     images = np.stack([
-        synthetic.make_phantom(("normal", "covid")[label], np.random.default_rng(seed + i), size, size).image
+        phantoms.make_phantom(("normal", "covid")[label], np.random.default_rng(seed + i), size, size).image
         for i, label in enumerate(labels)
     ])
     return images, labels
