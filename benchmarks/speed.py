@@ -404,9 +404,9 @@ def write_dicom(path: Path, pixels: np.ndarray, patient_id: str, jpeg_quality: i
 
 
 def phantoms(n: int, size: int, seed: int) -> list[np.ndarray]:
-    from xraylib import synthetic
+    from xraylib import phantoms
 
-    return [synthetic.make_phantom(("normal", "pneumonia")[i % 2], np.random.default_rng(seed + i), size, size).image
+    return [phantoms.make_phantom(("normal", "pneumonia")[i % 2], np.random.default_rng(seed + i), size, size).image
             for i in range(n)]
 
 

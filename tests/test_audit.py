@@ -25,7 +25,8 @@ from xraylib.errors import ConfigError
 from xraylib.fileio import sha1_file
 from xraylib.manifest import MANIFEST_COLUMNS, build_manifest
 from xraylib.preprocess import PreprocessSettings, preprocess_dataset, split_and_preprocess
-from xraylib.synthetic import burn_marker, make_phantom, write_sample_data
+from xraylib.phantoms import burn_marker, make_phantom
+from xraylib.synthetic import write_sample_data
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR AS")
 

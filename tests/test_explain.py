@@ -9,7 +9,7 @@ import pytest
 
 from xraylib import explain, models, plots, train
 from xraylib.errors import ConfigError, ModelError
-from xraylib.synthetic import make_phantom
+from xraylib.phantoms import make_phantom
 
 SMALL = 64  # input side for the backbone tests: every backbone accepts it with weights=None
 _BUILT: dict[str, keras.Model] = {}

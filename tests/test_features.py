@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from xraylib import features, models, synthetic
+from xraylib import features, models, phantoms
 from xraylib import train as train_module
 from xraylib.errors import ConfigError, ModelError
 from xraylib.fileio import sha1_file
@@ -51,7 +51,7 @@ def write_images(folder: Path, n_normal: int = 14, n_covid: int = 10) -> pd.Data
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, label in enumerate(["normal"] * n_normal + ["covid"] * n_covid):
-        image = synthetic.make_phantom(label, np.random.default_rng(100 + i), 64, 64, marker=label == "covid").image
+        image = phantoms.make_phantom(label, np.random.default_rng(100 + i), 64, 64, marker=label == "covid").image
         path = folder / f"{label}-{i:02d}.png"
         assert cv2.imwrite(str(path), image)
         rows.append({"path": str(path), "label": label, "source": "synthetic", "patient_id": f"synthetic:{i:02d}",
@@ -287,14 +287,14 @@ def test_a_changed_image_is_computed_again_and_only_it(fresh_data):
 
 def test_features_computed_for_one_split_are_reused_for_another(fresh_data):
     """A new split (or another protocol's test set) over the same images runs the backbone only for new images."""
-    from xraylib import shortcuts
+    from xraylib import views
 
     model = built()
     first = features.cached_features(model, fresh_data, VGG, progress=False)
     assert first.computed == {"train.view0": 14, "val.view0": 5}
     rows = fresh_data.manifest
     swapped = rows.assign(new_split=rows["split"].map({"train": "test", "val": "train", "test": "val"}))
-    view = shortcuts.data_view(fresh_data, swapped, description="splits rotated")
+    view = views.data_view(fresh_data, swapped, description="splits rotated")
     again = features.cached_features(built(), view, VGG, progress=False)
     # The new train split is the old val split (cached); the new val split is the old test split (never computed).
     assert again.computed == {"train.view0": 0, "val.view0": 5}

@@ -74,6 +74,57 @@ def test_atomic_write_gives_the_permissions_of_a_plain_write(tmp_path):
     assert mode & stat.S_IRUSR and mode & stat.S_IWUSR
 
 
+# --- whole folders: make_partial_dir, replace_dir, remove_stale_partial_dirs ------------------
+
+
+def test_partial_dir_is_a_hidden_readable_sibling_named_for_its_process(tmp_path):
+    dest = tmp_path / "deep" / "sample_data"
+    new = fileio.make_partial_dir(dest)
+    assert new.parent == dest.parent and new.is_dir() and not any(new.iterdir())
+    assert new.name.startswith(".sample_data.") and new.name.endswith(f".{os.getpid()}.partial")
+    assert stat.S_IMODE(new.stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize("before", ["absent", "empty", "full"])
+def test_replace_dir_puts_the_new_folder_in_place_and_leaves_nothing_beside_it(tmp_path, before):
+    dest = tmp_path / "data"
+    if before != "absent":
+        dest.mkdir()
+    if before == "full":
+        (dest / "old.txt").write_text("old")
+        (dest / "sub").mkdir()
+    new = fileio.make_partial_dir(dest)
+    (new / "new.txt").write_text("new")
+    fileio.replace_dir(new, dest)
+    assert _files(tmp_path) == ["data"]
+    assert _files(dest) == ["new.txt"] and (dest / "new.txt").read_text() == "new"
+
+
+def test_remove_stale_partial_dirs_removes_only_dead_leftovers_of_its_own_making(tmp_path):
+    dest = tmp_path / "sample_data"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("the current data")
+
+    def folder(name: str, *contents: str) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        for item in contents:
+            (path / item).mkdir()
+        return path
+
+    dead_partial = folder(".sample_data.abcd1234.partial", "rsna-pneumonia")  # no pid: an older version's
+    dead_old = folder(".sample_data.efgh5678.old", "data")
+    live = folder(f".sample_data.ijkl9012.{os.getpid()}.partial", "rsna-pneumonia")
+    foreign_contents = folder(".sample_data.mnop3456.partial", "my-notes")
+    other_name = folder(".sample_data.backup", "rsna-pneumonia")
+    other_dest = folder(".other.qrst7890.partial", "rsna-pneumonia")
+    fileio.remove_stale_partial_dirs(dest, {"rsna-pneumonia", "SAMPLE_DATA.json"})
+    assert not dead_partial.exists() and not dead_old.exists()
+    assert all(p.is_dir() for p in (live, foreign_contents, other_name, other_dest))
+    assert (dest / "keep.txt").read_text() == "the current data"
+    fileio.remove_stale_partial_dirs(tmp_path / "absent" / "x", {"a"})  # no parent folder: nothing to do
+
+
 # --- read_bytes -----------------------------------------------------------------------------
 
 

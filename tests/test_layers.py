@@ -25,7 +25,7 @@ PACKAGE = ROOT / "xraylib"
 
 #: The data side, with the helpers every layer may use (errors, fileio, reporting: no TensorFlow, no xraylib layer).
 DATA = {"config", "errors", "fileio", "reporting", "sources", "dicom", "images", "manifest", "split", "preprocess",
-        "phantoms", "synthetic"}
+        "phantoms", "sample_layouts", "synthetic", "views"}
 MODEL = {"models", "batches", "features", "train"}
 JUDGE = {"evaluate", "shortcuts", "explain", "ood"}
 USE = {"predict", "serve", "cli"}

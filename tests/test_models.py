@@ -17,9 +17,10 @@ import keras
 import numpy as np
 import pytest
 
-from xraylib import models, runs, synthetic
+from xraylib import models, runs
 from xraylib.preprocess import PreprocessSettings
 from xraylib.errors import ModelError
+from xraylib.phantoms import make_phantom
 from xraylib.preprocess import NORMALISATION, normalise, to_rgb_float
 from xraylib.train import compile_model
 
@@ -36,7 +37,7 @@ def phantoms(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``(n, size, size) uint8`` synthetic radiographs and their labels 0/1 (normal/covid, alternating)."""
     labels = np.arange(n) % 2
     images = np.stack([
-        synthetic.make_phantom(("normal", "covid")[label], np.random.default_rng(seed + i), size, size).image
+        make_phantom(("normal", "covid")[label], np.random.default_rng(seed + i), size, size).image
         for i, label in enumerate(labels)
     ])
     return images, labels

@@ -34,7 +34,7 @@ import pytest
 
 from conftest import gradient_image, write_dicom, write_raster
 from test_notebooks import COMMON, NOTEBOOKS, PARAMETERS, inject_parameters
-from xraylib import cli, config, manifest, preprocess, synthetic
+from xraylib import cli, config, manifest, phantoms, preprocess, synthetic
 from xraylib.fileio import sha1_file
 
 pytestmark = pytest.mark.filterwarnings(
@@ -406,7 +406,7 @@ def train_cache(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train_cache")
     rows = []
     for i, label in enumerate(["normal"] * 14 + ["covid"] * 10):
-        image = synthetic.make_phantom(label, np.random.default_rng(100 + i), 64, 64, marker=label == "covid").image
+        image = phantoms.make_phantom(label, np.random.default_rng(100 + i), 64, 64, marker=label == "covid").image
         path = root / "images" / f"{label}-{i:02d}.png"
         path.parent.mkdir(exist_ok=True)
         assert cv2.imwrite(str(path), image)

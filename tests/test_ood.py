@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from conftest import write_dicom, write_raster
-from xraylib import models, ood, runs, synthetic
+from xraylib import models, ood, phantoms, runs
 from xraylib.errors import BadFileError, ConfigError, ModelError
 from xraylib.fileio import sha1_file
 from xraylib.images import read_image
@@ -45,7 +45,7 @@ def frontal_phantom(seed: int, label: str) -> np.ndarray:
     height = int(rng.integers(200, 320))
     width = int(height * rng.uniform(0.8, 1.2))
     view = ("PA", "AP", "AP Supine")[seed % 3]
-    return synthetic.make_phantom(label, rng, height, width, view=view).image
+    return phantoms.make_phantom(label, rng, height, width, view=view).image
 
 
 def colour_photo(seed: int) -> np.ndarray:
@@ -94,7 +94,7 @@ def ct_slice(seed: int) -> np.ndarray:
 
 
 def lateral_view(seed: int) -> np.ndarray:
-    return synthetic.make_phantom(CLASSES[seed % 2], np.random.default_rng(seed), 300, 280, view="L").image
+    return phantoms.make_phantom(CLASSES[seed % 2], np.random.default_rng(seed), 300, 280, view="L").image
 
 
 def noise_image(seed: int) -> np.ndarray:

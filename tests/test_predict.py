@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import write_dicom, write_raster
-from xraylib import models, runs, synthetic
+from xraylib import models, phantoms, runs
 from xraylib.errors import ConfigError
 from xraylib.fileio import sha1_file
 from xraylib.predict import (
@@ -31,7 +31,7 @@ SIZE = 32
 
 
 def phantom(seed: int, height: int = 80, width: int = 64, label: str = "normal") -> np.ndarray:
-    return synthetic.make_phantom(label, np.random.default_rng(seed), height, width).image
+    return phantoms.make_phantom(label, np.random.default_rng(seed), height, width).image
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from sklearn.metrics import roc_auc_score
 
 matplotlib.use("Agg")
 
-from xraylib import config, explain, manifest, models, plots, shortcuts, synthetic
+from xraylib import config, explain, manifest, models, plots, shortcuts, synthetic, views
 from xraylib.errors import ConfigError
 from xraylib.preprocess import PreprocessedData, PreprocessedSplit, PreprocessSettings, split_and_preprocess
 from xraylib.split import patients_in_several_splits
@@ -83,12 +83,12 @@ def clean_model(clean):
 def test_indexed_images_read_the_cached_rows_without_copying_them(marked):
     _, data = marked
     train_images, test_images = np.asarray(data["train"].images), np.asarray(data["test"].images)
-    rows = shortcuts._cache_rows(data)
+    rows = views.cache_rows(data)
     chosen = pd.concat([rows[rows["split"] == "test"].iloc[[3, 0, 3]], rows[rows["split"] == "train"].iloc[[5, 1]]])
-    view = shortcuts.data_view(data, chosen.assign(new_split="train"), description="five rows")
+    view = views.data_view(data, chosen.assign(new_split="train"), description="five rows")
     images = view["train"].images
     expected = np.stack([test_images[3], test_images[0], test_images[3], train_images[5], train_images[1]])
-    assert isinstance(images, shortcuts.IndexedImages) and images.shape == (5, SIZE, SIZE) and len(images) == 5
+    assert isinstance(images, views.IndexedImages) and images.shape == (5, SIZE, SIZE) and len(images) == 5
     np.testing.assert_array_equal(np.asarray(images), expected)
     np.testing.assert_array_equal(images[[4, 0]], expected[[4, 0]])
     np.testing.assert_array_equal(images[1:4], expected[1:4])
@@ -103,13 +103,13 @@ def test_indexed_images_read_the_cached_rows_without_copying_them(marked):
     assert len(view["val"]) == len(view["test"]) == 0 and view.key != data.key
 
     # A view of a view reads the cache directly, and hidden regions add up.
-    hidden = shortcuts.hidden_view(view, "rectangle")
+    hidden = views.hidden_view(view, "rectangle")
     corner = np.zeros((SIZE, SIZE), bool)
     corner[:8, :8] = True
-    twice = shortcuts.hidden_view(hidden, corner)
+    twice = views.hidden_view(hidden, corner)
     again = twice["train"].images
     assert all(isinstance(part, np.memmap) for part in again.parts)
-    mask = shortcuts.hidden_region(SIZE, "rectangle") | corner
+    mask = views.hidden_region(SIZE, "rectangle") | corner
     np.testing.assert_array_equal(np.asarray(again), np.where(mask, 0, expected))
     assert hidden["train"].manifest["cache_split"].tolist() == ["test", "test", "test", "train", "train"]
     # Hidden pixels are other content: the rows' content ids change (the feature cache must not reuse the
@@ -122,28 +122,28 @@ def test_indexed_images_read_the_cached_rows_without_copying_them(marked):
     assert twice["train"].manifest["sha1"].nunique() == 4  # rows 0 and 2 are one image
     assert not set(twice["train"].manifest["sha1"]) & set(hidden["train"].manifest["sha1"])
     # The lung fields lie inside the rectangle: hiding them too changes no pixel, and no content id.
-    inside = shortcuts.hidden_view(hidden, "lungs")["train"].manifest["sha1"]
+    inside = views.hidden_view(hidden, "lungs")["train"].manifest["sha1"]
     assert inside.tolist() == hidden["train"].manifest["sha1"].tolist()
 
 
 def test_data_view_refuses_what_it_cannot_build(marked):
     _, data = marked
-    rows = shortcuts._cache_rows(data)
+    rows = views.cache_rows(data)
     with pytest.raises(ConfigError, match="new_split"):
-        shortcuts.data_view(data, rows)
+        views.data_view(data, rows)
     with pytest.raises(ConfigError, match="holdout"):
-        shortcuts.data_view(data, rows.assign(new_split="holdout"))
+        views.data_view(data, rows.assign(new_split="holdout"))
     with pytest.raises(ConfigError, match="pneumonia"):
-        shortcuts.data_view(data, rows.assign(new_split="train", label="pneumonia"))
+        views.data_view(data, rows.assign(new_split="train", label="pneumonia"))
     with pytest.raises(ConfigError, match="outside"):
-        shortcuts.data_view(data, rows.assign(new_split="train", row=rows["row"] + 10_000))
+        views.data_view(data, rows.assign(new_split="train", row=rows["row"] + 10_000))
     with pytest.raises(ConfigError, match="region"):
-        shortcuts.hidden_region(SIZE, "heart")
+        views.hidden_region(SIZE, "heart")
 
 
 def test_source_view_labels_each_image_by_its_source(marked):
     _, data = marked
-    view = shortcuts.source_view(data)
+    view = views.source_view(data)
     # Only RSNA of the NIH/RSNA hospital is present, so it keeps its own name.
     assert view.classes == ("ieee8023", "kaggle", "rsna")
     for name in ("train", "val", "test"):
@@ -152,13 +152,13 @@ def test_source_view_labels_each_image_by_its_source(marked):
         assert part.manifest["disease_label"].tolist() == original.manifest["label"].tolist()
         assert [view.classes[k] for k in part.labels] == part.manifest["label"].tolist()
         np.testing.assert_array_equal(np.asarray(part.images), np.asarray(original.images))
-    grouped = shortcuts.source_view(data, source_groups={"kaggle": "kaggle+rsna", "rsna": "kaggle+rsna"})
+    grouped = views.source_view(data, source_groups={"kaggle": "kaggle+rsna", "rsna": "kaggle+rsna"})
     assert grouped.classes == ("ieee8023", "kaggle+rsna")
 
 
 def test_a_held_out_source_is_the_whole_test_set_and_absent_from_training(marked):
     _, data = marked
-    view = shortcuts.held_out_source_view(data, "kaggle")
+    view = views.held_out_source_view(data, "kaggle")
     everything = data.manifest
     assert set(view["test"].manifest["source"]) == {"kaggle"}
     assert len(view["test"]) == int((everything["source"] == "kaggle").sum())
@@ -167,7 +167,7 @@ def test_a_held_out_source_is_the_whole_test_set_and_absent_from_training(marked
         assert len(view[name]) == int(((everything["source"] != "kaggle") & (everything["split"] == name)).sum())
     assert patients_in_several_splits(view.manifest) == []
     with pytest.raises(ConfigError, match="nih"):
-        shortcuts.held_out_source_view(data, "nih")
+        views.held_out_source_view(data, "nih")
 
 
 def test_source_folds_say_which_sources_can_be_left_out_and_why(marked):
@@ -195,13 +195,13 @@ def test_macro_auc_is_sklearns_one_vs_rest_macro_auc_with_a_patient_interval():
 
 
 def test_hidden_regions():
-    rectangle = shortcuts.hidden_region(100, "rectangle")
+    rectangle = views.hidden_region(100, "rectangle")
     assert rectangle.sum() == 70 * 70 and not rectangle[:15].any() and rectangle[15:85, 15:85].all()
-    np.testing.assert_array_equal(shortcuts.hidden_region(64, "lungs"), explain.lung_field_mask(64))
+    np.testing.assert_array_equal(views.hidden_region(64, "lungs"), explain.lung_field_mask(64))
     custom = np.zeros((64, 64), bool)
-    assert shortcuts.hidden_region(64, custom) is not custom and not shortcuts.hidden_region(64, custom).any()
+    assert views.hidden_region(64, custom) is not custom and not views.hidden_region(64, custom).any()
     with pytest.raises(ConfigError, match=r"\(64, 64\)"):
-        shortcuts.hidden_region(64, np.zeros((32, 32), bool))
+        views.hidden_region(64, np.zeros((32, 32), bool))
 
 
 def test_saliency_says_in_words_when_every_grad_cam_map_of_a_class_is_zero(tmp_path):

@@ -18,7 +18,7 @@ import pytest
 from conftest import gradient_image, write_dicom, write_raster
 from xraylib.errors import SourceError
 from xraylib.sources import (
-    IEEE8023_REQUIRED, READERS, SOURCE_COLUMNS, ieee8023_label, kaggle_patient, nih_label,
+    IEEE8023_REQUIRED, SOURCE_COLUMNS, SOURCES, ieee8023_label, kaggle_patient, nih_label,
     normalise_view, read_chest_xray_pneumonia, read_covid_chestxray, read_nih_chestxray14, read_rsna,
     read_rsna_labels,
 )
@@ -371,11 +371,11 @@ def test_ieee8023_folder_column_is_followed(tmp_path):
     assert sorted(Path(p).parent.name for p in table.rows["path"]) == ["images", "volumes"]
 
 
-@pytest.mark.parametrize("key", sorted(READERS))
-def test_missing_source_folder_names_the_path(tmp_path, key):
-    missing = tmp_path / "not-mounted" / key
+@pytest.mark.parametrize("source", SOURCES, ids=lambda s: s.name)
+def test_missing_source_folder_names_the_path(tmp_path, source):
+    missing = tmp_path / "not-mounted" / source.drive_key
     with pytest.raises(SourceError) as error:
-        READERS[key](missing)
+        source.reader(missing)
     assert str(missing) in str(error.value)
 
 

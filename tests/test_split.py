@@ -235,7 +235,7 @@ def test_the_audits_near_duplicates_keep_re_uploaded_patients_together(tmp_path)
     from xraylib import audit
     from xraylib.fileio import sha1_file
     from xraylib.preprocess import PreprocessSettings, preprocess_dataset
-    from xraylib.synthetic import make_phantom
+    from xraylib.phantoms import make_phantom
 
     rows = []
     for i in range(16):

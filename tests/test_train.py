@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from xraylib import evaluate, models, synthetic
+from xraylib import evaluate, models, phantoms
 from xraylib import train as train_module
 from xraylib.errors import ConfigError
 from xraylib.fileio import sha1_file
@@ -45,7 +45,7 @@ def write_manifest(root: Path, n_normal: int = 14, n_covid: int = 10) -> pd.Data
     rows = []
     for i, label in enumerate(["normal"] * n_normal + ["covid"] * n_covid):
         # The covid phantoms carry the burnt-in "R" marker: a shortcut, but one a few steps can learn.
-        image = synthetic.make_phantom(label, np.random.default_rng(100 + i), 64, 64, marker=label == "covid").image
+        image = phantoms.make_phantom(label, np.random.default_rng(100 + i), 64, 64, marker=label == "covid").image
         path = root / f"{label}-{i:02d}.png"
         assert cv2.imwrite(str(path), image)
         rows.append({"path": str(path), "label": label, "source": "synthetic", "patient_id": f"synthetic:{i:02d}",
@@ -236,7 +236,7 @@ def test_augmentation_depends_only_on_seed_epoch_and_image(data):
 
 
 def test_augment_settings_effects():
-    image = synthetic.make_phantom("covid", np.random.default_rng(0), 48, 48).image
+    image = phantoms.make_phantom("covid", np.random.default_rng(0), 48, 48).image
     rng = lambda i: np.random.default_rng([0, 0, i])  # noqa: E731
     for i in range(20):  # zero settings (and the default: no flip) leave the image as it is
         np.testing.assert_array_equal(augment_image(image, NO_AUGMENT, rng(i)), image)

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from .reporting import DISCLAIMER, REPORT_DISCLAIMER, Finding, format_number, markdown_table, warning_lines
 from .errors import ConfigError
 from .fileio import write_json_atomic, write_text_atomic, json_safe
-from .sources import SOURCE_NOTES
+from .sources import ADULT_AGE, source_notes, source_populations
 
 __all__ = [
     "SOURCE_POPULATION", "THRESHOLDS", "AuditReport", "Finding", "audit", "write_audit",
@@ -49,10 +49,7 @@ __all__ = [
 #: group without recorded ages takes this range in the age checks. Kaggle chest-xray-pneumonia
 #: (Kermany et al., Cell 2018) is "pediatric patients of one to five years old" from Guangzhou
 #: Women and Children's Medical Center; see ``xraylib.sources.SOURCE_NOTES``.
-SOURCE_POPULATION: dict[str, tuple[float, float]] = {"kaggle": (1.0, 5.0)}
-
-#: Under this age (years) a patient is a child.
-ADULT_AGE = 18.0
+SOURCE_POPULATION: dict[str, tuple[float, float]] = source_populations()  # a view of sources.SOURCES
 
 # ---- thresholds (each one is reported in the audit's JSON and Markdown) --------------------
 #: Age ranges compared are the 5th to 95th percentiles of the recorded ages ...
@@ -176,8 +173,8 @@ class AuditReport:
             "findings": [f.to_dict() for f in self.findings],
             "tables": {name: table.to_dict(orient="records") for name, table in self.tables.items()},
             "duplicates": self.duplicates.to_dict(orient="records"),
-            "source_population_years": {k: list(v) for k, v in SOURCE_POPULATION.items()},
-            "source_notes": {k: v for k, v in SOURCE_NOTES.items() if k in self.summary.get("sources", [])},
+            "source_population_years": {k: list(v) for k, v in source_populations().items()},
+            "source_notes": {k: v for k, v in source_notes().items() if k in self.summary.get("sources", [])},
             "thresholds": THRESHOLDS,
         })
 
@@ -226,7 +223,7 @@ class AuditReport:
             if len(self.duplicates) > max_duplicate_rows:
                 lines.append(f"... and {len(self.duplicates) - max_duplicate_rows} more pairs (all in audit.json).")
             lines.append("")
-        notes = [f"- {k}: {v}" for k, v in SOURCE_NOTES.items() if k in s.get("sources", [])]
+        notes = [f"- {k}: {v}" for k, v in source_notes().items() if k in s.get("sources", [])]
         if notes:
             lines += ["## About the sources", ""] + notes + [""]
         lines += ["## Thresholds", ""] + [f"- {k}: {v}" for k, v in THRESHOLDS.items()] + [""]
@@ -390,8 +387,8 @@ def _age_range(ages: np.ndarray, source: str) -> tuple[float, float, str]:
         return float(low), float(high), f"{AGE_PERCENTILES[0]:g}th-{AGE_PERCENTILES[1]:g}th percentile of {len(ages)} recorded ages"
     if len(ages):
         return float(ages.min()), float(ages.max()), f"min-max of {len(ages)} recorded age(s)"
-    if source in SOURCE_POPULATION:
-        low, high = SOURCE_POPULATION[source]
+    if source in (populations := source_populations()):
+        low, high = populations[source]
         return low, high, "documented population of the source (no per-image ages)"
     return math.nan, math.nan, "unknown (no ages recorded, population not documented)"
 

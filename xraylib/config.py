@@ -14,9 +14,10 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError
+from .sources import SOURCES
 
-#: The source keys of drive_paths.yaml, in the order the manifest lists sources.
-SOURCE_KEYS = ("covid_chestxray_dataset", "rsna_pneumonia", "chest_xray_pneumonia", "nih_chestxray14")
+#: The source keys of drive_paths.yaml, in the order the manifest lists sources (a view of ``sources.SOURCES``).
+SOURCE_KEYS = tuple(source.drive_key for source in SOURCES)
 
 #: Where Colab mounts Google Drive (``drive.mount("/content/drive")``); "My Drive" is ``MyDrive`` inside it.
 DRIVE_MOUNT = Path("/content/drive")
@@ -36,18 +37,13 @@ def drive_hint(path: str | os.PathLike) -> str:
             "then run this again.")
 
 
-#: The folder names the built-in sample data (and ../shared/data) use for each source.
-SOURCE_FOLDERS = {
-    "covid_chestxray_dataset": "covid-chestxray-dataset",
-    "rsna_pneumonia": "rsna-pneumonia",
-    "chest_xray_pneumonia": "chest-xray-pneumonia",
-    "nih_chestxray14": "nih-chestxray14",
-}
-
-
 @dataclass(frozen=True)
 class DrivePaths:
-    """The source folders (``None`` where a source is not used) and the output folder."""
+    """The source folders (``None`` where a source is not used) and the output folder.
+
+    One field per source, named by its ``drive_key`` (:data:`xraylib.sources.SOURCES`; a test checks
+    that they match), in registry order: these are the keys drive_paths.yaml accepts.
+    """
 
     output_dir: Path
     covid_chestxray_dataset: Path | None = None
@@ -57,7 +53,8 @@ class DrivePaths:
 
     def sources(self) -> dict[str, Path]:
         """The configured sources, ``{key: folder}``, in SOURCE_KEYS order."""
-        return {k: getattr(self, k) for k in SOURCE_KEYS if getattr(self, k) is not None}
+        folders = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "output_dir"}
+        return {key: folder for key, folder in folders.items() if folder is not None}
 
     def check_sources_exist(self) -> None:
         """Raise :class:`ConfigError` naming the first configured source folder that is missing.
@@ -152,15 +149,11 @@ def _resolve(value: object, base: Path, yaml_path: Path, key: str) -> Path | Non
 
 
 def sample_drive_paths(output_dir: str | os.PathLike) -> DrivePaths:
-    """Paths for the built-in sample data: the three sources under ``output_dir/sample_data``."""
+    """Paths for the built-in sample data: the sources with a sample layout under ``output_dir/sample_data``."""
     output_dir = Path(output_dir).expanduser().resolve()
     sample = OutputLayout(output_dir).sample_data
-    return DrivePaths(
-        output_dir=output_dir,
-        covid_chestxray_dataset=sample / SOURCE_FOLDERS["covid_chestxray_dataset"],
-        rsna_pneumonia=sample / SOURCE_FOLDERS["rsna_pneumonia"],
-        chest_xray_pneumonia=sample / SOURCE_FOLDERS["chest_xray_pneumonia"],
-    )
+    found = {s.drive_key: sample / s.folder for s in SOURCES if s.sample_writer is not None}
+    return DrivePaths(output_dir=output_dir, **found)
 
 
 def folder_drive_paths(data_root: str | os.PathLike, output_dir: str | os.PathLike) -> DrivePaths:
@@ -169,9 +162,9 @@ def folder_drive_paths(data_root: str | os.PathLike, output_dir: str | os.PathLi
     Sources whose folder is absent are left out.
     """
     data_root = Path(data_root).expanduser().resolve()
-    found = {k: data_root / name for k, name in SOURCE_FOLDERS.items() if (data_root / name).is_dir()}
+    found = {s.drive_key: data_root / s.folder for s in SOURCES if (data_root / s.folder).is_dir()}
     if not found:
-        raise ConfigError(f"{data_root}: none of the source folders {sorted(SOURCE_FOLDERS.values())} is there")
+        raise ConfigError(f"{data_root}: none of the source folders {sorted(s.folder for s in SOURCES)} is there")
     return DrivePaths(output_dir=Path(output_dir).expanduser().resolve(), **found)
 
 

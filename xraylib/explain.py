@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from .errors import ConfigError, ModelError
+from .views import lung_field_mask  # the lung fields' geometry lives with the views that hide them
 
 if TYPE_CHECKING:
     import keras
@@ -283,29 +284,3 @@ def heat_share_inside(heatmaps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         share = np.where(total > 0, inside / np.where(total > 0, total, 1.0), np.nan)
     return share
-
-
-def lung_field_mask(size: int | tuple[int, int], centre_offset: float = 0.20, centre_y: float = 0.48,
-                    half_width: float = 0.15, half_height: float = 0.28) -> np.ndarray:
-    """An approximate lung-field mask for a frontal (PA/AP) chest X-ray: ``(H, W) bool``.
-
-    For when no lung segmentation is available. Two ellipses, one per lung, centred at
-    ``0.5 -/+ centre_offset`` of the width and ``centre_y`` of the height, with semi-axes
-    ``half_width`` (of the width) and ``half_height`` (of the height). The defaults are fitted to
-    :func:`xraylib.synthetic.make_phantom` lungs resized to a square (mean IoU about 0.63) and
-    match a typical adult PA film framed from the apices to the costophrenic angles: each lung
-    a third of the width, from about a sixth to three quarters of the height. It ignores the
-    heart and the apices' taper and fits lateral or oddly framed (e.g. paediatric) films poorly;
-    use it to say "most heat is on the lungs", not to measure a lung.
-    ``size``: side of a square image, or ``(height, width)``.
-    """
-    height, width = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
-    if height < 1 or width < 1:
-        raise ConfigError(f"size must be positive, got {size!r}")
-    # Pixel centres, as fractions of the side: the mask does not shift with the resolution.
-    y = (np.arange(height, dtype=np.float64)[:, None] + 0.5) / height
-    x = (np.arange(width, dtype=np.float64)[None, :] + 0.5) / width
-    mask = np.zeros((height, width), dtype=bool)
-    for centre_x in (0.5 - centre_offset, 0.5 + centre_offset):
-        mask |= ((x - centre_x) / half_width) ** 2 + ((y - centre_y) / half_height) ** 2 <= 1.0
-    return mask

@@ -2,7 +2,8 @@
 
 Outputs are written to a temporary name in the destination folder and renamed into place,
 so that an interruption (a Colab disconnect, a kill) leaves either the old file or the new
-one, never half of one. Source files are only ever opened for reading.
+one, never half of one; a whole folder is built beside its destination and swapped in with
+:func:`replace_dir`. Source files are only ever opened for reading.
 """
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import numpy as np
 import pandas as pd
@@ -78,6 +81,74 @@ def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array)
+
+
+def make_partial_dir(dest: str | os.PathLike) -> Path:
+    """A new empty folder beside ``dest`` to build its next contents in, then pass to :func:`replace_dir`.
+
+    Named ``.<dest name>.<random>.<pid>.partial`` (hidden, and recognisable by
+    :func:`remove_stale_partial_dirs` if the process is killed), mode 0755. Creates ``dest``'s parent.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    new = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=f".{os.getpid()}.partial", dir=dest.parent))
+    new.chmod(0o755)  # mkdtemp makes it private; outputs are not secret
+    return new
+
+
+def replace_dir(new: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Rename the folder ``new`` onto ``dest`` (a sibling), replacing whatever folder ``dest`` was.
+
+    A non-empty old ``dest`` is first renamed aside (``.<dest name>.<random>.<pid>.old``), then
+    removed, so at every moment ``dest`` is either the whole old folder or the whole new one
+    (absent only between the two renames).
+    """
+    new, dest = Path(new), Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=f".{os.getpid()}.old", dir=dest.parent))
+        os.replace(dest, old / "data")
+        os.replace(new, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if dest.exists():
+            dest.rmdir()
+        os.replace(new, dest)
+
+
+def remove_stale_partial_dirs(dest: str | os.PathLike, partial_contents: Collection[str]) -> None:
+    """Remove the folders that killed earlier :func:`make_partial_dir` / :func:`replace_dir` calls left beside ``dest``.
+
+    Only folders named as those two name them, whose process is gone (a folder of a live process,
+    say another notebook writing the same data right now, is left alone), and that hold nothing
+    but what they would: names in ``partial_contents`` for a ``.partial`` folder, ``data`` for an
+    ``.old`` one. Folders named without a pid (older xraylib versions) count as stale.
+    """
+    dest = Path(dest)
+    if not dest.parent.is_dir():
+        return
+    allowed = {"partial": set(partial_contents), "old": {"data"}}
+    pattern = re.compile(rf"^\.{re.escape(dest.name)}\.[a-z0-9_]{{8}}(?:\.(\d+))?\.(partial|old)$")
+    for folder in dest.parent.iterdir():
+        match = pattern.match(folder.name)
+        if not match or folder.is_symlink() or not folder.is_dir():
+            continue
+        pid, kind = match.group(1), match.group(2)
+        if pid is not None and _process_alive(int(pid)):
+            continue
+        if {p.name for p in folder.iterdir()} <= allowed[kind]:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
 
 
 def json_safe(value: Any) -> Any:

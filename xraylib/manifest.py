@@ -21,10 +21,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import images
-from .config import DrivePaths
+from .config import SOURCE_KEYS, DrivePaths
 from .errors import BadFileError, ConfigError, SourceError
 from .fileio import write_csv_atomic, write_json_atomic
-from .sources import READERS, SOURCE_COLUMNS, SourceTable
+from .sources import SOURCE_COLUMNS, SourceTable, source_by_drive_key
 
 #: Tasks and their classes; index 0 is the negative class, the last one the positive class.
 TASKS: dict[str, tuple[str, ...]] = {
@@ -88,9 +88,9 @@ class Manifest:
 
 def _source_roots(sources: DrivePaths | Mapping[str, str | os.PathLike]) -> dict[str, Path]:
     roots = sources.sources() if isinstance(sources, DrivePaths) else {k: Path(v) for k, v in sources.items() if v}
-    unknown = sorted(set(roots) - set(READERS))
+    unknown = sorted(key for key in roots if source_by_drive_key(key) is None)
     if unknown:
-        raise ConfigError(f"unknown source key(s) {unknown}; known: {sorted(READERS)}")
+        raise ConfigError(f"unknown source key(s) {unknown}; known: {sorted(SOURCE_KEYS)}")
     if not roots:
         raise ConfigError("no source folders given: set at least one source in drive_paths.yaml")
     return roots
@@ -187,7 +187,7 @@ def build_manifest(
 
     tables: list[SourceTable] = []
     for key, root in _source_roots(sources).items():
-        tables.append(READERS[key](root))
+        tables.append(source_by_drive_key(key).reader(root))
 
     frames = []
     for table in tables:

@@ -373,7 +373,7 @@ def _applies_here(rows: pd.DataFrame | None, audit: dict | None, meta: dict[str,
         per_class = rows.groupby("label")["source"].nunique()
         if len(per_class) > 1 and (per_class == 1).any():
             out.add("shortcut learning")
-        if (rows["source"].astype(str) == "kaggle").any():
+        if _children_in(rows):
             out.add("children against adults")
     if "age_no_overlap" in checks:
         out.add("children against adults")
@@ -383,3 +383,11 @@ def _applies_here(rows: pd.DataFrame | None, audit: dict | None, meta: dict[str,
     if isinstance(n_patients, (int, float)) and n_patients < SMALL_TEST_PATIENTS:
         out.add("small test sets")
     return out
+
+
+def _children_in(rows: pd.DataFrame) -> bool:
+    """True when some rows come from a source whose documented population is children (Kaggle's)."""
+    from .sources import source_by_name
+
+    records = (source_by_name(name) for name in set(rows["source"].astype(str)))
+    return any(source is not None and source.children for source in records)

@@ -296,9 +296,12 @@ def gradcam_grid(images: Sequence[np.ndarray], heatmaps: Sequence[np.ndarray], t
 def age_distribution(manifest: pd.DataFrame, title: str = "Age per class and source") -> Figure:
     """Ages (years) of every (class, source) group of a manifest: a box plot over the recorded ages
     with each image as a dot. A group whose files record no ages shows its source's documented
-    population (:data:`xraylib.audit.SOURCE_POPULATION`, hatched band) or says that the ages are unknown.
+    population (its record's ``population_ages`` in :data:`xraylib.sources.SOURCES`, hatched band) or says that
+    the ages are unknown.
     The dashed line marks 18 years."""
-    from .audit import ADULT_AGE, SOURCE_POPULATION
+    from .sources import ADULT_AGE, source_populations
+
+    populations = source_populations()
 
     ages = pd.to_numeric(manifest["age"], errors="coerce") if "age" in manifest.columns else pd.Series(np.nan, index=manifest.index)
     frame = manifest.assign(_age=ages)
@@ -320,8 +323,8 @@ def age_distribution(manifest: pd.DataFrame, title: str = "Age per class and sou
             ax.scatter(x + rng.uniform(-0.18, 0.18, len(values)), values, s=7, color=colour, alpha=0.5, linewidths=0)
             top = max(top, float(values.max()) + 5)
             note = f"{len(values)} of {len(group)} aged"
-        elif source in SOURCE_POPULATION:
-            low, high = SOURCE_POPULATION[source]
+        elif source in populations:
+            low, high = populations[source]
             ax.add_patch(plt.Rectangle((x - 0.28, low), 0.56, high - low, facecolor=colour, alpha=0.25,
                                        edgecolor=colour, hatch="///"))
             ax.text(x, high + 3, f"no per-image ages:\ndocumented\n{low:g}-{high:g} years", ha="center", va="bottom", fontsize=7)

@@ -1,9 +1,14 @@
-"""Readers for the public chest X-ray sources, each returning the same table.
+"""The public chest X-ray sources: one :class:`Source` record each, and their readers.
 
 Every reader takes the source's root folder (as users keep it on Drive) and returns a
 :class:`SourceTable`: one row per image with the columns in :data:`SOURCE_COLUMNS`, plus the
-problems it met and what it left out and why. Nothing downstream looks at a source's layout;
-adding a fifth source is one more function here and one line in :data:`READERS`.
+problems it met and what it left out and why. Nothing downstream looks at a source's layout.
+
+Everything else xraylib knows about a source (its drive_paths.yaml key, its folder name, what to
+say about its patients, their ages when the files carry none, its hospital group, its sample
+layout) is in its record in :data:`SOURCES`, and every module reads it from there. Adding a source
+is one reader here, one record in :data:`SOURCES`, and one field in
+:class:`xraylib.config.DrivePaths` (a test checks that the fields match the records).
 
 Labels are ``"normal"``, ``"covid"`` (COVID-19) and ``"pneumonia"`` (other pneumonia).
 Patient ids are prefixed with the source (``"ieee8023:12"``) so two sources cannot collide.
@@ -21,6 +26,7 @@ import pandas as pd
 
 from .dicom import parse_age
 from .errors import SourceError
+from .sample_layouts import write_ieee8023_sample, write_kaggle_sample, write_rsna_sample
 
 LABELS = ("normal", "covid", "pneumonia")
 
@@ -29,14 +35,6 @@ SOURCE_COLUMNS = [
     "path", "label", "source", "patient_id", "view", "sex", "age", "finding", "modality",
     "source_split", "image_id",
 ]
-
-#: What users should know about each source when they read a result (shown by the audit/report).
-SOURCE_NOTES = {
-    "ieee8023": "ieee8023 covid-chestxray-dataset: adults, many hospitals, includes figures from papers",
-    "rsna": "RSNA Pneumonia Detection Challenge: adults, NIH ChestX-ray14 images (one hospital)",
-    "kaggle": "Kaggle chest-xray-pneumonia (Kermany 2018): children aged 1 to 5, one hospital in Guangzhou",
-    "nih": "NIH ChestX-ray14: adults, NIH Clinical Center (the same hospital source as RSNA)",
-}
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
 
@@ -324,10 +322,100 @@ def read_nih_chestxray14(root: str | os.PathLike) -> SourceTable:
     return table
 
 
-#: drive_paths.yaml key -> reader.
-READERS: dict[str, Callable[[str | os.PathLike], SourceTable]] = {
-    "covid_chestxray_dataset": read_covid_chestxray,
-    "rsna_pneumonia": read_rsna,
-    "chest_xray_pneumonia": read_chest_xray_pneumonia,
-    "nih_chestxray14": read_nih_chestxray14,
-}
+# ---- the registry -------------------------------------------------------------------------
+
+#: Under this age (years) a patient is a child.
+ADULT_AGE = 18.0
+
+#: ``(folder, rng, n_patients, image_size, marked_label) -> counts``: writes a source's layout of
+#: the built-in sample data into ``folder`` (see :mod:`xraylib.sample_layouts`).
+SampleWriter = Callable[[Path, np.random.Generator, int, int, str | None], dict]
+
+
+@dataclass(frozen=True)
+class Source:
+    """One public source: everything xraylib knows about it, read by every module that needs it.
+
+    ``name``: the manifest's ``source`` value (and its patient-id prefix). ``drive_key``: its key
+    in drive_paths.yaml, a :class:`~xraylib.config.DrivePaths` field. ``folder``: its folder name
+    in the built-in sample data and in ``../shared/data``. ``reader``: root folder ->
+    :class:`SourceTable`. ``notes``: what a reader of a result should know about its patients
+    (the audit and the model card print it). ``site``: its hospital group for the shortcut tests;
+    sources of one hospital share a site, so holding one out or telling them apart tests nothing.
+    ``population_ages``: the documented (low, high) age range in years where the files carry no
+    per-image age, else None. ``sample_writer``: writes its layout in the built-in sample data,
+    None where there is none.
+    """
+
+    name: str
+    drive_key: str
+    folder: str
+    reader: Callable[[str | os.PathLike], SourceTable]
+    notes: str
+    site: str
+    population_ages: tuple[float, float] | None = None
+    sample_writer: SampleWriter | None = None
+
+    @property
+    def children(self) -> bool:
+        """True when the documented population is children only (all under :data:`ADULT_AGE`)."""
+        return self.population_ages is not None and self.population_ages[1] < ADULT_AGE
+
+
+#: The sources, in the order the manifest lists them. Sample-data streams follow this order among
+#: the sources with a ``sample_writer``: add new sources at the end.
+SOURCES: tuple[Source, ...] = (
+    Source(
+        name="ieee8023", drive_key="covid_chestxray_dataset", folder="covid-chestxray-dataset",
+        reader=read_covid_chestxray, site="ieee8023", sample_writer=write_ieee8023_sample,
+        notes="ieee8023 covid-chestxray-dataset: adults, many hospitals, includes figures from papers",
+    ),
+    Source(
+        # RSNA's images are drawn from NIH ChestX-ray14: one hospital with NIH.
+        name="rsna", drive_key="rsna_pneumonia", folder="rsna-pneumonia",
+        reader=read_rsna, site="nih+rsna", sample_writer=write_rsna_sample,
+        notes="RSNA Pneumonia Detection Challenge: adults, NIH ChestX-ray14 images (one hospital)",
+    ),
+    Source(
+        # Kermany et al., Cell 2018: "pediatric patients of one to five years old" from Guangzhou
+        # Women and Children's Medical Center; the files carry no ages.
+        name="kaggle", drive_key="chest_xray_pneumonia", folder="chest-xray-pneumonia",
+        reader=read_chest_xray_pneumonia, site="kaggle", population_ages=(1.0, 5.0),
+        sample_writer=write_kaggle_sample,
+        notes="Kaggle chest-xray-pneumonia (Kermany 2018): children aged 1 to 5, one hospital in Guangzhou",
+    ),
+    Source(
+        name="nih", drive_key="nih_chestxray14", folder="nih-chestxray14",
+        reader=read_nih_chestxray14, site="nih+rsna",
+        notes="NIH ChestX-ray14: adults, NIH Clinical Center (the same hospital source as RSNA)",
+    ),
+)
+
+
+def source_by_name(name: str) -> Source | None:
+    """The record whose manifest ``source`` value is ``name``; None for any other name (your own images)."""
+    return next((source for source in SOURCES if source.name == name), None)
+
+
+def source_by_drive_key(key: str) -> Source | None:
+    """The record of drive_paths.yaml key ``key``; None for an unknown key."""
+    return next((source for source in SOURCES if source.drive_key == key), None)
+
+
+def source_notes() -> dict[str, str]:
+    """``{name: notes}`` of every source, in registry order."""
+    return {source.name: source.notes for source in SOURCES}
+
+
+def source_populations() -> dict[str, tuple[float, float]]:
+    """``{name: (low, high) years}`` of the sources whose population is documented instead of per-image ages."""
+    return {source.name: source.population_ages for source in SOURCES if source.population_ages is not None}
+
+
+def site_groups() -> dict[str, str]:
+    """``{name: site}``, by name, of the sources whose site is not their own name (``{"nih": "nih+rsna", ...}``)."""
+    return {source.name: source.site for source in sorted(SOURCES, key=lambda s: s.name) if source.site != source.name}
+
+
+#: ``{name: notes}``: a view of :data:`SOURCES`, kept for the callers that read it.
+SOURCE_NOTES: dict[str, str] = source_notes()
