@@ -12,7 +12,7 @@ import pytest
 
 from xraylib import audit, config, manifest, models, runs, synthetic
 from xraylib.modelcard import KNOWN_FAILURE_MODES, MODEL_CARD_NAME, model_card_markdown
-from xraylib.runs import train, write_card as write_model_card
+from xraylib.runs import train, write_card
 from xraylib.preprocess import PreprocessSettings, split_and_preprocess
 from xraylib.train import TrainSettings
 
@@ -69,7 +69,7 @@ def test_a_card_before_evaluation_says_what_the_model_is_for_and_what_it_was_tra
     metadata = json.loads((root / "models" / "run" / "model.json").read_text())
     metadata.pop("metrics", None)
     (model_dir / "model.json").write_text(json.dumps(metadata))
-    path = write_model_card(model_dir, data=data)
+    path = write_card(model_dir, data=data)
     assert path == model_dir / MODEL_CARD_NAME and path.is_file()
     card = path.read_text()
     assert card.index("**NOT FOR DIAGNOSIS.**") < card.index("## Intended use")
@@ -97,7 +97,7 @@ def test_the_card_in_the_output_folder_gathers_evaluation_audit_and_warnings(thr
     report = audit.audit(None, data, classes=THREE)
     audit.write_audit(report, root / "reports")
     # As training calls it: the metadata it saved, nothing else; the rest is found where the stages wrote it.
-    path = write_model_card(model_dir, json.loads((model_dir / "model.json").read_text()))
+    path = write_card(model_dir, json.loads((model_dir / "model.json").read_text()))
     card = path.read_text()
     ev = result.evaluation
     assert "From reports/run/evaluation.json" in card
@@ -124,7 +124,7 @@ def test_a_card_from_the_metrics_recorded_in_the_json_only(tmp_path):
                 "threshold": {"value": 0.42, "positive_class": "covid", "rule": "youden", "chosen_on": "validation split"},
                 "metrics": {"test": {"roc_auc": {"value": 0.91, "ci_low": 0.85, "ci_high": 0.96}},
                             "test_n_images": 40, "test_n_patients": 30}}
-    card = write_model_card(tmp_path, metadata).read_text()
+    card = write_card(tmp_path, metadata).read_text()
     assert "the test metrics recorded in model.json" in card and "30 patients, 40 images" in card
     assert "| AUC | 0.910 (0.850–0.960) |" in card
     assert "**Small test sets** **(applies here)**" in card

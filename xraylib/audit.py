@@ -36,6 +36,7 @@ from tqdm import tqdm
 from .reporting import DISCLAIMER, REPORT_DISCLAIMER, Finding, format_number, markdown_table, warning_lines
 from .errors import ConfigError
 from .fileio import write_json_atomic, write_text_atomic, json_safe
+from .preprocess import PreprocessedData
 from .sources import ADULT_AGE, source_notes, source_populations
 
 __all__ = [
@@ -243,7 +244,7 @@ def write_audit(report: AuditReport, out_dir: str | os.PathLike) -> dict[str, Pa
 # The audit
 
 
-def audit(manifest: pd.DataFrame | None, data: Any = None, *, classes: Sequence[str] | None = None,
+def audit(manifest: pd.DataFrame | None, data: PreprocessedData | None = None, *, classes: Sequence[str] | None = None,
           progress: bool = False) -> AuditReport:
     """Audit a manifest (and, optionally, its preprocessed images) for confounds and duplicates.
 
@@ -335,7 +336,7 @@ def _check_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def _data_rows(data: Any) -> tuple[pd.DataFrame, list[np.ndarray]]:
+def _data_rows(data: PreprocessedData) -> tuple[pd.DataFrame, list[np.ndarray]]:
     """The preprocessed rows (with ``split``) in the order of the concatenated split images."""
     rows, images = [], []
     for name, split in data.splits.items():

@@ -48,7 +48,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import models
-from .batches import augment_image
+from .batches import AugmentSettings, augment_image
 from .errors import ConfigError
 from .fileio import save_npy_atomic, write_json_atomic
 from .preprocess import PIXELS_VERSION, PreprocessedData, PreprocessedSplit, PreprocessSettings
@@ -155,11 +155,11 @@ def cache_key(description: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def augment_key(augment: Any) -> str:
+def augment_key(augment: AugmentSettings) -> str:
     return hashlib.sha1(json.dumps(asdict(augment), sort_keys=True).encode()).hexdigest()[:10]
 
 
-def view_stem(split: str, view: int, augment: Any = None) -> str:
+def view_stem(split: str, view: int, augment: AugmentSettings | None = None) -> str:
     """File name (without suffix) of one split's view: ``train.view0``, ``train.aug-<a>.view2``."""
     if view == 0:
         return f"{split}.view0"
@@ -199,7 +199,7 @@ def cached_features(
     data: PreprocessedData,
     spec: models.ModelSpec,
     views: int = 1,
-    augment: Any = None,
+    augment: AugmentSettings | None = None,
     batch_size: int | None = None,
     progress: bool = True,
 ) -> CachedFeatures:
@@ -280,7 +280,7 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _fill(folder: Path, stem: str, split: PreprocessedSplit, view: int, augment: Any, extractor: keras.Model,
+def _fill(folder: Path, stem: str, split: PreprocessedSplit, view: int, augment: AugmentSettings | None, extractor: keras.Model,
           batch_size: int, progress: bool) -> tuple[np.ndarray, int]:
     """One split's view as ``{stem}.npy``: reused when its rows' content hashes match, else filled row by row.
 
@@ -360,7 +360,7 @@ def _copy_known_rows(old: np.ndarray, old_ids: list[str], ids: list[str], out: n
 
 
 def _extract_rows(extractor: keras.Model, images_uint8: np.ndarray, rows: np.ndarray, ids: list[str], view: int,
-                  augment: Any, batch_size: int) -> np.ndarray:
+                  augment: AugmentSettings | None, batch_size: int) -> np.ndarray:
     """Features ``(len(rows), D) float32`` of the given rows (augmented as view ``view``), through a tf.data pipeline:
     index batches -> parallel reads (and augmentation) from the memory-mapped uint8 array -> prefetch -> the model."""
     import tensorflow as tf

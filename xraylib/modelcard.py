@@ -18,11 +18,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import pandas as pd
 
 from .reporting import DISCLAIMER, format_interval, format_number, markdown_table, warning_lines
+
+if TYPE_CHECKING:
+    from .preprocess import PreprocessedData
 
 __all__ = ["MODEL_CARD_NAME", "KNOWN_FAILURE_MODES", "model_card_markdown", "training_data_table"]
 
@@ -74,7 +77,7 @@ def model_card_markdown(
     evaluation: Any = None,
     audit_report: Any = None,
     *,
-    data: Any = None,
+    data: "PreprocessedData | None" = None,
     shortcut_results: Sequence[Any] | None = None,
 ) -> str:
     """The card's Markdown (what :meth:`xraylib.runs.RunFolder.write_card` writes into the run folder).
@@ -238,7 +241,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _training_rows(meta: dict[str, Any], data: Any) -> pd.DataFrame | None:
+def _training_rows(meta: dict[str, Any], data: "PreprocessedData | None") -> pd.DataFrame | None:
     """The rows trained on (all splits), or None where they cannot be found or lack source/label/patient."""
     rows = None
     if data is not None:

@@ -256,7 +256,7 @@ def gradcam_grid(images: Sequence[np.ndarray], heatmaps: Sequence[np.ndarray], t
     (from :func:`xraylib.explain.gradcam`) in colour on top, one optional title each.
 
     ``outlines``: optional ``(S, S)`` bool masks, one per image, drawn as white contours (a lesion's
-    ground truth, :func:`xraylib.explain.lung_field_mask`), so the eye can judge where the heat is.
+    ground truth, :func:`xraylib.views.lung_field_mask`), so the eye can judge where the heat is.
     The colour bar reads relative heat: each map is scaled to its own maximum, so colours compare
     regions within one image, not images with each other.
     """

@@ -192,7 +192,7 @@ class RunFolder:
         write_json_atomic(self.model_json, metadata)
 
     def write_card(self, metadata: dict[str, Any] | None = None, evaluation: Any = None, audit_report: Any = None,
-                   *, data: Any = None, shortcut_results: Sequence[Any] | None = None) -> Path:
+                   *, data: PreprocessedData | None = None, shortcut_results: Sequence[Any] | None = None) -> Path:
         """Write ``MODEL_CARD.md`` (atomically): :func:`xraylib.modelcard.model_card_markdown`'s arguments."""
         text = modelcard.model_card_markdown(self.root, metadata, evaluation, audit_report, data=data,
                                              shortcut_results=shortcut_results)
@@ -391,7 +391,8 @@ def evaluate(
 
 
 def write_card(model_dir: str | os.PathLike, metadata: dict[str, Any] | None = None, evaluation: Any = None,
-               audit_report: Any = None, *, data: Any = None, shortcut_results: Sequence[Any] | None = None) -> Path:
+               audit_report: Any = None, *, data: PreprocessedData | None = None,
+               shortcut_results: Sequence[Any] | None = None) -> Path:
     """Write ``MODEL_CARD.md`` into the run folder of ``model_dir`` and return its path (see
     :func:`xraylib.modelcard.model_card_markdown` for the arguments and their defaults)."""
     return RunFolder.of(model_dir).write_card(metadata, evaluation, audit_report, data=data,

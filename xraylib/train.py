@@ -21,7 +21,8 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import keras
 import numpy as np
@@ -88,6 +89,18 @@ def class_weights(labels: np.ndarray, n_classes: int) -> dict[int, float]:
 # Checkpoints: written through the run folder training is given (xraylib.runs.RunFolder)
 
 
+class RunStore(Protocol):
+    """Where training reads and writes its checkpoints and history: :class:`xraylib.runs.RunFolder`."""
+
+    root: Path
+
+    def history_rows(self, epochs_done: int) -> list[dict]: ...
+
+    def load_checkpoint(self, state: dict) -> keras.Model: ...
+
+    def save_checkpoint(self, model: keras.Model, epoch: int, state: dict[str, Any], history_rows: list[dict]) -> None: ...
+
+
 class ReseedDropout(keras.callbacks.Callback):
     """At each epoch's start, set every dropout layer's random state from ``(seed, epoch, layer)``.
 
@@ -120,7 +133,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
     rebuild the full model from.
     """
 
-    def __init__(self, run: Any, fingerprint: str, stage: int, history_rows: list[dict],
+    def __init__(self, run: RunStore, fingerprint: str, stage: int, history_rows: list[dict],
                  kind: str = "model", state_extra: dict | None = None):
         super().__init__()
         self.run, self.fingerprint, self.stage, self.history_rows = run, fingerprint, stage, history_rows
@@ -146,7 +159,7 @@ class TrainResult:
 
     model: keras.Model
     history: pd.DataFrame
-    paths: Any
+    paths: RunStore
     class_weights: dict[int, float]
     threshold: float | None = None
     resumed_from_epoch: int = 0
@@ -194,7 +207,7 @@ def fit(
     data: PreprocessedData,
     spec: models.ModelSpec,
     settings: TrainSettings,
-    run: Any,
+    run: RunStore,
     state: dict | None = None,
     fingerprint: str = "",
     verbose: int | str = "auto",
@@ -263,7 +276,7 @@ def fit(
 
 def _fit_head_on_features(model: keras.Model, data: PreprocessedData, spec: models.ModelSpec, settings: TrainSettings,
                           stage: int, done: int, end_epoch: int, weights: dict[int, float] | None,
-                          run: tuple[Any, str, list[dict]], verbose: int | str) -> tuple[np.ndarray, dict[str, Any]]:
+                          run: tuple[RunStore, str, list[dict]], verbose: int | str) -> tuple[np.ndarray, dict[str, Any]]:
     """Stage 1 on cached features: the head-only model (the full model's own head layers) fits on the cache with the
     full model's optimizer, so the full model ends up trained and holds the optimizer state. Checkpoints are the
     head-only model (see :class:`EpochCheckpoint`). Returns the validation probabilities (from the cached features)
