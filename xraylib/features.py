@@ -50,7 +50,7 @@ from tqdm import tqdm
 from . import models
 from .batches import AugmentSettings, augment_image
 from .errors import ConfigError
-from .fileio import save_npy_atomic, write_json_atomic
+from .fileio import read_json, save_npy_atomic, write_json_atomic
 from .preprocess import PIXELS_VERSION, PreprocessedData, PreprocessedSplit, PreprocessSettings
 from .reporting import probability_columns
 
@@ -273,13 +273,6 @@ def predict_split(model: keras.Model, data: PreprocessedData, spec: models.Model
     return rows
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text()) if path.exists() else None
-    except json.JSONDecodeError:
-        return None
-
-
 def _fill(folder: Path, stem: str, split: PreprocessedSplit, view: int, augment: AugmentSettings | None, extractor: keras.Model,
           batch_size: int, progress: bool) -> tuple[np.ndarray, int]:
     """One split's view as ``{stem}.npy``: reused when its rows' content hashes match, else filled row by row.
@@ -290,14 +283,14 @@ def _fill(folder: Path, stem: str, split: PreprocessedSplit, view: int, augment:
     """
     ids = content_ids(split)
     final, meta_path = folder / f"{stem}.npy", folder / f"{stem}.json"
-    meta = _read_json(meta_path)
+    meta = read_json(meta_path)
     if meta and meta.get("complete") and meta.get("ids") == ids and final.exists():
         return np.load(final, mmap_mode="r"), 0
 
     dim = int(extractor.output.shape[-1])
     partial, status_path, partial_meta = (folder / f"{stem}.partial.npy", folder / f"{stem}.status.npy",
                                           folder / f"{stem}.partial.json")
-    previous = _read_json(partial_meta)
+    previous = read_json(partial_meta)
     if previous and previous.get("ids") == ids and partial.exists() and status_path.exists():
         features = np.load(partial, mmap_mode="r+")
         done = np.load(status_path)
@@ -344,7 +337,7 @@ def _complete_files(folder: Path, stem: str) -> list[tuple[Path, list[str]]]:
                             if p.name.split(".", 1)[1] == f"{suffix}.json" and p.name != f"{stem}.json")
     found = []
     for name in stems:
-        meta = _read_json(folder / f"{name}.json")
+        meta = read_json(folder / f"{name}.json")
         if meta and meta.get("complete") and (folder / f"{name}.npy").exists() and meta.get("ids"):
             found.append((folder / f"{name}.npy", meta["ids"]))
     return found

@@ -151,6 +151,16 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON in ``path``, or None where the file is missing or not valid JSON (an interrupted or foreign write):
+    for state and description files whose absence means "start again"."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except json.JSONDecodeError:
+        return None
+
+
 def json_safe(value: Any) -> Any:
     """Plain JSON types: NaN/inf -> None, NumPy scalars -> Python, tuples -> lists, Paths -> str."""
     import math

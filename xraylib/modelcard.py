@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import pandas as pd
 
+from .fileio import read_json
 from .reporting import DISCLAIMER, format_interval, format_number, markdown_table, warning_lines
 
 if TYPE_CHECKING:
@@ -236,8 +237,8 @@ def _output_root(model_dir: Path) -> tuple[Path | None, str]:
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, json.JSONDecodeError):
+        return read_json(path)
+    except OSError:  # an unreadable file: the card says the value is unknown
         return None
 
 

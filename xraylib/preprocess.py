@@ -24,7 +24,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from .errors import BadFileError, ConfigError, SourceError
-from .fileio import read_bytes, save_npy_atomic, write_csv_atomic, write_json_atomic
+from .fileio import read_bytes, read_json, save_npy_atomic, write_csv_atomic, write_json_atomic
 from .images import decode_bytes
 from .split import SPLITS, assert_patient_disjoint, split_by_patient
 
@@ -425,11 +425,7 @@ def _finalise_split(out_dir: Path, split: str, ok_mask: np.ndarray) -> None:
 
 
 def _read_meta(out_dir: Path) -> dict | None:
-    path = out_dir / "preprocess.json"
-    try:
-        return json.loads(path.read_text()) if path.exists() else None
-    except json.JSONDecodeError:
-        return None
+    return read_json(out_dir / "preprocess.json")
 
 
 def holds_preprocessed(folder: str | os.PathLike, key: str | None = None) -> bool:

@@ -40,7 +40,7 @@ from . import evaluate as judge
 from . import models, modelcard, ood, preprocess
 from . import train as training
 from .errors import ConfigError, ModelError
-from .fileio import atomic_path, write_csv_atomic, write_json_atomic, write_text_atomic
+from .fileio import atomic_path, read_json, write_csv_atomic, write_json_atomic, write_text_atomic
 from .models import LoadedModel, ModelSpec
 from .preprocess import PIXELS_VERSION, PreprocessedData
 from .reporting import probability_columns
@@ -110,10 +110,7 @@ class RunFolder:
 
     def read_state(self) -> dict | None:
         """The last checkpoint's state (epochs done, stage, checkpoint file, fingerprint), or None."""
-        try:
-            return json.loads(self.state.read_text()) if self.state.exists() else None
-        except json.JSONDecodeError:
-            return None
+        return read_json(self.state)
 
     def history_rows(self, epochs_done: int) -> list[dict]:
         """The history rows of the epochs a resumed run keeps."""
@@ -143,9 +140,7 @@ class RunFolder:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         kind = state.get("kind", "model")
         name = f"epoch_{epoch:03d}.keras" if kind == "model" else f"epoch_{epoch:03d}.{kind}.keras"
-        tmp = self.checkpoints / f"tmp_{name}"
-        model.save(tmp)
-        os.replace(tmp, self.checkpoints / name)
+        _save_keras(model, self.checkpoints / name)
         write_csv_atomic(self.history, pd.DataFrame(history_rows))
         previous = self.read_state()
         write_json_atomic(self.state, {"epochs_done": epoch, **state, "checkpoint": name})
@@ -168,9 +163,7 @@ class RunFolder:
         self.root.mkdir(parents=True, exist_ok=True)
         out = {}
         for path in (self.model_keras, self.model_h5):
-            tmp = self.root / f"tmp_saving{path.suffix}"  # Keras picks the format from the suffix
-            model.save(tmp)
-            os.replace(tmp, path)
+            _save_keras(model, path, tmp_name=f"tmp_saving{path.suffix}")
             out[path.name] = path
         versions = {"xraylib": __version__, "keras": keras.__version__, "backend": keras.backend.backend()}
         try:
@@ -208,6 +201,14 @@ class RunFolder:
                 np.savez(f, **arrays)
         write_json_atomic(self.root / "ood.json", meta)
         return {"ood.npz": self.root / "ood.npz", "ood.json": self.root / "ood.json"}
+
+
+def _save_keras(model: keras.Model, path: Path, tmp_name: str | None = None) -> None:
+    """``model.save`` to a temporary name beside ``path`` (with ``path``'s suffix: Keras picks the format from it),
+    then a rename onto ``path``: a kill leaves the old file or the new one, never half of one."""
+    tmp = path.parent / (tmp_name or f"tmp_{path.name}")
+    model.save(tmp)
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
