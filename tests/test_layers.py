@@ -27,7 +27,7 @@ PACKAGE = ROOT / "xraylib"
 DATA = {"config", "errors", "fileio", "reporting", "sources", "dicom", "images", "manifest", "split", "preprocess",
         "phantoms", "sample_layouts", "synthetic", "views"}
 MODEL = {"models", "batches", "features", "train"}
-JUDGE = {"evaluate", "shortcuts", "explain", "ood"}
+JUDGE = {"evaluate", "shortcuts", "explain", "ood", "outofsite"}
 USE = {"predict", "serve", "cli"}
 RUN = {"runs"}
 

@@ -6,6 +6,7 @@ re-run alone. Errors print one line naming the file or setting and exit with sta
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -105,7 +106,21 @@ def _train_settings(args: argparse.Namespace):
                                fine_tune_epochs=args.fine_tune_epochs, fine_tune_learning_rate=args.fine_tune_learning_rate,
                                augment=augment, class_weighting=not args.no_class_weights, seed=args.seed,
                                feature_cache=args.feature_cache, augment_views=args.augment_views,
-                               mixed_precision=args.mixed_precision, jit_compile=args.jit_compile)
+                               mixed_precision=args.mixed_precision, jit_compile=args.jit_compile,
+                               threshold_on=args.threshold_on)
+
+
+def _apply_recipe(args: argparse.Namespace, argv: list[str]) -> None:
+    """Fill the options of ``--recipe NAME`` that the command line does not give itself."""
+    from .train import RECIPES
+
+    if not getattr(args, "recipe", None):
+        return
+    recipe = RECIPES[args.recipe]
+    for name, value in {**recipe["spec"], **recipe["settings"]}.items():
+        option = "--" + name.replace("_", "-")
+        if not any(arg == option or arg.startswith(option + "=") for arg in argv):
+            setattr(args, name, value)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -130,7 +145,10 @@ def _print_train_result(result) -> None:
     last = result.history.iloc[-1] if len(result.history) else None
     if last is not None:
         print(f"epoch {int(last['epoch'])}: loss {last['loss']:.4f}, val_loss {last.get('val_loss', float('nan')):.4f}")
-    print(f"threshold chosen on validation: {result.threshold:.4f}")
+    threshold = json.loads(result.paths.model_json.read_text(encoding="utf-8")).get("threshold", {})
+    print(f"threshold {result.threshold:.4f}, chosen on the {threshold.get('chosen_on', 'validation split')}")
+    if threshold.get("note"):
+        print(f"note: {threshold['note']}")
     print(f"saved: {result.paths.model_keras}, {result.paths.model_h5}, {result.paths.model_json}")
 
 
@@ -140,8 +158,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     layout = config.OutputLayout(_output_dir(args))
     data = preprocess.load_preprocessed(layout.preprocessed)
     result = runs.evaluate(layout.models / args.run, data, out_dir=layout.reports / args.run,
-                           split=args.split, n_boot=args.n_boot)
+                           split=args.split, n_boot=args.n_boot, out_of_site=args.out_of_site)
     print(result.evaluation.to_markdown())
+    if result.out_of_site is not None:
+        print((layout.reports / args.run / "out_of_site.md").read_text(encoding="utf-8"))
     print("written:", ", ".join(str(p) for p in result.files.values()))
 
 
@@ -262,6 +282,10 @@ def _add_training_options(p: argparse.ArgumentParser, backbone: str = "vgg16", w
     from .preprocess import NORMALISATION
 
     p.add_argument("--run", default="run", help="run name: files go to OUTPUT_DIR/models/RUN (default run)")
+    p.add_argument("--recipe", choices=["seeds", "recommended"], default=None,
+                   help="a named recipe (README, 'Recipes'): recommended = MobileNet 0.25 on ImageNet weights, 4 "
+                        "augmented views, threshold chosen on out-of-site predictions; options given on the command "
+                        "line override it")
     p.add_argument("--backbone", choices=sorted(NORMALISATION), default=backbone,
                    help=f"model: vgg16 (the seeds'), resnet50, densenet121, mobilenet_v2, mobilenet, small_cnn (default {backbone})")
     p.add_argument("--weights", default=weights,
@@ -291,6 +315,9 @@ def _add_training_options(p: argparse.ArgumentParser, backbone: str = "vgg16", w
                    help="auto (default): float16 on a GPU of compute capability >= 7.0 (Colab's T4), float32 on a CPU")
     p.add_argument("--jit-compile", choices=["auto", "on", "off"], default="auto",
                    help="XLA: auto (default) uses it on a GPU only (slower on a CPU)")
+    p.add_argument("--threshold-on", choices=["validation", "out_of_site"], default="validation",
+                   help="where the decision threshold is chosen: the validation split (default, the seeds' way) or the "
+                        "pooled predictions of the out-of-site estimate (sites held out whole; README)")
     p.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
 
 
@@ -356,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default="run", help="run name: the model is read from OUTPUT_DIR/models/RUN (default run)")
     p.add_argument("--split", default="test", choices=["test", "val"], help="split to evaluate (default test)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (default 1000)")
+    p.add_argument("--out-of-site", action=argparse.BooleanOptionalAction, default=True,
+                   help="also estimate what to expect in a hospital the model never saw, by holding out whole sites "
+                        "(default; seconds per fold on cached features)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("shortcuts", help="shortcut tests of a trained model: source prediction, lungs hidden, "
@@ -396,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _apply_recipe(args, list(sys.argv[1:] if argv is None else argv))
     try:
         args.func(args)
     except XraylibError as exc:

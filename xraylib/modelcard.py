@@ -123,7 +123,12 @@ def model_card_markdown(
                  f"{threshold.get('positive_class', classes[-1] if classes else 'unknown')}.")
     if threshold:
         lines.append(f"- Decision threshold: {format_number(threshold.get('value'), 4)} "
-                     f"({threshold.get('rule', 'rule not recorded')}, chosen on the {threshold.get('chosen_on', 'validation split')}).")
+                     f"({threshold.get('rule', 'rule not recorded')}, chosen on the {threshold.get('chosen_on', 'validation split')}"
+                     + (f"; bootstrap spread {format_number(threshold['spread'][0], 3)} to {format_number(threshold['spread'][1], 3)}, "
+                        f"the validation split alone would give {format_number(threshold.get('validation_value'), 4)}"
+                        if threshold.get("spread") else "") + ").")
+        if threshold.get("note"):
+            lines.append(f"- Note: {threshold['note']}.")
     versions = meta.get("versions", {})
     if versions or meta.get("saved_at"):
         lines.append(f"- Saved {meta.get('saved_at', '')} with " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".")
@@ -175,6 +180,9 @@ def model_card_markdown(
     else:
         lines += _evaluation_lines(evaluation_dict, evaluation_from)
 
+    lines += ["## What to expect in a hospital the model never saw", ""]
+    lines += _out_of_site_lines(meta.get("out_of_site"), evaluation_dict)
+
     lines += ["## Shortcut tests", ""]
     if not shortcuts:
         lines += ["Not run yet — run the shortcut cells of notebook 04 (or `python -m xraylib shortcuts`). Until then, "
@@ -197,6 +205,22 @@ def model_card_markdown(
         lines.append(f"- **{name[0].upper() + name[1:]}**{mark}: {text}")
     lines.append("")
     return "\n".join(lines)
+
+
+def _out_of_site_lines(estimate: dict[str, Any] | None, evaluation: dict[str, Any] | None) -> list[str]:
+    if not estimate:
+        return ["Not estimated yet: run notebook 04 (or `python -m xraylib evaluate`), which holds out whole sites "
+                "to estimate it. Until then, the internal test score says how well the model knows the hospitals it "
+                "was trained on, not others.", ""]
+    if "unavailable" in estimate:
+        return [f"Not available: {estimate['unavailable']}.", ""]
+    from . import outofsite  # TensorFlow comes with it: only when there is an estimate to show
+
+    internal = (evaluation or {}).get("metrics", {}).get("roc_auc")
+    lines = outofsite.markdown_lines(estimate, internal_auc=internal)
+    if internal is not None:
+        lines += ["", f"- {outofsite.compare_with_internal(internal, estimate).message}"]
+    return lines + [""]
 
 
 def training_data_table(rows: pd.DataFrame) -> pd.DataFrame:

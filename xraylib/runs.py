@@ -37,13 +37,13 @@ import numpy as np
 import pandas as pd
 
 from . import evaluate as judge
-from . import models, modelcard, ood, preprocess
+from . import models, modelcard, ood, outofsite, preprocess
 from . import train as training
 from .errors import ConfigError, ModelError
 from .fileio import atomic_path, read_json, write_csv_atomic, write_json_atomic, write_text_atomic
 from .models import LoadedModel, ModelSpec
 from .preprocess import PIXELS_VERSION, PreprocessedData
-from .reporting import probability_columns
+from .reporting import REPORT_DISCLAIMER, probability_columns
 from .train import TrainResult, TrainSettings
 
 __all__ = ["RunFolder", "fingerprint", "run_metadata", "train", "finish", "evaluate", "ModelEvaluation",
@@ -184,6 +184,12 @@ class RunFolder:
         metadata.setdefault("metrics", {}).update(metrics)
         write_json_atomic(self.model_json, metadata)
 
+    def record_out_of_site(self, estimate: dict[str, Any]) -> None:
+        """Keep an out-of-site estimate (:meth:`xraylib.outofsite.OutOfSiteResult.to_dict`) in ``model.json``."""
+        metadata = json.loads(self.model_json.read_text(encoding="utf-8"))
+        metadata["out_of_site"] = estimate
+        write_json_atomic(self.model_json, metadata)
+
     def write_card(self, metadata: dict[str, Any] | None = None, evaluation: Any = None, audit_report: Any = None,
                    *, data: PreprocessedData | None = None, shortcut_results: Sequence[Any] | None = None) -> Path:
         """Write ``MODEL_CARD.md`` (atomically): :func:`xraylib.modelcard.model_card_markdown`'s arguments."""
@@ -312,6 +318,7 @@ def finish(model: keras.Model, data: PreprocessedData, spec: ModelSpec, settings
     known (from cached features); otherwise the model predicts the split. A mixed-precision model is
     saved as its float32 copy, so it predicts the same on any machine. Returns the threshold.
     """
+    estimate: dict[str, Any] | None = None
     if choose_threshold:
         if val_probabilities is None:
             val = models.predict_split(model, data["val"])
@@ -323,13 +330,32 @@ def finish(model: keras.Model, data: PreprocessedData, spec: ModelSpec, settings
                                                 rule=settings.threshold_rule, min_sensitivity=settings.min_sensitivity)
         threshold = {"value": value, "positive_class": positive, "rule": settings.threshold_rule,
                      "min_sensitivity": settings.min_sensitivity, "chosen_on": "validation split"}
+        if settings.threshold_on == "out_of_site":
+            threshold, estimate = _out_of_site_threshold(model, data, spec, settings, threshold)
     else:
         threshold = {"value": 0.5, "positive_class": data.classes[-1], "rule": "none (scored by AUC only)",
                      "chosen_on": "not chosen"}
     metadata = run_metadata(data, spec, settings, threshold, execution)
+    if estimate is not None:
+        metadata["out_of_site"] = estimate
     run.save_model(models.as_float32(model, spec), metadata)
     run.write_card(metadata, data=data)
     return float(threshold["value"])
+
+
+def _out_of_site_threshold(model: keras.Model, data: PreprocessedData, spec: ModelSpec, settings: TrainSettings,
+                           validation: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The threshold chosen on the out-of-site estimate's pooled held-out predictions (with its bootstrap spread and
+    the validation split's threshold beside it), and the estimate; where no estimate can run, ``validation`` with a
+    note saying why."""
+    result, why = outofsite.for_model(model, data, spec, settings, positive_class=validation["positive_class"])
+    if result is None:
+        return {**validation, "note": f"asked for a threshold chosen on out-of-site predictions, but {why}; "
+                                      "chosen on the validation split instead"}, None
+    chosen = result.thresholds["out_of_site"]
+    threshold = {**validation, "value": chosen["value"], "chosen_on": chosen["chosen_on"],
+                 "spread": chosen["spread"], "validation_value": float(validation["value"])}
+    return threshold, result.to_dict()
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,6 +372,8 @@ class ModelEvaluation:
     test_predictions: pd.DataFrame
     history: pd.DataFrame | None
     files: dict[str, Path]
+    #: The out-of-site estimate as saved in model.json (``unavailable``: why there is none), or None when not asked.
+    out_of_site: dict[str, Any] | None = None
 
 
 def evaluate(
@@ -356,6 +384,7 @@ def evaluate(
     n_boot: int = 1000,
     seed: int = 0,
     save_plots: bool = True,
+    out_of_site: bool = True,
 ) -> ModelEvaluation:
     """Predict the validation and ``split`` sets with the model in ``model_dir`` and evaluate ``split``.
 
@@ -363,6 +392,11 @@ def evaluate(
     training), so the numbers describe the model as it will be used. Writes into ``out_dir``
     (default: ``model_dir/evaluation``) ``evaluation.json``, ``evaluation.md``, the prediction
     CSVs and the plots, and adds the test metrics to ``model.json``.
+
+    With ``out_of_site`` (default) it also reports the out-of-site estimate (:mod:`xraylib.outofsite`):
+    the one saved at training, else computed now on ``data``'s train and val splits and kept in
+    ``model.json`` (seconds per fold on cached features), with a finding that says whether the internal
+    score and the estimate agree; ``out_of_site.md``/``.json`` beside the report.
     """
     from . import plots
 
@@ -378,7 +412,20 @@ def evaluate(
     saved = loaded.metadata.get("threshold", {})
     threshold = judge.Threshold(loaded.threshold, saved.get("rule", "saved with the model") + " (on the validation split)")
     result = judge.evaluate(test, data.classes, threshold, positive_class=loaded.positive_class, n_boot=n_boot, seed=seed)
+    estimate = _out_of_site_estimate(loaded, data, run, n_boot) if out_of_site else None
+    if estimate is not None and "metrics" in estimate:
+        finding = outofsite.compare_with_internal(result.metrics["roc_auc"], estimate)
+        result.findings.append(finding)
+        if finding.level != "ok":
+            result.warnings.append(finding.message)
     files = judge.write_report(result, out)
+    if estimate is not None:
+        lines = ["# What to expect in a hospital the model never saw", "", REPORT_DISCLAIMER, ""]
+        lines += ([estimate["unavailable"]] if "unavailable" in estimate
+                  else outofsite.markdown_lines(estimate, internal_auc=result.metrics["roc_auc"]))
+        write_json_atomic(out / "out_of_site.json", estimate)
+        write_text_atomic(out / "out_of_site.md", "\n".join(lines) + "\n")
+        files.update({"out_of_site.json": out / "out_of_site.json", "out_of_site.md": out / "out_of_site.md"})
     for name, frame in (("val_predictions.csv", val), (f"{split}_predictions.csv", test)):
         write_csv_atomic(out / name, frame)
         files[name] = out / name
@@ -388,7 +435,25 @@ def evaluate(
                                               split=split))
     run.record_metrics({split: result.to_dict()["metrics"], f"{split}_n_images": result.n_images,
                         f"{split}_n_patients": result.n_patients})
-    return ModelEvaluation(result, val, test, history, files)
+    return ModelEvaluation(result, val, test, history, files, estimate)
+
+
+def _out_of_site_estimate(loaded: LoadedModel, data: PreprocessedData, run: RunFolder, n_boot: int) -> dict[str, Any]:
+    """The model's out-of-site estimate: the one in ``model.json``, else computed now and kept there."""
+    saved = loaded.metadata.get("out_of_site")
+    if isinstance(saved, dict) and "metrics" in saved:
+        return saved
+    try:
+        settings = TrainSettings.from_dict(loaded.metadata.get("training", {}))
+    except (TypeError, ValueError) as exc:
+        return {"unavailable": f"no out-of-site estimate: model.json's training settings cannot be read ({exc})"}
+    result, why = outofsite.for_model(loaded.model, data, loaded.spec, settings,
+                                      positive_class=loaded.positive_class, n_boot=n_boot)
+    if result is None:
+        return {"unavailable": why}
+    estimate = result.to_dict()
+    run.record_out_of_site(estimate)
+    return estimate
 
 
 def write_card(model_dir: str | os.PathLike, metadata: dict[str, Any] | None = None, evaluation: Any = None,

@@ -34,6 +34,10 @@ from .errors import ConfigError
 from .preprocess import PreprocessedData
 
 
+#: Where a decision threshold can be chosen (see :attr:`TrainSettings.threshold_on`).
+THRESHOLD_ON = ("validation", "out_of_site")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """How to train. The defaults are the seeds' recipe: Adam 1e-3, batch 8, 25 epochs, frozen base."""
@@ -48,6 +52,9 @@ class TrainSettings:
     seed: int = 42
     threshold_rule: str = "max_specificity_at_sensitivity"
     min_sensitivity: float = 0.95
+    #: Where the threshold is chosen: "validation" (the validation split: the seeds' way) or "out_of_site" (the
+    #: pooled held-out predictions of the out-of-site estimate, :mod:`xraylib.outofsite`: where unseen hospitals fall).
+    threshold_on: str = "validation"
     #: Stage 1 (backbone frozen) trains the head on cached backbone features; False streams the images every epoch.
     feature_cache: bool = True
     #: With augmentation and the feature cache: views cached per training image (1: the plain image only).
@@ -66,6 +73,11 @@ class TrainSettings:
             raise ConfigError(f"mixed_precision must be one of {models.MIXED_PRECISION_SETTINGS}, got {self.mixed_precision!r}")
         if self.jit_compile not in ("auto", "on", "off"):
             raise ConfigError(f"jit_compile must be 'auto', 'on' or 'off', got {self.jit_compile!r}")
+        if self.threshold_on not in THRESHOLD_ON:
+            raise ConfigError(f"threshold_on must be one of {THRESHOLD_ON}, got {self.threshold_on!r}")
+        if self.threshold_on == "out_of_site" and self.threshold_rule != "max_specificity_at_sensitivity":
+            raise ConfigError("threshold_on='out_of_site' chooses the highest threshold that keeps sensitivity >= "
+                              f"min_sensitivity; it cannot use threshold_rule={self.threshold_rule!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,6 +88,34 @@ class TrainSettings:
         if data.get("augment") is not None:
             data["augment"] = AugmentSettings(**data["augment"])
         return cls(**data)
+
+
+#: Named recipes: the model and training settings that differ from the defaults (``spec``: :class:`ModelSpec`
+#: fields, ``settings``: :class:`TrainSettings` fields). "seeds": the 2020 projects' VGG16 recipe (the defaults).
+#: "recommended": MobileNet 0.25 on ImageNet weights (small, fast on a CPU, and what ``../shared`` can test), four
+#: cached augmented views, no fine-tuning, and the threshold chosen on out-of-site predictions. No fine-tuning
+#: because the out-of-site estimate and its threshold describe the head on the frozen backbone: a fine-tuned
+#: model would be scored and thresholded by a model it no longer is.
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "seeds": {"spec": {"backbone": "vgg16", "weights": "imagenet"}, "settings": {}},
+    "recommended": {
+        "spec": {"backbone": "mobilenet", "alpha": 0.25, "weights": "imagenet"},
+        "settings": {"epochs": 25, "augment_views": 4, "fine_tune_epochs": 0, "threshold_on": "out_of_site"},
+    },
+}
+
+
+def from_recipe(name: str, data: PreprocessedData, spec: dict[str, Any] | None = None,
+                **settings: Any) -> tuple[models.ModelSpec, "TrainSettings"]:
+    """The :class:`ModelSpec` and :class:`TrainSettings` of recipe ``name`` (see :data:`RECIPES`) for ``data``
+    (its classes and image size), with ``spec`` and ``settings`` overriding single fields (e.g. ``weights`` a
+    local file, ``seed``)."""
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+    recipe = RECIPES[name]
+    model_spec = models.ModelSpec(**{**recipe["spec"], **(spec or {}), "image_size": data.settings.image_size,
+                                     "classes": tuple(data.classes)})
+    return model_spec, TrainSettings(**{**recipe["settings"], **settings})
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> dict[int, float]:
