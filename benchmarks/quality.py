@@ -52,11 +52,13 @@ METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
 
 MODES = {
     "full": {"image_size": 224, "epochs": 25, "fine_tune_epochs": 3, "views": 4, "max_per_source_label": None,
-             "n_boot": 1000, "saliency_images": 40},
+             "n_boot": 1000, "saliency_images": 40, "seeds": 5, "heads": 5},
     # Checks the script end to end in a few minutes; its numbers mean nothing.
     "smoke": {"image_size": 32, "epochs": 2, "fine_tune_epochs": 1, "views": 2, "max_per_source_label": 12,
-              "n_boot": 50, "saliency_images": 3},
+              "n_boot": 50, "saliency_images": 3, "seeds": 2, "heads": 2},
 }
+#: The preprocessing options measured by the out-of-site estimate (xraylib.preprocess.PreprocessSettings fields).
+PREPROCESSING_OPTIONS = {"equalize": {"intensity": "equalize"}, "clahe": {"intensity": "clahe"}, "body crop": {"crop": "body"}}
 
 
 def log(message: str) -> None:
@@ -242,9 +244,209 @@ def run(data_root: Path, weights_dir: Path | None, work: Path, mode: dict, seed:
         out["shortcuts"].setdefault("source_prediction", {})[name] = {
             k: v for k, v in source.to_dict().items() if k != "predictions"}
         timings[f"{name}/source_prediction"] = time.perf_counter() - t0
+    log("out of site: every normal source, sites held out")
+    t0 = time.perf_counter()
+    out["out_of_site"] = out_of_site(frame, data, weights_dir, work, mode, seed)
+    timings["out_of_site"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
     out["seconds"] = timings
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Out of site: what to expect in a hospital the pipeline never saw (xraylib.outofsite)
+
+
+def out_of_site_configs(mode: dict, weights_dir: Path) -> list[tuple[str, object, object, dict, int]]:
+    """``(name, spec, settings, preprocessing options, heads)``: the seeds' pipeline and the recommended recipe (with
+    its local ImageNet weights), the recipe with an ensemble of heads, and the recipe with each preprocessing option."""
+    from xraylib import models, train
+    from xraylib.batches import AugmentSettings
+
+    spec = models.ModelSpec(**{**train.RECIPES["recommended"]["spec"], "image_size": mode["image_size"],
+                               "classes": CLASSES, "weights": str(weights_dir / "mobilenet_2_5_224_tf_no_top.h5")})
+    seeds = train.TrainSettings(epochs=mode["epochs"], augment=None, seed=0)
+    recommended = train.TrainSettings(**{**train.RECIPES["recommended"]["settings"], "epochs": mode["epochs"],
+                                         "augment_views": mode["views"], "augment": AugmentSettings()})
+    configs = [("seeds-mobilenet", spec, seeds, {}, 1), ("recommended", spec, recommended, {}, 1),
+               (f"recommended + ensemble of {mode['heads']}", spec, recommended, {}, mode["heads"])]
+    configs += [(f"recommended + {name}", spec, recommended, options, 1) for name, options in PREPROCESSING_OPTIONS.items()]
+    return configs
+
+
+def internal_score(data, spec, settings, threshold: float | None, run_dir: Path, n_boot: int, seed: int) -> dict:
+    """The pipeline trained on the whole training split, scored on the internal test split at ``threshold`` (None:
+    the one chosen on the validation split)."""
+    from xraylib import evaluate
+    from xraylib.runs import train
+
+    result = train(data, spec, dataclasses.replace(settings, threshold_on="validation"), run_dir, resume=True, verbose=0)
+    threshold = result.threshold if threshold is None else threshold
+    ev = evaluate.evaluate(predictions(result, data, spec), CLASSES, evaluate.Threshold(threshold, "the model's own"),
+                           n_boot=n_boot, seed=seed)
+    return {**metric_row(ev), "validation_threshold": result.threshold}
+
+
+def full_recipe_on_one_fold(data, spec, settings, fine_tune_epochs: int, estimate, run_dir: Path) -> dict:
+    """How far the full recipe (with fine-tuning) is from the head on cached features: both trained without fold 1's
+    sites and scored by AUC on them."""
+    from xraylib import evaluate, models, outofsite
+    from xraylib.runs import train
+    from xraylib.views import data_view
+
+    fold = estimate.folds.iloc[0]
+    held = set(estimate.predictions.loc[estimate.predictions["fold"] == fold["fold"], "patient_id"])
+    rows = data.manifest[data.manifest["split"].isin(["train", "val"])].copy()
+    rows["new_split"] = np.where(rows["patient_id"].isin(held), "test", rows["split"])
+    view = data_view(data, rows, description="quality benchmark: out-of-site fold 1")
+    tuned = dataclasses.replace(settings, fine_tune_epochs=fine_tune_epochs, threshold_on="validation")
+    result = train(view, spec, tuned, run_dir, resume=True, verbose=0)
+    y, score, _ = evaluate.binary_targets(models.predict_split(result.model, view["test"]), CLASSES)
+    full_auc = float(evaluate.binary_metrics(y, score)["roc_auc"])
+    return {"fold": int(fold["fold"]), "held_out": fold["held_out"], "head_on_features_auc": float(fold["roc_auc"]),
+            "full_recipe_auc": full_auc, "difference": full_auc - float(fold["roc_auc"]),
+            "fine_tune_epochs": fine_tune_epochs, "sites": list(outofsite.site_of(view["test"].manifest).unique())}
+
+
+def _spread(values: list[float]) -> dict:
+    finite = [v for v in values if v is not None and np.isfinite(v)]
+    if not finite:
+        return {"median": None, "low": None, "high": None, "range": None, "values": values}
+    return {"median": float(np.median(finite)), "low": float(min(finite)), "high": float(max(finite)),
+            "range": float(max(finite) - min(finite)), "values": values}
+
+
+def out_of_site(frame, data, weights_dir: Path | None, work: Path, mode: dict, seed: int) -> dict:
+    """Every configuration of :func:`out_of_site_configs` over ``mode["seeds"]`` training seeds: the out-of-site
+    estimate (every normal source, COVID-19 against normal, sites held out), the internal test score at the model's
+    own threshold, the 5-seed median and range; the full recipe against the head on one fold; the decisions."""
+    from xraylib import models, outofsite, preprocess
+
+    if weights_dir is None:
+        return {"skipped": "../shared/weights not found: the recommended recipe needs the MobileNet weights"}
+    out: dict = {"configs": {}, "seconds": {}}
+    caches = {"": data}
+    for name, spec, settings, options, heads in out_of_site_configs(mode, weights_dir):
+        t0 = time.perf_counter()
+        key = ",".join(f"{k}={v}" for k, v in options.items())
+        if key not in caches:
+            log(f"out of site: preprocessing with {key}")
+            caches[key] = preprocess.split_and_preprocess(
+                frame, work / f"preprocessed-{key.replace('=', '-')}", CLASSES,
+                preprocess.PreprocessSettings(image_size=mode["image_size"], **options), fractions=(0.7, 0.15, 0.15),
+                seed=seed, progress=False)
+        view = caches[key]
+        model = models.build_model(spec)
+        feats = outofsite.fold_features(model, view, spec, settings.augment_views if settings.augment else 1,
+                                        settings.augment)
+        seeds = []
+        for training_seed in range(mode["seeds"]):
+            log(f"out of site: {name}, seed {training_seed}")
+            estimate = outofsite.estimate(
+                view, spec, model, feats=feats, epochs=settings.epochs, batch_size=settings.batch_size,
+                learning_rate=settings.learning_rate, augment_views=settings.augment_views, augment=settings.augment,
+                min_sensitivity=settings.min_sensitivity, model_rule=settings.threshold_on, heads=heads,
+                seed=training_seed, n_boot=mode["n_boot"])
+            record = {"seed": training_seed, **estimate.to_dict()}
+            if heads == 1:
+                own = (estimate.thresholds["out_of_site"]["value"] if settings.threshold_on == "out_of_site" else None)
+                run_dir = work / "out_of_site" / name.replace(" ", "_") / f"seed{training_seed}"
+                run_settings = dataclasses.replace(settings, seed=training_seed)
+                record["internal"] = internal_score(view, spec, run_settings, own, run_dir, mode["n_boot"], seed)
+            seeds.append(record)
+            if name == "recommended" and training_seed == 0:
+                log("out of site: the full recipe (fine-tuned) against the head, on fold 1")
+                out["full_recipe_vs_head"] = full_recipe_on_one_fold(
+                    view, spec, settings, mode["fine_tune_epochs"], estimate, work / "out_of_site" / "full_recipe_fold1")
+        summary = {metric: _spread([s["metrics"].get(metric) for s in seeds]) for metric in (
+            "roc_auc", "sensitivity", "specificity", "sensitivity_validation", "specificity_validation",
+            "sensitivity_out_of_site", "specificity_out_of_site")}
+        summary["threshold"] = _spread([s["thresholds"]["out_of_site"]["value"] for s in seeds])
+        if all("internal" in s for s in seeds):
+            summary["internal_auc"] = _spread([s["internal"]["roc_auc"] for s in seeds])
+            summary["internal_sensitivity"] = _spread([s["internal"]["sensitivity"] for s in seeds])
+            summary["internal_specificity"] = _spread([s["internal"]["specificity"] for s in seeds])
+        out["configs"][name] = {"options": options, "heads": heads, "threshold_on": settings.threshold_on,
+                                "seeds": seeds, "summary": summary}
+        out["seconds"][name] = time.perf_counter() - t0
+    out["decisions"] = out_of_site_decisions(out["configs"], mode["heads"])
+    return out
+
+
+def out_of_site_decisions(configs: dict, heads: int) -> dict:
+    """The issue's rules: the ensemble becomes the default if it narrows the range of out-of-site specificity at the
+    model's own threshold by a third without lowering the median AUC; a preprocessing option if it raises the median
+    out-of-site AUC by 0.01 without lowering the median sensitivity at the model's own threshold."""
+    base = configs["recommended"]["summary"]
+    decisions = {}
+    ensemble = configs.get(f"recommended + ensemble of {heads}", {}).get("summary")
+    if ensemble and base["specificity"]["range"] is not None:
+        narrower = ensemble["specificity"]["range"] <= base["specificity"]["range"] * (2 / 3)
+        keeps_auc = ensemble["roc_auc"]["median"] >= base["roc_auc"]["median"]
+        decisions["ensemble"] = {"kept": bool(narrower and keeps_auc), "specificity_range": [base["specificity"]["range"], ensemble["specificity"]["range"]],
+                                 "median_auc": [base["roc_auc"]["median"], ensemble["roc_auc"]["median"]]}
+    for name in PREPROCESSING_OPTIONS:
+        option = configs.get(f"recommended + {name}", {}).get("summary")
+        if option and base["roc_auc"]["median"] is not None:
+            gain = option["roc_auc"]["median"] - base["roc_auc"]["median"]
+            sensitivity = option["sensitivity"]["median"] >= base["sensitivity"]["median"]
+            decisions[name] = {"kept": bool(gain >= 0.01 and sensitivity), "auc_gain": gain,
+                               "median_sensitivity": [base["sensitivity"]["median"], option["sensitivity"]["median"]]}
+    return decisions
+
+
+def out_of_site_markdown(results: dict) -> list[str]:
+    section = results.get("out_of_site")
+    if not section:
+        return []
+    lines = ["", "## What to expect in a hospital the pipeline never saw (out-of-site estimate)", ""]
+    if "skipped" in section:
+        return lines + [section["skipped"]]
+    seeds = next(iter(section["configs"].values()))["seeds"]
+    lines += [f"COVID-19 against every normal source, split by patient; {len(seeds[0]['folds'])} folds, each holding out "
+              f"sites with COVID-19 images together with sites without; the head trained on cached features per fold. "
+              f"Median and range over {len(seeds)} training seeds; sensitivity and specificity at the model's own threshold, scored nested (never on the sites "
+              "it was chosen on).", ""]
+    header = ["pipeline", "threshold on", "internal test AUC", "out-of-site AUC", "sensitivity (own threshold)",
+              "specificity (own threshold)", "specificity, validation rule", "specificity, out-of-site rule",
+              "sensitivity, validation rule", "sensitivity, out-of-site rule"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def cell(summary: dict, key: str) -> str:
+        s = summary.get(key)
+        if not s or s["median"] is None:
+            return "n/a"
+        return f"{fmt(s['median'])} ({fmt(s['low'])}–{fmt(s['high'])})"
+
+    for name, config in section["configs"].items():
+        s = config["summary"]
+        lines.append(f"| {name} | {config['threshold_on'].replace('_', '-')} | {cell(s, 'internal_auc')} | "
+                     f"{cell(s, 'roc_auc')} | {cell(s, 'sensitivity')} | {cell(s, 'specificity')} | "
+                     f"{cell(s, 'specificity_validation')} | {cell(s, 'specificity_out_of_site')} | "
+                     f"{cell(s, 'sensitivity_validation')} | {cell(s, 'sensitivity_out_of_site')} |")
+    recommended = section["configs"].get("recommended")
+    if recommended:
+        seed0 = recommended["seeds"][0]
+        lines += ["", "Seed 0 of the recommended recipe, its folds:", ""]
+        lines += [f"- fold {f['fold']} ({f['held_out']}): AUC {fmt(f['roc_auc'])}, sensitivity "
+                  f"{fmt(f['sensitivity_out_of_site'])}, specificity {fmt(f['specificity_out_of_site'])}"
+                  for f in seed0["folds"]]
+        m = seed0["metrics"]
+        lines += ["", f"Pooled, seed 0: AUC {fmt(m['roc_auc'])} ({fmt(m['roc_auc_low'])}–{fmt(m['roc_auc_high'])}), "
+                      f"sensitivity {fmt(m['sensitivity'])} ({fmt(m['sensitivity_low'])}–{fmt(m['sensitivity_high'])}), "
+                      f"specificity {fmt(m['specificity'])} ({fmt(m['specificity_low'])}–{fmt(m['specificity_high'])}), "
+                      f"over {m['n_positive_patients']} COVID-19 and {m['n_negative_patients']} normal held-out patients."]
+    full = section.get("full_recipe_vs_head")
+    if full:
+        lines += ["", f"The full recipe (with {full['fine_tune_epochs']} fine-tuning epochs) against the head on cached "
+                      f"features, on fold {full['fold']} ({full['held_out']}): AUC {fmt(full['full_recipe_auc'])} against "
+                      f"{fmt(full['head_on_features_auc'])} ({full['difference']:+.2f})."]
+    lines += ["", "Decisions:", ""]
+    for name, decision in section.get("decisions", {}).items():
+        lines.append(f"- **{name}**: {'kept as the default' if decision['kept'] else 'not kept'} ("
+                     + ", ".join(f"{k} {v}" for k, v in decision.items() if k != "kept") + ")")
+    lines += ["", "| configuration | seconds |", "|---|---|"] + [f"| {k} | {fmt(v, 0)} |" for k, v in section["seconds"].items()]
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,6 +536,7 @@ def markdown(results: dict) -> str:
     first = {f["check"]: f["message"] for f in reversed(results["audit"].get("a", []))}
     lines += ["", "What the audit says of (a), in its words (one message per check):", ""]
     lines += [f"- `{check}`: {message}" for check, message in reversed(list(first.items()))]
+    lines += out_of_site_markdown(results)
     lines += ["", "## Pipelines", ""] + [f"- **{n}**: {p['description']}" for n, p in results["pipelines"].items()]
     lines += ["", "## Time (s)", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {fmt(v, 0)} |" for k, v in results["seconds"].items()]
@@ -348,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS), help=f"results folder (default {RESULTS})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fresh", action="store_true", help="delete the scratch folder first (no resume)")
+    parser.add_argument("--only-out-of-site", action="store_true",
+                        help="run only the out-of-site section and merge it into the existing results file")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -373,11 +578,19 @@ def main(argv: list[str] | None = None) -> int:
     results = {"format": "xraylib quality benchmark v1", "mode": mode_name, "disclaimer": DISCLAIMER,
                "started": datetime.datetime.now().isoformat(timespec="seconds"), "n_boot": mode["n_boot"],
                "machine": {**machine_info(), **tf_info(), "load_average_start": load_average()}}
-    results.update(run(data_root, weights_dir, work, mode, args.seed))
-    results["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
-    results["machine"]["load_average_end"] = load_average()
     out = Path(args.out) if mode_name == "full" else work  # the smoke run's numbers mean nothing: kept out of results/
     name = "quality" if mode_name == "full" else f"quality_{mode_name}"
+    if args.only_out_of_site:
+        previous = json.loads((out / f"{name}.json").read_text())
+        t0 = time.perf_counter()
+        frame, data = build_data(data_root, work, mode, args.seed)
+        previous["out_of_site"] = {"started": results["started"], **out_of_site(frame, data, weights_dir, work, mode, args.seed)}
+        previous["seconds"]["out_of_site"] = time.perf_counter() - t0
+        results = previous
+    else:
+        results.update(run(data_root, weights_dir, work, mode, args.seed))
+    results["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
+    results["machine"]["load_average_end"] = load_average()
     clean = json_safe(results)
     write_json_atomic(out / f"{name}.json", clean)
     write_text_atomic(out / f"{name}.md", markdown(clean))

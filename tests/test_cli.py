@@ -48,8 +48,8 @@ def assert_user_error(result: subprocess.CompletedProcess, *words: str) -> str:
         ("demo", ["--output-dir", "--n", "--task", "--image-size", "--backbone", "--epochs"]),
         ("train", ["--output-dir", "--run", "--backbone", "--weights", "--alpha", "--epochs", "--batch-size",
                    "--learning-rate", "--fine-tune-epochs", "--fine-tune-learning-rate", "--no-augment", "--flip",
-                   "--no-class-weights", "--seed", "--resume", "--no-resume"]),
-        ("evaluate", ["--output-dir", "--run", "--split", "--n-boot"]),
+                   "--no-class-weights", "--seed", "--resume", "--no-resume", "--recipe", "--threshold-on"]),
+        ("evaluate", ["--output-dir", "--run", "--split", "--n-boot", "--out-of-site", "--no-out-of-site"]),
         ("predict", ["--model", "--csv"]),
     ],
 )
@@ -196,6 +196,23 @@ def test_evaluate_writes_the_report(trained):
     for name in ("evaluation.md", "confusion_matrix.png", "roc.png", "test_predictions.csv"):
         assert (report / name).is_file(), name
     assert "test" in json.loads((trained["run"] / "model.json").read_text())["metrics"]
+
+
+def test_the_recommended_recipe_chooses_its_threshold_out_of_site_and_evaluate_reports_the_estimate(pipeline):
+    out = pipeline / "out"
+    # The recipe's options, except those given on the command line (no ImageNet download here; a tiny run).
+    result = run_cli("train", "--output-dir", out, "--recipe", "recommended", "--weights", "none", "--epochs", "2",
+                     "--augment-views", "2", "--quiet", "--run", "recipe", cwd=out)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    meta = json.loads((out / "models" / "recipe" / "model.json").read_text())
+    assert (meta["model"]["backbone"], meta["model"]["alpha"], meta["model"]["weights"]) == ("mobilenet", 0.25, None)
+    assert (meta["training"]["epochs"], meta["training"]["augment_views"]) == (2, 2)
+    assert meta["training"]["threshold_on"] == "out_of_site" and meta["training"]["fine_tune_epochs"] == 0
+    assert "chosen on the pooled out-of-site predictions" in result.stdout, result.stdout[-2000:]
+    result = run_cli("evaluate", "--output-dir", out, "--run", "recipe", "--n-boot", "50", cwd=out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "What to expect in a hospital the model never saw" in result.stdout
+    assert "internal test AUC" in (out / "reports" / "recipe" / "out_of_site.md").read_text()
 
 
 def test_predict_a_folder_with_a_bad_file(trained, tmp_path):
