@@ -49,6 +49,21 @@ def test_the_quality_benchmark_runs_on_the_real_data(shared_data, shared_weights
     assert set(results["shortcuts"]["source_prediction"]) == set(results["pipelines"])
     assert set(results["shortcuts"]["lungs_hidden"]) == {"a", "b", "c"}
     assert "## Results" in markdown and "| (d) leave out kaggle |" in markdown and results["disclaimer"] in markdown
+    # Out of site: every configuration over two seeds, both threshold rules, the full recipe on one fold, decisions.
+    oos = results["out_of_site"]
+    assert set(oos["configs"]) == {"seeds-mobilenet", "recommended", "recommended + ensemble of 2", "recommended + equalize",
+                                   "recommended + clahe", "recommended + body crop"}
+    for name, config in oos["configs"].items():
+        assert [s["seed"] for s in config["seeds"]] == [0, 1]
+        for key in ("roc_auc", "specificity_validation", "specificity_out_of_site", "sensitivity"):
+            assert config["summary"][key]["median"] is not None, (name, key)
+        assert ("internal" in config["seeds"][0]) == (config["heads"] == 1)
+        assert len(config["seeds"][0]["folds"]) >= 2
+    assert oos["configs"]["recommended"]["threshold_on"] == "out_of_site"
+    assert oos["configs"]["seeds-mobilenet"]["threshold_on"] == "validation"
+    assert oos["full_recipe_vs_head"]["fine_tune_epochs"] == 1
+    assert set(oos["decisions"]) == {"ensemble", "equalize", "clahe", "body crop"}
+    assert "## What to expect in a hospital the pipeline never saw" in markdown and "| recommended |" in markdown
 
 
 @pytest.mark.slow
