@@ -206,3 +206,30 @@ def test_the_preprocessing_comes_from_the_models_json(tmp_path):
     np.testing.assert_allclose(probs, predict_images(model, padded[None]), atol=1e-6)
     stretched = preprocess_file(tall, PreprocessSettings(image_size=48, resize="stretch"))
     assert np.abs(predict_images(model, stretched[None]) - probs).max() > 1e-5
+
+
+def test_a_model_saved_with_clahe_and_body_crop_predicts_on_images_preprocessed_the_same_way(tmp_path):
+    """The options travel in model.json: predict_files and the web page's analyser preprocess a user's file with
+    them, as the training cache did (the same preprocess_file), and not as the defaults would."""
+    from xraylib import serve
+
+    options = PreprocessSettings(image_size=48, intensity="clahe", crop="body")
+    spec = models.ModelSpec(backbone="small_cnn", weights=None, image_size=48, classes=CLASSES)
+    keras.utils.set_random_seed(7)
+    model = models.build_model(spec)
+    runs.RunFolder(tmp_path / "run").save_model(model, {"classes": list(CLASSES), "preprocessing": options.to_dict(),
+                                                        "input_size": [48, 48, 1], "model": spec.to_dict(),
+                                                        "threshold": {"value": 0.5, "positive_class": "covid"}})
+    saved = json.loads((tmp_path / "run" / "model.json").read_text())["preprocessing"]
+    assert (saved["intensity"], saved["crop"]) == ("clahe", "body")
+    framed = np.zeros((160, 140), np.uint8)  # a film with a black frame, so the crop has work to do
+    framed[20:150, 15:130] = phantom(8, 130, 115)
+    path = write_raster(tmp_path / "framed.png", framed)
+
+    loaded = models.load_model(tmp_path / "run")
+    as_trained = preprocess_file(path, options)
+    np.testing.assert_array_equal(preprocess_for_model(loaded, path), as_trained)
+    assert serve.Analyser(loaded).settings == options
+    assert not np.array_equal(as_trained, preprocess_file(path, PreprocessSettings(image_size=48)))
+    probs = predict_files(loaded, path)[["prob_normal", "prob_covid"]].to_numpy(dtype=np.float32)
+    np.testing.assert_allclose(probs, predict_images(model, as_trained[None]), atol=1e-6)

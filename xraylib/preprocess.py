@@ -151,6 +151,8 @@ def _halve_while_large(pixels: np.ndarray, width: int, height: int) -> np.ndarra
     return pixels
 
 
+# The CLAHE and body-crop constants below decide the pixels of a saved model's inputs: a change to any of them
+# must raise PIXELS_VERSION, so that caches are rebuilt and older models warn at loading.
 #: CLAHE's clip limit (OpenCV's ``clipLimit``: a tile's histogram is clipped at this many times its mean bin
 #: count). 2.0 is the value most chest X-ray CLAHE studies use (and scikit-image's default 0.01 of a 256-bin
 #: tile is about 2.6): it lifts the lung texture without OpenCV's default of 40 amplifying noise.
