@@ -57,7 +57,7 @@ class PreprocessSettings:
     resize, distorts the aspect ratio) or "pad" (keep the aspect ratio, pad with black).
     ``intensity``: "none" (the decoded grey levels), "equalize" (global histogram equalisation) or
     "clahe" (contrast-limited adaptive equalisation, :data:`CLAHE_CLIP_LIMIT`, :data:`CLAHE_TILES`),
-    either applied to the resized image (see :func:`standardise_intensity`). ``crop``: "none" or
+    both applied to the resized image (see :func:`standardise_intensity`). ``crop``: "none" or
     "body" (cut uniform borders, frames and burned-in text at the edges before resizing; see
     :func:`find_body_box`). The options are measured by the out-of-site estimate of
     ``benchmarks/quality.py``; the defaults give the same pixels and the same cache keys as before they existed.
@@ -183,7 +183,7 @@ def standardise_intensity(pixels: np.ndarray, mode: str) -> np.ndarray:
 
 
 #: The body crop works on a copy whose longer side is at most this many pixels: enough to find the field of
-#: view, and the cost stays a fraction of a millisecond whatever the file's size.
+#: view, and the cost stays a few milliseconds whatever the file's size.
 BODY_WORK_SIDE = 256
 #: Pixels at or below this fraction of the image's brightest (its 99th percentile) are background: black
 #: borders and the air beside the body. Lungs sit well above it in every source we read; a background that is
@@ -203,7 +203,7 @@ BODY_PART_FRACTION = 0.25
 #: The box found is widened by this fraction of each side, so the crop never shaves the edge of the body.
 BODY_MARGIN_FRACTION = 0.02
 #: A box smaller than this fraction of the image is not believed (a detection gone wrong): the whole image is
-#: kept. It also bounds each side of the box at half the image's, which :func:`preprocess_bytes` relies on.
+#: kept. So a crop keeps at least half of each side, which :func:`preprocess_bytes` relies on.
 BODY_MIN_AREA_FRACTION = 0.5
 
 
@@ -246,7 +246,8 @@ def find_body_box(pixels: np.ndarray) -> Box:
         mask &= np.abs(inner.astype(np.int16) - frame) > BODY_UNIFORM_STD
     mask = mask.astype(np.uint8)
     side = max(1, round(BODY_OPENING_FRACTION * max(work_h, work_w)))
-    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, (2 * side + 1, 2 * side + 1)))
+    square = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * side + 1, 2 * side + 1))
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, square)
     count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if count < 2:  # nothing but background
         return whole
@@ -258,8 +259,10 @@ def find_body_box(pixels: np.ndarray) -> Box:
     y1 = int((parts[:, cv2.CC_STAT_TOP] + parts[:, cv2.CC_STAT_HEIGHT]).max())
     margin_x, margin_y = BODY_MARGIN_FRACTION * (x1 - x0), BODY_MARGIN_FRACTION * (y1 - y0)
     # back to the full image's pixels, rounded outwards
-    box = Box(top=max(0, math.floor((top + y0 - margin_y) / scale)), bottom=min(height, math.ceil((top + y1 + margin_y) / scale)),
-              left=max(0, math.floor((left + x0 - margin_x) / scale)), right=min(width, math.ceil((left + x1 + margin_x) / scale)))
+    box = Box(top=max(0, math.floor((top + y0 - margin_y) / scale)),
+              bottom=min(height, math.ceil((top + y1 + margin_y) / scale)),
+              left=max(0, math.floor((left + x0 - margin_x) / scale)),
+              right=min(width, math.ceil((left + x1 + margin_x) / scale)))
     if (box.bottom - box.top) * (box.right - box.left) < BODY_MIN_AREA_FRACTION * height * width:
         return whole
     return box
