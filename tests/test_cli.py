@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,8 @@ def assert_user_error(result: subprocess.CompletedProcess, *words: str) -> str:
     [
         ("sample-data", ["--n", "--seed", "--image-size", "--shortcut-marker"]),
         ("manifest", ["--paths", "--output-dir", "--data-root", "--sample", "--task", "--views", "--workers"]),
-        ("preprocess", ["--output-dir", "--image-size", "--resize", "--fractions", "--seed", "--external-test-source"]),
+        ("preprocess", ["--output-dir", "--image-size", "--resize", "--intensity", "--crop", "--fractions", "--seed",
+                        "--external-test-source"]),
         ("demo", ["--output-dir", "--n", "--task", "--image-size", "--backbone", "--epochs"]),
         ("train", ["--output-dir", "--run", "--backbone", "--weights", "--alpha", "--epochs", "--batch-size",
                    "--learning-rate", "--fine-tune-epochs", "--fine-tune-learning-rate", "--no-augment", "--flip",
@@ -145,6 +147,20 @@ def test_preprocess_rerun_uses_the_cache(pipeline):
     result = run_cli("preprocess", "--output-dir", "out", "--image-size", "64", "--workers", "1", "--quiet",
                      cwd=pipeline, check=True)
     assert "0 new" in result.stdout
+
+
+def test_preprocess_options_are_saved_with_the_cache(pipeline):
+    """--intensity and --crop reach the settings saved in preprocess.json (and from there model.json)."""
+    other = pipeline / "out_options"
+    other.mkdir()
+    shutil.copy(pipeline / "out" / "manifest.csv", other / "manifest.csv")  # its paths are absolute
+    result = run_cli("preprocess", "--output-dir", "out_options", "--image-size", "32", "--intensity", "clahe",
+                     "--crop", "body", "--workers", "1", "--quiet", cwd=pipeline, check=True)
+    assert "crop=body, intensity=clahe" in result.stdout
+    settings = json.loads((other / "preprocessed" / "preprocess.json").read_text())["settings"]
+    assert (settings["intensity"], settings["crop"]) == ("clahe", "body")
+    bad = run_cli("preprocess", "--output-dir", "out_options", "--intensity", "gamma", cwd=pipeline)
+    assert bad.returncode == 2 and "--intensity" in bad.stderr and "'clahe'" in bad.stderr
 
 
 # --------------------------------------------------------------------------------------------

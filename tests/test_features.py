@@ -263,6 +263,15 @@ def test_other_preprocessing_gets_another_cache(fresh_data):
     assert json.loads((after.folder / "features.json").read_text())["preprocessing"]["resize"] == "pad"
 
 
+def test_each_preprocessing_option_gets_its_own_feature_key_and_the_defaults_keep_theirs():
+    model = built()
+    description = features.describe(model, VGG, PreprocessSettings(image_size=SIZE))
+    assert description["preprocessing"] == {"image_size": SIZE, "resize": "stretch", "stored_as": "uint8 grayscale (N, S, S)"}
+    keys = {features.cache_key(features.describe(model, VGG, PreprocessSettings(image_size=SIZE, intensity=i, crop=c)))
+            for i in ("none", "equalize", "clahe") for c in ("none", "body")}
+    assert len(keys) == 6 and features.cache_key(description) in keys
+
+
 def test_a_changed_image_is_computed_again_and_only_it(fresh_data):
     before = features.cached_features(built(), fresh_data, VGG, progress=False)
     old_train = np.array(before.train_views[0])

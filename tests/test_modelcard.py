@@ -129,3 +129,13 @@ def test_a_card_from_the_metrics_recorded_in_the_json_only(tmp_path):
     assert "| AUC | 0.910 (0.850–0.960) |" in card
     assert "**Small test sets** **(applies here)**" in card
     assert "Counts per source and class: not available" in card
+
+
+def test_the_card_names_preprocessing_options_beyond_the_defaults(tmp_path):
+    base = {"classes": ["normal", "covid"], "model": {"backbone": "small_cnn", "weights": None}}
+    defaults = PreprocessSettings(image_size=64).to_dict()
+    card = write_card(tmp_path / "a", {**base, "preprocessing": defaults}).read_text()
+    assert "Options beyond the defaults" not in card
+    options = PreprocessSettings(image_size=64, intensity="clahe", crop="body").to_dict()
+    card = write_card(tmp_path / "b", {**base, "preprocessing": options}).read_text()
+    assert "Options beyond the defaults: crop=body (" in card and "; intensity=clahe (CLAHE" in card

@@ -188,15 +188,22 @@ def test_the_decision_uses_the_threshold_saved_with_the_model(loaded, model_dir,
     assert list(decisions) == ["covid" if p >= middle else "normal" for p in table["prob_covid"]]
 
 
+def save_untrained_model(folder: Path, settings: PreprocessSettings, seed: int) -> keras.Model:
+    """A small CNN for ``settings.image_size`` px saved in ``folder`` with ``settings`` as its preprocessing."""
+    size = settings.image_size
+    spec = models.ModelSpec(backbone="small_cnn", weights=None, image_size=size, classes=CLASSES)
+    keras.utils.set_random_seed(seed)
+    model = models.build_model(spec)
+    runs.RunFolder(folder).save_model(model, {"classes": list(CLASSES), "preprocessing": settings.to_dict(),
+                                              "input_size": [size, size, 1], "model": spec.to_dict(),
+                                              "threshold": {"value": 0.5, "positive_class": "covid"}})
+    return model
+
+
 def test_the_preprocessing_comes_from_the_models_json(tmp_path):
     """A model trained on 48 px padded images gets 48 px padded images at prediction, not what a caller might assume."""
     pad = PreprocessSettings(image_size=48, resize="pad")
-    spec = models.ModelSpec(backbone="small_cnn", weights=None, image_size=48, classes=CLASSES)
-    keras.utils.set_random_seed(6)
-    model = models.build_model(spec)
-    runs.RunFolder(tmp_path / "run").save_model(model, {"classes": list(CLASSES), "preprocessing": pad.to_dict(),
-                                                        "input_size": [48, 48, 1], "model": spec.to_dict(),
-                                                        "threshold": {"value": 0.5, "positive_class": "covid"}})
+    model = save_untrained_model(tmp_path / "run", pad, seed=6)
     tall = write_raster(tmp_path / "tall.png", phantom(7, 120, 60))  # 2:1, so padding and stretching differ
     table = predict_files(tmp_path / "run", tall)
     probs = table[["prob_normal", "prob_covid"]].to_numpy(dtype=np.float32)
@@ -206,3 +213,25 @@ def test_the_preprocessing_comes_from_the_models_json(tmp_path):
     np.testing.assert_allclose(probs, predict_images(model, padded[None]), atol=1e-6)
     stretched = preprocess_file(tall, PreprocessSettings(image_size=48, resize="stretch"))
     assert np.abs(predict_images(model, stretched[None]) - probs).max() > 1e-5
+
+
+def test_a_model_saved_with_clahe_and_body_crop_predicts_on_images_preprocessed_the_same_way(tmp_path):
+    """The options travel in model.json: predict_files and the web page's analyser preprocess a user's file with
+    them, as the training cache did (the same preprocess_file), and not as the defaults would."""
+    from xraylib import serve
+
+    options = PreprocessSettings(image_size=48, intensity="clahe", crop="body")
+    model = save_untrained_model(tmp_path / "run", options, seed=7)
+    saved = json.loads((tmp_path / "run" / "model.json").read_text())["preprocessing"]
+    assert (saved["intensity"], saved["crop"]) == ("clahe", "body")
+    framed = np.zeros((160, 140), np.uint8)  # a film with a black frame, so the crop has work to do
+    framed[20:150, 15:130] = phantom(8, 130, 115)
+    path = write_raster(tmp_path / "framed.png", framed)
+
+    loaded = models.load_model(tmp_path / "run")
+    as_trained = preprocess_file(path, options)
+    np.testing.assert_array_equal(preprocess_for_model(loaded, path), as_trained)
+    assert serve.Analyser(loaded).settings == options
+    assert not np.array_equal(as_trained, preprocess_file(path, PreprocessSettings(image_size=48)))
+    probs = predict_files(loaded, path)[["prob_normal", "prob_covid"]].to_numpy(dtype=np.float32)
+    np.testing.assert_allclose(probs, predict_images(model, as_trained[None]), atol=1e-6)

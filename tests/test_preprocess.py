@@ -1,7 +1,9 @@
 """Resizing, settings, normalisation and the resumable uint8 cache, on PNG/JPEG/DICOM files written here."""
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,9 +18,11 @@ import xraylib.preprocess as preprocess_module
 from conftest import gradient_image, write_dicom, write_raster
 from xraylib.errors import ConfigError, SourceError
 from xraylib.fileio import sha1_file
+from xraylib.images import read_image
 from xraylib.preprocess import (
-    NORMALISATION, PreprocessSettings, load_preprocessed, normalise, one_hot, preprocess_dataset,
-    preprocess_file, resize_image, to_rgb_float,
+    CROP_MODES, INTENSITY_MODES, NORMALISATION, PIXELS_VERSION, PreprocessSettings, cache_key, find_body_box,
+    load_preprocessed, normalise, one_hot, preprocess_dataset, preprocess_file, preprocess_pixels, resize_image,
+    standardise_intensity, to_rgb_float,
 )
 from xraylib.split import SplitLeakError
 
@@ -175,9 +179,11 @@ def test_large_jpeg_preprocesses_like_its_full_decode(tmp_path):
 @pytest.mark.parametrize("kwargs, word", [
     ({"resize": "crop"}, "resize"), ({"image_size": 16}, "image_size"), ({"image_size": 4096}, "image_size"),
     ({"image_size": 224.5}, "image_size"), ({"image_size": "224"}, "image_size"),
+    ({"intensity": "gamma"}, "intensity must be one of ('none', 'equalize', 'clahe'), got 'gamma'"),
+    ({"crop": "lungs"}, "crop must be one of ('none', 'body'), got 'lungs'"),
 ])
 def test_settings_validation(kwargs, word):
-    with pytest.raises(ConfigError, match=word):
+    with pytest.raises(ConfigError, match=re.escape(word)):
         PreprocessSettings(**kwargs)
 
 
@@ -188,6 +194,30 @@ def test_settings_round_trip():
     assert PreprocessSettings.from_dict(data) == settings
     from_numpy = PreprocessSettings(image_size=np.int64(64))
     assert type(from_numpy.image_size) is int and json.loads(json.dumps(from_numpy.to_dict()))["image_size"] == 64
+    for intensity in INTENSITY_MODES:
+        for crop in CROP_MODES:
+            options = PreprocessSettings(image_size=64, intensity=intensity, crop=crop)
+            assert PreprocessSettings.from_dict(json.loads(json.dumps(options.to_dict()))) == options
+
+
+def test_default_options_keep_the_json_and_the_cache_key_written_before_they_existed(tmp_path):
+    """Caches and model.json files written before ``intensity`` and ``crop`` stay valid and read as "none"."""
+    old_json = {"image_size": 48, "resize": "pad", "stored_as": "uint8 grayscale (N, S, S)"}
+    assert SETTINGS.to_dict() == old_json
+    old_model_json = {**old_json, "normalisation": "inside the model (layers to_rgb, normalise)", "pixels_version": 3}
+    loaded = PreprocessSettings.from_dict(old_model_json)
+    assert loaded == SETTINGS and (loaded.intensity, loaded.crop) == ("none", "none") and loaded.describe() == ""
+
+    manifest = pd.DataFrame({"path": ["a.png", "b.png"], "sha1": ["1", "2"], "label": ["covid", "normal"],
+                             "split": ["train", "test"]})
+    old_key = hashlib.sha1(json.dumps({"settings": old_json, "classes": list(CLASSES), "pixels_version": PIXELS_VERSION},
+                                      sort_keys=True).encode())
+    old_key.update(b"a.png\t1\tcovid\ttrain\nb.png\t2\tnormal\ttest\n")
+    assert cache_key(manifest, CLASSES, SETTINGS) == old_key.hexdigest()
+    keys = {cache_key(manifest, CLASSES, PreprocessSettings(image_size=48, resize="pad", intensity=i, crop=c))
+            for i in INTENSITY_MODES for c in CROP_MODES}
+    assert len(keys) == len(INTENSITY_MODES) * len(CROP_MODES)  # every option builds its own cache
+    assert PreprocessSettings(intensity="clahe", crop="body").describe() == "crop=body, intensity=clahe"
 
 
 def test_caffe_is_bgr_minus_the_imagenet_mean():
@@ -426,3 +456,107 @@ def test_deleting_preprocess_json_forces_a_rebuild(tmp_path):
     assert data.report["new"] == 21
     assert all(split.images.shape[1:] == (32, 32) for split in data.splits.values())
     assert_rows_match_files(data, settings)
+
+
+# ============================================================================================
+# Intensity standardisation and the body crop
+
+
+BODY = (40, 265, 30, 230)  # top, bottom, left, right of the body in the framed test image (58% of it)
+
+
+def framed_chest(frame_value: int = 0) -> np.ndarray:
+    """A 300x260 image: a textured body (grey 40..215) on a uniform frame, white text and a white marker
+    block in the frame near the edges, as scanned films and exported JPEGs have them."""
+    image = np.full((300, 260), frame_value, dtype=np.uint8)
+    top, bottom, left, right = BODY
+    image[top:bottom, left:right] = (gradient_image(bottom - top, right - left, seed=3) * 0.7 + 40).astype(np.uint8)
+    image[8:30, 175:250] = 255  # a burned-in label block, top right
+    cv2.putText(image, "R L", (6, 290), cv2.FONT_HERSHEY_SIMPLEX, 0.6, 255, 2)  # letters, bottom left
+    return image
+
+
+@pytest.mark.parametrize("frame_value", [0, 128, 255])
+def test_body_crop_keeps_the_body_and_drops_the_frame_and_the_text(tmp_path, frame_value):
+    path = write_raster(tmp_path / "framed.png", framed_chest(frame_value))
+    box = find_body_box(read_image(path))
+    top, bottom, left, right = BODY
+    slack = 10  # the safety margin (2% of the body's side) and rounding
+    assert top - slack <= box.top <= top and bottom <= box.bottom <= bottom + slack
+    assert left - slack <= box.left <= left and right <= box.right <= right + slack
+
+    cropped = preprocess_file(path, PreprocessSettings(image_size=64, crop="body"))
+    whole = preprocess_file(path, PreprocessSettings(image_size=64))
+    inside_margin = cropped[2:-2, 2:-2]  # the safety margin may keep a pixel of the frame
+    assert (whole == 255).sum() > 20 and inside_margin.max() < 240  # the text is gone: the body's brightest is 215
+    if frame_value == 0:
+        assert (whole < 10).mean() > 0.3 and (cropped < 10).mean() < 0.1  # the body fills all but the safety margin
+
+
+@pytest.mark.parametrize("resize", ["stretch", "pad"])
+@pytest.mark.parametrize("pixels", [
+    np.zeros((200, 180), np.uint8), np.full((200, 180), 255, np.uint8), np.full((40, 40), 90, np.uint8),
+    np.zeros((1, 1), np.uint8), np.full((2, 300), 200, np.uint8), np.arange(300, dtype=np.uint8).reshape(300, 1),
+    np.random.default_rng(0).integers(0, 256, (33, 1000), dtype=np.uint8),
+], ids=["black", "white", "grey", "1x1", "2x300", "300x1", "noise"])
+def test_blank_tiny_and_odd_images_never_crash(pixels, resize):
+    box = find_body_box(pixels)
+    if np.ptp(pixels) == 0 or min(pixels.shape) < 8:  # nothing to find: the whole image
+        assert box == (0, pixels.shape[0], 0, pixels.shape[1])
+    assert (box.bottom - box.top) * (box.right - box.left) >= 0.5 * pixels.size
+    for intensity in INTENSITY_MODES:
+        out = preprocess_pixels(pixels, PreprocessSettings(image_size=32, resize=resize, intensity=intensity, crop="body"))
+        assert out.shape == (32, 32) and out.dtype == np.uint8
+
+
+def test_equalize_and_clahe_spread_a_low_contrast_image():
+    low = (100 + gradient_image(120, 100, seed=1) // 5).astype(np.uint8)  # grey 100..150
+    spread = np.ptp(np.percentile(low, (1, 99)))
+    equalized = standardise_intensity(low, "equalize")
+    assert equalized.min() == 0 and equalized.max() == 255
+    assert np.ptp(np.percentile(equalized, (1, 99))) > 4 * spread
+    order = np.argsort(low, axis=None, kind="stable")
+    assert np.all(np.diff(equalized.ravel()[order].astype(int)) >= 0)  # a global mapping keeps the order of grey levels
+    assert np.ptp(np.percentile(standardise_intensity(low, "clahe"), (1, 99))) > 1.25 * spread  # clipped: less than global
+    np.testing.assert_array_equal(standardise_intensity(low, "none"), low)
+
+
+def test_intensity_applies_to_the_picture_not_its_padding():
+    tall = (60 + gradient_image(120, 60, seed=2) // 3).astype(np.uint8)
+    for intensity in ("equalize", "clahe"):
+        out = preprocess_pixels(tall, PreprocessSettings(image_size=64, resize="pad", intensity=intensity))
+        assert (out[:, :16] == 0).all() and (out[:, 48:] == 0).all()  # the bars stay black
+        expected = standardise_intensity(cv2.resize(tall, (32, 64), interpolation=cv2.INTER_AREA), intensity)
+        np.testing.assert_array_equal(out[:, 16:48], expected)
+
+
+def test_the_cache_preprocesses_with_the_options(tmp_path):
+    """The cache stores what preprocess_file (the function prediction uses) gives with the same settings."""
+    settings = PreprocessSettings(image_size=32, intensity="clahe", crop="body")
+    data = run(make_split_manifest(tmp_path / "src", {"train": 4, "val": 2, "test": 2}), tmp_path / "out", settings)
+    assert data.settings == settings and load_preprocessed(tmp_path / "out").settings == settings
+    assert_rows_match_files(data, settings)
+
+
+@pytest.mark.shared_data
+def test_body_crop_on_real_images_cuts_only_background(shared_data):
+    """On a real ieee8023 JPEG with black bands above and below the film, the crop removes them; on NIH PNGs,
+    which fill their frame, it keeps nearly everything. Whatever is cut is dark."""
+    banded = shared_data / "covid-chestxray-dataset" / "images" / "covid-19-pneumonia-8.jpg"
+    nih = sorted((shared_data / "nih-chestxray14" / "images").glob("*.png"))[:3]
+    if not banded.is_file() or not nih:
+        pytest.skip(f"{banded} or NIH PNGs not in {shared_data}")
+    for path in [banded, *nih]:
+        pixels = read_image(path)
+        box = find_body_box(pixels)
+        kept = (box.bottom - box.top) * (box.right - box.left) / pixels.size
+        removed = np.ones(pixels.shape, bool)
+        removed[box.top:box.bottom, box.left:box.right] = False
+        if path == banded:
+            assert kept < 0.8, f"{path.name}: the black bands were kept ({box})"
+        else:
+            assert kept > 0.9, f"{path.name}: a full-frame image lost {1 - kept:.0%} ({box})"
+        assert not removed.any() or np.percentile(pixels[removed], 95) < 40, f"{path.name}: bright pixels cut ({box})"
+        for intensity in INTENSITY_MODES:
+            out = preprocess_file(path, PreprocessSettings(image_size=64, intensity=intensity, crop="body"))
+            assert out.shape == (64, 64) and np.ptp(out) > 100

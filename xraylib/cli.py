@@ -68,7 +68,8 @@ def cmd_manifest(args: argparse.Namespace) -> None:
 def cmd_preprocess(args: argparse.Namespace) -> None:
     layout = config.OutputLayout(_output_dir(args))
     frame = manifest.load_manifest(layout.manifest)
-    settings = preprocess.PreprocessSettings(image_size=args.image_size, resize=args.resize)
+    settings = preprocess.PreprocessSettings(image_size=args.image_size, resize=args.resize, intensity=args.intensity,
+                                             crop=args.crop)
     data = preprocess.split_and_preprocess(frame, layout.preprocessed, manifest.TASKS[args.task], settings,
                                            fractions=tuple(args.fractions), seed=args.seed,
                                            external_test_sources=args.external_test_source or (),
@@ -78,10 +79,10 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
 
 def print_preprocess_summary(data: preprocess.PreprocessedData) -> None:
     print(split.split_summary(data.manifest).to_string(index=False))
-    report = data.report
+    report, options = data.report, data.settings.describe()
     print(f"preprocessed: {data.folder} ({report.get('cached', 0)} cached, {report.get('new', 0)} new, "
           f"{report.get('skipped', 0)} skipped); images {data.settings.image_size}x{data.settings.image_size} "
-          f"uint8, resize={data.settings.resize}, classes {list(data.classes)}")
+          f"uint8, resize={data.settings.resize}{', ' + options if options else ''}, classes {list(data.classes)}")
     for problem in report.get("problems", [])[:5]:
         print(f"  skipped {problem['path']}: {problem['reason']}")
 
@@ -353,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=224, help="output side in pixels (default 224)")
     p.add_argument("--resize", choices=preprocess.RESIZE_MODES, default="stretch",
                    help="stretch (the seeds' way) or pad (keep the aspect ratio)")
+    p.add_argument("--intensity", choices=preprocess.INTENSITY_MODES, default="none",
+                   help="grey levels: none (as decoded, default), equalize (histogram equalisation) or clahe "
+                        "(adaptive, contrast-limited); saved with the model and applied at prediction")
+    p.add_argument("--crop", choices=preprocess.CROP_MODES, default="none",
+                   help="none (default) or body (cut uniform borders, frames and burned-in text at the edges)")
     p.add_argument("--fractions", type=float, nargs=3, default=[0.7, 0.15, 0.15], metavar=("TRAIN", "VAL", "TEST"),
                    help="patient fractions per split (default 0.7 0.15 0.15)")
     p.add_argument("--seed", type=int, default=42, help="split seed (default 42)")

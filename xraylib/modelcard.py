@@ -159,6 +159,10 @@ def model_card_markdown(
         aspect = "aspect ratio kept, padded with black" if prep.get("resize") == "pad" else "aspect ratio not kept"
         lines.append(f"- Images decoded to 8-bit grayscale, resized to {side}x{side} by {prep.get('resize', '?')} ({aspect}), "
                      f"stored as {prep.get('stored_as', 'uint8')}.")
+        options = _preprocessing_options(prep)
+        if options:
+            lines.append(f"- Options beyond the defaults: {'; '.join(options)}. Images from another site must go through "
+                         "xraylib's prediction (which applies them) to look like the training images.")
         lines.append(f"- Normalisation: {prep.get('normalisation', 'inside the model')}. Prediction reads these settings "
                      "from model.json, so it preprocesses exactly as training did.")
     else:
@@ -379,6 +383,21 @@ def _sum(counts: dict[str, Any], a: str, b: str) -> str:
         return str(int(counts[a]) + int(counts[b]))
     except (KeyError, TypeError, ValueError):
         return "?"
+
+
+def _preprocessing_options(prep: dict[str, Any]) -> list[str]:
+    """The non-default preprocessing options of a ``model.json`` in words ([] for a model without any)."""
+    from .preprocess import BODY_MIN_AREA_FRACTION, CLAHE_CLIP_LIMIT, CLAHE_TILES
+
+    words = {
+        ("crop", "body"): "crop=body (uniform borders, frames and burned-in text at the edges cut before resizing; "
+                          f"the whole image kept when the body found covers under {BODY_MIN_AREA_FRACTION:.0%} of it)",
+        ("intensity", "equalize"): "intensity=equalize (global histogram equalisation of the resized image)",
+        ("intensity", "clahe"): f"intensity=clahe (CLAHE of the resized image, clip limit {CLAHE_CLIP_LIMIT}, "
+                                f"{CLAHE_TILES[0]}x{CLAHE_TILES[1]} tiles)",
+    }
+    return [words.get((key, prep[key]), f"{key}={prep[key]}") for key in ("crop", "intensity")
+            if prep.get(key, "none") != "none"]
 
 
 def _source_notes(rows: pd.DataFrame) -> list[str]:

@@ -16,7 +16,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import cv2
 import numpy as np
@@ -45,20 +45,33 @@ _TORCH_MEAN_RGB = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 _TORCH_STD_RGB = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
+INTENSITY_MODES = ("none", "equalize", "clahe")
+CROP_MODES = ("none", "body")
+
+
 @dataclass(frozen=True)
 class PreprocessSettings:
     """How raw images become model inputs. Saved with every model and read back at prediction.
 
     ``image_size``: side of the square output in pixels. ``resize``: "stretch" (the seeds' plain
     resize, distorts the aspect ratio) or "pad" (keep the aspect ratio, pad with black).
+    ``intensity``: "none" (the decoded grey levels), "equalize" (global histogram equalisation) or
+    "clahe" (contrast-limited adaptive equalisation, :data:`CLAHE_CLIP_LIMIT`, :data:`CLAHE_TILES`),
+    both applied to the resized image (see :func:`standardise_intensity`). ``crop``: "none" or
+    "body" (cut uniform borders, frames and burned-in text at the edges before resizing; see
+    :func:`find_body_box`). The options are measured by the out-of-site estimate of
+    ``benchmarks/quality.py``; the defaults give the same pixels and the same cache keys as before they existed.
     """
 
     image_size: int = 224
     resize: str = "stretch"
+    intensity: str = "none"
+    crop: str = "none"
 
     def __post_init__(self) -> None:
-        if self.resize not in RESIZE_MODES:
-            raise ConfigError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        for name, allowed in (("resize", RESIZE_MODES), ("intensity", INTENSITY_MODES), ("crop", CROP_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, (int, np.integer)):
             raise ConfigError(f"image_size must be a whole number of pixels, got {self.image_size!r}")
         object.__setattr__(self, "image_size", int(self.image_size))  # a NumPy integer would not go into JSON
@@ -66,11 +79,26 @@ class PreprocessSettings:
             raise ConfigError(f"image_size must be between 32 and 2048 pixels, got {self.image_size}")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "stored_as": "uint8 grayscale (N, S, S)"}
+        """The JSON form (cache keys, ``model.json``). An option at "none" is left out, so that the keys and the
+        ``model.json`` of the default settings are the ones written before the option existed."""
+        data = {key: value for key, value in asdict(self).items()
+                if not (key in ("intensity", "crop") and value == "none")}
+        return {**data, "stored_as": "uint8 grayscale (N, S, S)"}
 
     @classmethod
     def from_dict(cls, data: dict) -> "PreprocessSettings":
-        return cls(image_size=int(data["image_size"]), resize=str(data["resize"]))
+        """Settings from :meth:`to_dict`'s form; a ``model.json`` written before ``intensity``/``crop`` reads as "none"."""
+        return cls(image_size=int(data["image_size"]), resize=str(data["resize"]),
+                   intensity=str(data.get("intensity", "none")), crop=str(data.get("crop", "none")))
+
+    def describe(self) -> str:
+        """The non-default options in words ("" for the defaults), for summaries and the model card."""
+        parts = []
+        if self.crop != "none":
+            parts.append(f"crop={self.crop}")
+        if self.intensity != "none":
+            parts.append(f"intensity={self.intensity}")
+        return ", ".join(parts)
 
 
 #: Before the final INTER_AREA step, an image is halved (an exact 2x2 mean, OpenCV's fast path) while
@@ -86,6 +114,11 @@ JPEG_REDUCING_GAP = 1.5
 
 def resize_image(pixels: np.ndarray, size: int, mode: str = "stretch") -> np.ndarray:
     """Resize ``(H, W) uint8`` to ``(size, size) uint8`` by stretching or by aspect-preserving padding."""
+    return _place(_resize_content(pixels, size, mode), size)
+
+
+def _resize_content(pixels: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """The image part of :func:`resize_image`'s output: ``(size, size)`` when stretching, the unpadded picture when padding."""
     if mode not in RESIZE_MODES:
         raise ConfigError(f"resize must be one of {RESIZE_MODES}, got {mode!r}")
     height, width = pixels.shape[:2]
@@ -96,10 +129,17 @@ def resize_image(pixels: np.ndarray, size: int, mode: str = "stretch") -> np.nda
     scale = size / max(height, width)
     new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
     interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    resized = cv2.resize(_halve_while_large(pixels, new_w, new_h), (new_w, new_h), interpolation=interpolation)
+    return cv2.resize(_halve_while_large(pixels, new_w, new_h), (new_w, new_h), interpolation=interpolation)
+
+
+def _place(content: np.ndarray, size: int) -> np.ndarray:
+    """``content`` centred on a black ``(size, size)`` square (itself when it fills the square)."""
+    if content.shape == (size, size):
+        return content
+    new_h, new_w = content.shape
     out = np.zeros((size, size), dtype=np.uint8)
     top, left = (size - new_h) // 2, (size - new_w) // 2
-    out[top:top + new_h, left:left + new_w] = resized
+    out[top:top + new_h, left:left + new_w] = content
     return out
 
 
@@ -111,9 +151,165 @@ def _halve_while_large(pixels: np.ndarray, width: int, height: int) -> np.ndarra
     return pixels
 
 
+# The CLAHE and body-crop constants below decide the pixels of a saved model's inputs: a change to any of them
+# must raise PIXELS_VERSION, so that caches are rebuilt and older models warn at loading.
+#: CLAHE's clip limit (OpenCV's ``clipLimit``: a tile's histogram is clipped at this many times its mean bin
+#: count). 2.0 is the value most chest X-ray CLAHE studies use (and scikit-image's default 0.01 of a 256-bin
+#: tile is about 2.6): it lifts the lung texture without OpenCV's default of 40 amplifying noise.
+CLAHE_CLIP_LIMIT = 2.0
+#: CLAHE's tile grid (columns, rows) over the resized picture: 8x8, as in OpenCV's and scikit-image's defaults,
+#: makes a tile 28 px at 224 px, about a rib space wide. Applied at the output size, not the file's, so that
+#: the same chest gives the same result whether it came as a 3000 px DICOM or a 500 px JPEG.
+CLAHE_TILES = (8, 8)
+
+
+def standardise_intensity(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """``(H, W) uint8`` with its grey levels standardised: "none" (unchanged), "equalize" or "clahe".
+
+    "equalize" is :func:`cv2.equalizeHist` (the darkest grey level present stays 0, the cumulative histogram
+    maps the rest onto 0..255); "clahe" is :func:`cv2.createCLAHE` with :data:`CLAHE_CLIP_LIMIT` and
+    :data:`CLAHE_TILES` (fewer tiles on a side shorter than 8 px per tile). A uniform image stays uniform.
+    """
+    if mode not in INTENSITY_MODES:
+        raise ConfigError(f"intensity must be one of {INTENSITY_MODES}, got {mode!r}")
+    if mode == "none" or pixels.size == 0:
+        return pixels
+    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+    if mode == "equalize":
+        return cv2.equalizeHist(pixels)
+    height, width = pixels.shape
+    tiles = (max(1, min(CLAHE_TILES[0], width // 8)), max(1, min(CLAHE_TILES[1], height // 8)))
+    return cv2.createCLAHE(clipLimit=CLAHE_CLIP_LIMIT, tileGridSize=tiles).apply(pixels)
+
+
+#: The body crop works on a copy whose longer side is at most this many pixels: enough to find the field of
+#: view, and the cost stays a few milliseconds whatever the file's size.
+BODY_WORK_SIDE = 256
+#: Pixels at or below this fraction of the image's brightest (its 99th percentile) are background: black
+#: borders and the air beside the body. Lungs sit well above it in every source we read; a background that is
+#: not near black stays in, so the crop errs towards keeping the whole image.
+BODY_DARK_FRACTION = 0.08
+#: Pixels at or above this grey level are frames and burned-in text (saturated white), not anatomy.
+BODY_SATURATED = 250
+#: An edge row or column whose grey levels vary less than this (standard deviation) is a uniform frame.
+BODY_UNIFORM_STD = 2.0
+#: The image's outermost pixels are a frame when at least this share of them has one grey level.
+BODY_FRAME_SHARE = 0.6
+#: Opening with a square this fraction of the working side breaks thin strokes (letters, rulers) off the body.
+BODY_OPENING_FRACTION = 0.02
+#: Connected regions at least this fraction of the largest one are body too (two lung fields split by a
+#: saturated mediastinum); a block of text is far smaller.
+BODY_PART_FRACTION = 0.25
+#: The box found is widened by this fraction of each side, so the crop never shaves the edge of the body.
+BODY_MARGIN_FRACTION = 0.02
+#: A box smaller than this fraction of the image is not believed (a detection gone wrong): the whole image is
+#: kept. So a crop keeps at least half of each side, which :func:`preprocess_bytes` relies on.
+BODY_MIN_AREA_FRACTION = 0.5
+
+
+class Box(NamedTuple):
+    """A crop in pixels of the image it was found on: rows ``top:bottom``, columns ``left:right``."""
+
+    top: int
+    bottom: int
+    left: int
+    right: int
+
+
+def find_body_box(pixels: np.ndarray) -> Box:
+    """Where the body is in an ``(H, W) uint8`` chest X-ray: the box that leaves out uniform borders, black and
+    white frames and burned-in text or markers outside the body.
+
+    Classical, no learned weights: on a copy at most :data:`BODY_WORK_SIDE` px, uniform edge rows and columns
+    are cut; the remaining pixels that are neither background nor saturated are opened (thin strokes break
+    off) and the largest connected region (with any region at least :data:`BODY_PART_FRACTION` of it) gives
+    the box, widened by :data:`BODY_MARGIN_FRACTION`. When that box is implausible (under
+    :data:`BODY_MIN_AREA_FRACTION` of the image, or nothing found: a blank or tiny image), the whole image.
+    """
+    height, width = pixels.shape[:2]
+    whole = Box(0, height, 0, width)
+    if height < 8 or width < 8:
+        return whole
+    scale = min(1.0, BODY_WORK_SIDE / max(height, width))
+    work_w, work_h = max(1, round(width * scale)), max(1, round(height * scale))
+    work = np.ascontiguousarray(pixels, dtype=np.uint8)
+    if scale < 1:
+        work = cv2.resize(_halve_while_large(work, work_w, work_h), (work_w, work_h), interpolation=cv2.INTER_AREA)
+
+    top, bottom, left, right = _trim_uniform_edges(work)
+    inner = work[top:bottom, left:right]
+    if inner.size == 0:
+        return whole
+    mask = (inner > BODY_DARK_FRACTION * np.percentile(inner, 99)) & (inner < BODY_SATURATED)
+    frame = _frame_grey(inner)
+    if frame is not None:  # a uniform frame of any grey, interrupted by text where trimming had to stop
+        mask &= np.abs(inner.astype(np.int16) - frame) > BODY_UNIFORM_STD
+    mask = mask.astype(np.uint8)
+    side = max(1, round(BODY_OPENING_FRACTION * max(work_h, work_w)))
+    square = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * side + 1, 2 * side + 1))
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, square)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if count < 2:  # nothing but background
+        return whole
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    parts = stats[1:][areas >= BODY_PART_FRACTION * areas.max()]
+    x0 = int(parts[:, cv2.CC_STAT_LEFT].min())
+    y0 = int(parts[:, cv2.CC_STAT_TOP].min())
+    x1 = int((parts[:, cv2.CC_STAT_LEFT] + parts[:, cv2.CC_STAT_WIDTH]).max())
+    y1 = int((parts[:, cv2.CC_STAT_TOP] + parts[:, cv2.CC_STAT_HEIGHT]).max())
+    margin_x, margin_y = BODY_MARGIN_FRACTION * (x1 - x0), BODY_MARGIN_FRACTION * (y1 - y0)
+    # back to the full image's pixels, rounded outwards
+    box = Box(top=max(0, math.floor((top + y0 - margin_y) / scale)),
+              bottom=min(height, math.ceil((top + y1 + margin_y) / scale)),
+              left=max(0, math.floor((left + x0 - margin_x) / scale)),
+              right=min(width, math.ceil((left + x1 + margin_x) / scale)))
+    if (box.bottom - box.top) * (box.right - box.left) < BODY_MIN_AREA_FRACTION * height * width:
+        return whole
+    return box
+
+
+def _trim_uniform_edges(work: np.ndarray) -> tuple[int, int, int, int]:
+    """``top, bottom, left, right`` of ``work`` without its uniform edge rows and columns (frames of any grey)."""
+    row_std, col_std = work.std(axis=1), work.std(axis=0)
+    top, bottom, left, right = 0, work.shape[0], 0, work.shape[1]
+    while top < bottom and row_std[top] < BODY_UNIFORM_STD:
+        top += 1
+    while bottom > top and row_std[bottom - 1] < BODY_UNIFORM_STD:
+        bottom -= 1
+    while left < right and col_std[left] < BODY_UNIFORM_STD:
+        left += 1
+    while right > left and col_std[right - 1] < BODY_UNIFORM_STD:
+        right -= 1
+    return top, bottom, left, right
+
+
+def _frame_grey(work: np.ndarray) -> int | None:
+    """The grey level of a uniform frame: the median of the outermost pixels when at least
+    :data:`BODY_FRAME_SHARE` of them lie within :data:`BODY_UNIFORM_STD` of it; None when the edge is not uniform."""
+    edge = np.concatenate([work[0], work[-1], work[:, 0], work[:, -1]]).astype(np.int16)
+    grey = int(np.median(edge))
+    return grey if np.mean(np.abs(edge - grey) <= BODY_UNIFORM_STD) >= BODY_FRAME_SHARE else None
+
+
+def crop_image(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """``(H, W) uint8`` cropped: "none" (unchanged) or "body" (to :func:`find_body_box`)."""
+    if mode not in CROP_MODES:
+        raise ConfigError(f"crop must be one of {CROP_MODES}, got {mode!r}")
+    if mode == "none":
+        return pixels
+    box = find_body_box(pixels)
+    return pixels[box.top:box.bottom, box.left:box.right]
+
+
 def preprocess_pixels(pixels: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
-    """A decoded ``(H, W) uint8`` image to the cached model input ``(S, S) uint8``."""
-    return resize_image(pixels, settings.image_size, settings.resize)
+    """A decoded ``(H, W) uint8`` image to the cached model input ``(S, S) uint8``.
+
+    Cropped (``settings.crop``), resized (``settings.resize``), then its grey levels standardised
+    (``settings.intensity``) on the resized picture without the black padding, so that the padding's share
+    of the square does not shift the histogram.
+    """
+    content = _resize_content(crop_image(pixels, settings.crop), settings.image_size, settings.resize)
+    return _place(standardise_intensity(content, settings.intensity), settings.image_size)
 
 
 def preprocess_bytes(data: bytes, path: str, settings: PreprocessSettings) -> np.ndarray:
@@ -121,12 +317,16 @@ def preprocess_bytes(data: bytes, path: str, settings: PreprocessSettings) -> np
 
     The one way files become model inputs (the cache, :mod:`xraylib.predict`, the web page). When
     stretching, it decodes no more pixels than the resize needs: a large JPEG (or a JPEG Baseline DICOM) at a
-    reduced scale that keeps it :data:`JPEG_REDUCING_GAP` times the output size, so the result may differ from
+    reduced scale that keeps it :data:`JPEG_REDUCING_GAP` times the output size (twice that with ``crop="body"``,
+    which may keep only half of a side), so the result may differ from
     resizing :func:`xraylib.images.read_image`'s full-size pixels by a fraction of a grey level
     on average (a few at sharp edges); any other file gives exactly that. Padding keeps the full
     decode: its placement depends on the exact aspect ratio.
     """
-    at_least = math.ceil(JPEG_REDUCING_GAP * settings.image_size) if settings.resize == "stretch" else None
+    at_least = None
+    if settings.resize == "stretch":
+        kept = BODY_MIN_AREA_FRACTION if settings.crop == "body" else 1  # the least of a side a crop keeps
+        at_least = math.ceil(JPEG_REDUCING_GAP * settings.image_size / kept)
     pixels = decode_bytes(data, path, at_least=at_least, writable=False)
     return preprocess_pixels(pixels, settings)
 
