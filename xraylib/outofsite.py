@@ -253,7 +253,8 @@ def predict_heads(model: keras.Model, x: np.ndarray, n_classes: int) -> np.ndarr
     """``(N, n_classes)`` probabilities of a :func:`fit_heads` model: the mean over its heads."""
     if len(x) == 0:
         return np.zeros((0, n_classes), dtype=np.float32)
-    out = np.asarray(model.predict(np.asarray(x, dtype=np.float32), batch_size=1024, verbose=0), dtype=np.float32)
+    # One eager call (features are small): no per-model tf.function to trace, as model.predict would for every fold.
+    out = np.asarray(keras.ops.convert_to_numpy(model(np.asarray(x, dtype=np.float32), training=False)), dtype=np.float32)
     return out.reshape(len(x), -1, n_classes).mean(axis=1)
 
 
