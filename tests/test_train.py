@@ -469,3 +469,53 @@ def test_fine_tuning_stage_unfreezes_the_top_block_at_the_lower_rate(data, tmp_p
     np.testing.assert_array_equal(kernel(result.model, "block4_conv3"), kernel(initial, "block4_conv3"))
     meta = json.loads((tmp_path / "run" / "model.json").read_text())
     assert meta["training"]["fine_tune_epochs"] == 1 and meta["model"]["backbone"] == "vgg16"
+
+
+# --------------------------------------------------------------------------------------------
+# An ensemble of heads
+
+
+def test_an_ensemble_of_heads_trains_each_head_on_its_own_saves_loads_and_resumes(data, tmp_path):
+    spec = models.ModelSpec(backbone="mobilenet", alpha=0.25, weights=None, image_size=SIZE, classes=CLASSES, heads=3)
+    settings = TrainSettings(epochs=2, batch_size=BATCH, augment=None)
+    straight = train(data, spec, settings, tmp_path / "straight", verbose=0)
+    model = straight.model
+    assert models.head_count(model) == 3
+    # The output is the mean of three heads that differ (each from its own start, trained on its own loss).
+    from xraylib import features
+
+    feats = np.asarray(features.feature_extractor(model).predict(np.asarray(data["test"].images), verbose=0))
+    heads = [np.asarray(model.get_layer(f"head_probs_{k}")(model.get_layer(f"head_dense_{k}")(feats))) for k in range(3)]
+    assert not np.allclose(heads[0], heads[1], atol=1e-4)
+    mean = np.mean(heads, axis=0)
+    np.testing.assert_allclose(models.predict_images(model, np.asarray(data["test"].images)), mean, atol=1e-5)
+    history = pd.read_csv(straight.paths.history)
+    assert {"loss", "val_loss", "accuracy", "val_auc"} <= set(history.columns)
+    # Saved and loaded (safe mode) it predicts the same; model.json records the heads.
+    loaded = models.load_model(tmp_path / "straight")
+    assert loaded.spec.heads == 3
+    np.testing.assert_allclose(models.predict_images(loaded.model, np.asarray(data["test"].images)), mean, atol=1e-5)
+    # Stopped after one epoch and resumed from the head checkpoint: the same model as the uninterrupted run.
+    train(data, spec, dataclasses.replace(settings, epochs=1), tmp_path / "resumed", verbose=0)
+    resumed = train(data, spec, settings, tmp_path / "resumed", verbose=0)
+    assert resumed.resumed_from_epoch == 1
+    for k in range(3):
+        for a, b in zip(resumed.model.get_layer(f"head_dense_{k}").get_weights(), model.get_layer(f"head_dense_{k}").get_weights()):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_an_ensemble_of_heads_needs_the_frozen_backbone():
+    spec = models.ModelSpec(backbone="mobilenet", alpha=0.25, weights=None, image_size=SIZE, classes=CLASSES, heads=2)
+
+    class Data:
+        classes = CLASSES
+        settings = PreprocessSettings(image_size=SIZE)
+        splits = {"train": [1], "val": [1]}
+
+        def __getitem__(self, name):
+            return self.splits[name]
+
+    with pytest.raises(ConfigError, match="heads=2: an ensemble of heads .* fine_tune_epochs=0"):
+        train_module.check_inputs(Data(), spec, TrainSettings(epochs=1, fine_tune_epochs=1))
+    with pytest.raises(models.ModelError, match="heads must be a whole number >= 1"):
+        models.ModelSpec(heads=0)

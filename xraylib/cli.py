@@ -95,7 +95,8 @@ def _model_spec(args: argparse.Namespace, data: preprocess.PreprocessedData):
     from . import models
 
     return models.ModelSpec(backbone=args.backbone, weights=_weights(args.weights), image_size=data.settings.image_size,
-                            classes=data.classes, alpha=args.alpha, head_units=args.head_units, dropout=args.dropout)
+                            classes=data.classes, alpha=args.alpha, head_units=args.head_units, dropout=args.dropout,
+                            heads=args.heads)
 
 
 def _train_settings(args: argparse.Namespace):
@@ -284,8 +285,8 @@ def _add_training_options(p: argparse.ArgumentParser, backbone: str = "vgg16", w
 
     p.add_argument("--run", default="run", help="run name: files go to OUTPUT_DIR/models/RUN (default run)")
     p.add_argument("--recipe", choices=["seeds", "recommended"], default=None,
-                   help="a named recipe (README, 'Recipes'): recommended = MobileNet 0.25 on ImageNet weights, 4 "
-                        "augmented views, threshold chosen on out-of-site predictions; options given on the command "
+                   help="a named recipe (README, 'Recipes'): recommended = MobileNet 0.25 on ImageNet weights, 5 heads, "
+                        "4 augmented views, threshold chosen on out-of-site predictions; options given on the command "
                         "line override it")
     p.add_argument("--backbone", choices=sorted(NORMALISATION), default=backbone,
                    help=f"model: vgg16 (the seeds'), resnet50, densenet121, mobilenet_v2, mobilenet, small_cnn (default {backbone})")
@@ -295,6 +296,9 @@ def _add_training_options(p: argparse.ArgumentParser, backbone: str = "vgg16", w
     p.add_argument("--alpha", type=float, default=None, help="MobileNet width multiplier, e.g. 0.25")
     p.add_argument("--head-units", type=int, default=64, help="units of the head's dense layer (default 64)")
     p.add_argument("--dropout", type=float, default=0.5, help="dropout before the softmax (default 0.5)")
+    p.add_argument("--heads", type=int, default=1, metavar="K",
+                   help="an ensemble of K heads on the frozen backbone, each trained on its own, their probabilities "
+                        "averaged (default 1; needs the feature cache and no fine-tuning)")
     p.add_argument("--epochs", type=int, default=epochs, help=f"epochs with the backbone frozen (default {epochs})")
     p.add_argument("--batch-size", type=int, default=8, help="batch size (default 8, the seeds')")
     p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")

@@ -66,10 +66,9 @@ CHUNK_ROWS = 512
 
 def can_cache(model: keras.Model) -> bool:
     """Whether only the head trains (the backbone frozen), so the features the head sees never change."""
-    head = set(models.head_layer_names())
     if "head_pool" not in {layer.name for layer in model.layers}:
         return False
-    return all(layer.name in head for layer in model.layers if layer.trainable_weights)
+    return all(models.is_head_layer(layer.name) for layer in model.layers if layer.trainable_weights)
 
 
 def feature_extractor(model: keras.Model) -> keras.Model:
@@ -77,23 +76,28 @@ def feature_extractor(model: keras.Model) -> keras.Model:
     return keras.Model(model.inputs, model.get_layer("head_pool").output, name="feature_extractor")
 
 
-def head_model(model: keras.Model) -> keras.Model:
+def head_model(model: keras.Model, stacked: bool = False) -> keras.Model:
     """The head after its pooling as a model on ``(N, D)`` features, built from ``model``'s own layer objects:
-    training it trains the full model's head (the same weights)."""
+    training it trains the full model's head (the same weights). With K heads it outputs their mean probability,
+    or with ``stacked`` every head's probabilities side by side ``(N, K * C)``, to train each head on its own
+    (:class:`xraylib.models.EnsembleLoss`)."""
     dim = int(model.get_layer("head_pool").output.shape[-1])
     inputs = keras.Input((dim,), name="features")
-    x = inputs
-    for name in models.head_layer_names()[1:]:
-        x = model.get_layer(name)(x)
-    return keras.Model(inputs, x, name="head")
+    heads = models.head_count(model)
+    names = models.head_layer_names(heads)[1:]
+    if heads == 1:
+        branches = [[model.get_layer(name) for name in names]]
+        return keras.Model(inputs, models.apply_branches(branches, inputs, None), name="head")
+    branches = [[model.get_layer(f"head_{part}_{k}") for part in ("dense", "dropout", "probs")] for k in range(heads)]
+    combine = keras.layers.Concatenate(name="head_stack") if stacked else model.get_layer("predictions")
+    return keras.Model(inputs, models.apply_branches(branches, inputs, combine), name="head")
 
 
 def backbone_sha1(model: keras.Model) -> str:
     """SHA-1 of every weight value before the head (input handling and backbone): the weights' real identity."""
     digest = hashlib.sha1()
-    head = set(models.head_layer_names())
     for layer in model.layers:
-        if layer.name in head:
+        if models.is_head_layer(layer.name):
             continue
         for i, weight in enumerate(layer.weights):
             value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))

@@ -50,6 +50,9 @@ class ModelSpec:
     initialisation) or the path of a local ``.h5`` weights file for the backbone without its top.
     ``alpha``: MobileNet width multiplier (e.g. 0.25). The head is global average pooling,
     a dense layer of ``head_units`` with ReLU, dropout, and a softmax over the classes.
+    ``heads``: K > 1 puts K such heads (dense, dropout, softmax) on the same pooled features, each
+    trained on its own from its own start, and averages their probabilities: an ensemble that costs
+    almost nothing on cached features (it needs the frozen backbone; see :mod:`xraylib.train`).
     """
 
     backbone: str = "vgg16"
@@ -60,6 +63,7 @@ class ModelSpec:
     dropout: float = 0.5
     alpha: float | None = None
     pooling: str | None = None
+    heads: int = 1
 
     @property
     def head_pooling(self) -> str:
@@ -74,6 +78,8 @@ class ModelSpec:
             raise ModelError(f"pooling must be 'avg', 'max' or None, got {self.pooling!r}")
         if len(self.classes) < 2:
             raise ModelError(f"need at least two classes, got {list(self.classes)}")
+        if isinstance(self.heads, bool) or not isinstance(self.heads, int) or self.heads < 1:
+            raise ModelError(f"heads must be a whole number >= 1, got {self.heads!r}")
         object.__setattr__(self, "classes", tuple(self.classes))
 
     def to_dict(self) -> dict[str, Any]:
@@ -168,7 +174,7 @@ def build_model(spec: ModelSpec | None = None, *, dtype_policy: str | None = Non
             for layer in base.layers:
                 layer.trainable = False
             features = base.output
-        outputs = head(len(spec.classes), spec.head_units, spec.dropout, spec.head_pooling)(features)
+        outputs = head(len(spec.classes), spec.head_units, spec.dropout, spec.head_pooling, spec.heads)(features)
         model = keras.Model(inputs, outputs, name=f"xraylib_{spec.backbone}")
     model.xraylib_spec = spec
     return model
@@ -255,30 +261,119 @@ def as_float32(model: keras.Model, spec: ModelSpec) -> keras.Model:
 
 
 class _Head:
-    """The classification head as layer objects, so the same weights serve the full model and a head-only model."""
+    """The classification head as layer objects, so the same weights serve the full model and a head-only model.
 
-    def __init__(self, n_classes: int, units: int, dropout: float, pooling: str = "avg"):
+    One head: ``head_pool``, ``head_dense``, ``head_dropout``, ``predictions`` (softmax). K heads: ``head_pool``, then
+    per head k ``head_dense_k``, ``head_dropout_k``, ``head_probs_k`` (softmax), and ``predictions`` averaging them.
+    """
+
+    def __init__(self, n_classes: int, units: int, dropout: float, pooling: str = "avg", heads: int = 1):
         pool = keras.layers.GlobalMaxPooling2D if pooling == "max" else keras.layers.GlobalAveragePooling2D
-        self.layers = [
-            pool(name="head_pool"),
-            keras.layers.Dense(units, activation="relu", name="head_dense"),
-            keras.layers.Dropout(dropout, name="head_dropout"),
-            # float32 output even under mixed precision: softmax in float16 loses small probabilities.
-            keras.layers.Dense(n_classes, activation="softmax", dtype="float32", name="predictions"),
-        ]
+        self.pool = pool(name="head_pool")
+        # float32 outputs even under mixed precision: softmax in float16 loses small probabilities.
+        if heads == 1:
+            self.branches = [[keras.layers.Dense(units, activation="relu", name="head_dense"),
+                              keras.layers.Dropout(dropout, name="head_dropout"),
+                              keras.layers.Dense(n_classes, activation="softmax", dtype="float32", name="predictions")]]
+            self.average = None
+        else:
+            self.branches = [[keras.layers.Dense(units, activation="relu", name=f"head_dense_{k}"),
+                              keras.layers.Dropout(dropout, name=f"head_dropout_{k}"),
+                              keras.layers.Dense(n_classes, activation="softmax", dtype="float32", name=f"head_probs_{k}")]
+                             for k in range(heads)]
+            self.average = keras.layers.Average(dtype="float32", name="predictions")
+        self.layers = [self.pool] + [layer for branch in self.branches for layer in branch] + (
+            [self.average] if self.average is not None else [])
 
     def __call__(self, x: keras.KerasTensor) -> keras.KerasTensor:
-        for layer in self.layers:
-            x = layer(x)
-        return x
+        return apply_branches(self.branches, self.pool(x), self.average)
 
 
-def head(n_classes: int, units: int = 64, dropout: float = 0.5, pooling: str = "avg") -> _Head:
-    return _Head(n_classes, units, dropout, pooling)
+def apply_branches(branches: list[list[keras.layers.Layer]], pooled: keras.KerasTensor,
+                   average: keras.layers.Layer | None) -> keras.KerasTensor:
+    """Pooled features through each branch (dense, dropout, softmax); one branch's output, or ``average`` of them
+    (a Concatenate layer instead gives every head's probabilities side by side, for training them one by one)."""
+    outputs = []
+    for branch in branches:
+        y = pooled
+        for layer in branch:
+            y = layer(y)
+        outputs.append(y)
+    return outputs[0] if average is None else average(outputs)
 
 
-def head_layer_names() -> list[str]:
-    return ["head_pool", "head_dense", "head_dropout", "predictions"]
+def head(n_classes: int, units: int = 64, dropout: float = 0.5, pooling: str = "avg", heads: int = 1) -> _Head:
+    return _Head(n_classes, units, dropout, pooling, heads)
+
+
+def head_layer_names(heads: int = 1) -> list[str]:
+    if heads == 1:
+        return ["head_pool", "head_dense", "head_dropout", "predictions"]
+    return ["head_pool", *[f"head_{part}_{k}" for k in range(heads) for part in ("dense", "dropout", "probs")], "predictions"]
+
+
+def is_head_layer(name: str) -> bool:
+    """Whether a layer belongs to the head (of one or K heads), not to the input handling or the backbone."""
+    return name == "predictions" or name.startswith("head_")
+
+
+def head_count(model: keras.Model) -> int:
+    """K, the number of heads of a model built by :func:`build_model`."""
+    return sum(1 for layer in model.layers if layer.name.startswith("head_probs_")) or 1
+
+
+@keras.saving.register_keras_serializable(package="xraylib")
+class EnsembleLoss(keras.losses.Loss):
+    """Cross-entropy of each of K heads against the same one-hot labels, averaged over the heads: on the heads'
+    probabilities side by side ``(B, K * C)``, so that each head learns on its own (the average of their
+    probabilities is the ensemble's output, not what is trained)."""
+
+    def __init__(self, heads: int, name: str = "ensemble_crossentropy", **kwargs: Any):
+        super().__init__(name=name, **kwargs)
+        self.heads = int(heads)
+
+    def call(self, y_true, y_pred):
+        n_classes = keras.ops.shape(y_true)[-1]
+        y_pred = keras.ops.reshape(y_pred, (-1, self.heads, n_classes))
+        log_p = keras.ops.log(keras.ops.clip(y_pred, 1e-7, 1.0))
+        return keras.ops.mean(-keras.ops.sum(keras.ops.expand_dims(y_true, 1) * log_p, axis=-1), axis=-1)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "heads": self.heads}
+
+
+def _mean_of_heads(y_pred, heads: int, n_classes):
+    return keras.ops.mean(keras.ops.reshape(y_pred, (-1, heads, n_classes)), axis=1)
+
+
+@keras.saving.register_keras_serializable(package="xraylib")
+class EnsembleAccuracy(keras.metrics.CategoricalAccuracy):
+    """Categorical accuracy of the K heads' mean probability, from their probabilities side by side."""
+
+    def __init__(self, heads: int, name: str = "accuracy", **kwargs: Any):
+        super().__init__(name=name, **kwargs)
+        self.heads = int(heads)
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        return super().update_state(y_true, _mean_of_heads(y_pred, self.heads, keras.ops.shape(y_true)[-1]), sample_weight)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "heads": self.heads}
+
+
+@keras.saving.register_keras_serializable(package="xraylib")
+class EnsembleAUC(keras.metrics.AUC):
+    """ROC-AUC of the K heads' mean probability, from their probabilities side by side."""
+
+    def __init__(self, heads: int = 1, name: str = "auc", **kwargs: Any):
+        super().__init__(name=name, **kwargs)
+        self.heads = int(heads)
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        return super().update_state(y_true, _mean_of_heads(y_pred, self.heads, keras.ops.shape(y_true)[-1]), sample_weight)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "heads": self.heads}
 
 
 def trainable_summary(model: keras.Model) -> dict[str, int]:

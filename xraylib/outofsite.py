@@ -203,15 +203,6 @@ def fold_features(model: keras.Model, data: PreprocessedData, spec: models.Model
     return FoldFeatures(rows, plain, [np.asarray(v) for v in cache.train_views], labels, tuple(data.classes))
 
 
-def _ensemble_loss(n_heads: int, n_classes: int):
-    def loss(y_true, y_pred):
-        y_pred = keras.ops.reshape(y_pred, (-1, n_heads, n_classes))
-        y_true = keras.ops.expand_dims(y_true, 1)  # (B, 1, C): the same label for every head
-        log_p = keras.ops.log(keras.ops.clip(y_pred, 1e-7, 1.0))
-        return keras.ops.mean(-keras.ops.sum(y_true * log_p, axis=-1), axis=-1)
-    return loss
-
-
 def fit_heads(views: Sequence[np.ndarray], labels: np.ndarray, n_classes: int, spec: models.ModelSpec,
               epochs: int, batch_size: int, learning_rate: float, class_weighting: bool = True, heads: int = 1,
               seed: int = 0) -> keras.Model:
@@ -230,7 +221,7 @@ def fit_heads(views: Sequence[np.ndarray], labels: np.ndarray, n_classes: int, s
         x = keras.layers.Dropout(spec.dropout, name=f"dropout_{h}")(x)
         outputs.append(keras.layers.Dense(n_classes, activation="softmax", name=f"predictions_{h}")(x))
     model = keras.Model(inputs, keras.layers.Concatenate()(outputs) if heads > 1 else outputs[0])
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=_ensemble_loss(heads, n_classes),
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=models.EnsembleLoss(heads),
                   steps_per_execution=64, jit_compile=False)
     table = np.concatenate([np.asarray(v, dtype=np.float32) for v in views])
     rng = np.random.default_rng([seed, 7])
@@ -411,10 +402,11 @@ def estimate(data: PreprocessedData, spec: models.ModelSpec, model: keras.Model,
 
 
 def for_model(model: keras.Model, data: PreprocessedData, spec: models.ModelSpec, settings: Any,
-              positive_class: str | None = None, n_boot: int = 1000, heads: int = 1,
+              positive_class: str | None = None, n_boot: int = 1000, heads: int | None = None,
               progress: bool = False) -> tuple[OutOfSiteResult | None, str | None]:
-    """:func:`estimate` with a model's own training settings (a :class:`xraylib.train.TrainSettings`), or
-    ``(None, why not)`` where it cannot run (the backbone is trained, too few sites): never raises for those."""
+    """:func:`estimate` with a model's own training settings (a :class:`xraylib.train.TrainSettings`) and heads
+    (``spec.heads`` unless ``heads`` is given), or ``(None, why not)`` where it cannot run (the backbone is trained,
+    too few sites): never raises for those."""
     if not features.can_cache(model):
         return None, ("no out-of-site estimate: this model's backbone is trained (the small CNN, or fine-tuned), "
                       "so the estimate's heads on cached features would describe another model")
@@ -423,7 +415,7 @@ def for_model(model: keras.Model, data: PreprocessedData, spec: models.ModelSpec
                           learning_rate=settings.learning_rate, class_weighting=settings.class_weighting,
                           augment_views=settings.augment_views if settings.augment else 1, augment=settings.augment,
                           min_sensitivity=settings.min_sensitivity, model_rule=settings.threshold_on,
-                          heads=heads, seed=settings.seed, n_boot=n_boot, positive_class=positive_class,
+                          heads=heads or spec.heads, seed=settings.seed, n_boot=n_boot, positive_class=positive_class,
                           progress=progress)
     except OutOfSiteError as exc:
         return None, f"no out-of-site estimate: {exc}"
