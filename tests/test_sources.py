@@ -540,8 +540,11 @@ def make_nlm(root: Path, set_folder: str, prefix: str, labels: dict[str, str], r
         if number in readings:
             (base / "ClinicalReadings").mkdir(parents=True, exist_ok=True)
             (base / "ClinicalReadings" / f"{name}.txt").write_text(readings[number])
-    for name in extra_files:
-        write_raster(base / "CXR_png" / name, image_pixels(name)) if name.endswith(".png") else (base / "CXR_png" / name).write_bytes(b"\0")
+    for name in extra_files:  # a PNG misnamed, or what Windows leaves beside the images
+        if name.endswith(".png"):
+            write_raster(base / "CXR_png" / name, image_pixels(name))
+        else:
+            (base / "CXR_png" / name).write_bytes(b"\0")
     return root
 
 
