@@ -8,8 +8,8 @@ and ``benchmarks/results/quality.md`` (the tables). Not part of the tests. Needs
 (or $XRAYLIB_SHARED_DATA) and, for MobileNet, ../shared/weights (or $XRAYLIB_SHARED_WEIGHTS).
 
 The data: COVID-19 from ieee8023 (every frontal COVID-19 image xraylib's manifest keeps) against
-normals from Kaggle (children aged one to five), NIH ChestX-ray14 (adults) and ieee8023's "No
-Finding" rows. Everything is decoded and resized once into one preprocessed cache, split by
+normals from every source in ../shared/data: Kaggle (children aged one to five), NIH ChestX-ray14
+(adults), the NLM Shenzhen set (mostly adults) and ieee8023's "No Finding" rows. Everything is decoded and resized once into one preprocessed cache, split by
 patient; each protocol is a view of that cache (other rows, other splits), so every image is
 decoded once and run through each backbone once (bottleneck features cached).
 
@@ -18,7 +18,8 @@ Protocols (rows of the table):
       80/20 split (a patient's images on both sides); 1/8 of the training images, drawn at random,
       validate (the seeds had no validation set; xraylib needs one for its threshold).
   (b) the same images split by PATIENT (70/15/15).
-  (c) adult normals only: COVID-19 against NIH and ieee8023 normals, split by patient.
+  (c) adult normals only: COVID-19 against the normals of every source whose record
+      (xraylib.sources.SOURCES) is not children only (NIH, NLM, ieee8023), split by patient.
   (d) leave one source out: all images; for each source that can be left out, train on the
       others and test on every image of it (sensitivity or specificity where it holds one class).
 Pipelines (the seeds' design: backbone frozen, new head, Adam 1e-3, batch 8, 25 epochs, class
@@ -88,10 +89,13 @@ def protocol_rows(data, seed: int) -> dict[str, pd.DataFrame]:
     """Rows of the cache's manifest with ``new_split`` for protocols (a) to (c), and all rows for (d)."""
     from xraylib.split import split_by_image
 
+    from xraylib.sources import SOURCES
+
     rows = data.manifest
     covid = rows["label"] == "covid"
-    pediatric = rows[covid | (rows["source"] == "kaggle")]
-    adult = rows[covid | ((rows["label"] == "normal") & (rows["source"] != "kaggle"))]
+    children = rows["source"].isin([source.name for source in SOURCES if source.children])  # Kaggle's
+    pediatric = rows[covid | children]
+    adult = rows[covid | ((rows["label"] == "normal") & ~children)]
     # (a) the seeds' protocol: a random image-level 80/20 split; 1/8 of the training images validate.
     drawn = split_by_image(pediatric, test_fraction=0.2, seed=seed)["split"].to_numpy(dtype=object)
     train_at = np.flatnonzero(drawn == "train")
@@ -108,7 +112,7 @@ def protocol_rows(data, seed: int) -> dict[str, pd.DataFrame]:
 PROTOCOLS = {
     "a": "(a) seeds' protocol: random image-level 80/20 split, pediatric (Kaggle) normals",
     "b": "(b) patient-level split, pediatric (Kaggle) normals",
-    "c": "(c) patient-level split, adult normals only (NIH + ieee8023)",
+    "c": "(c) patient-level split, adult normals only (every source but Kaggle's children)",
     "d": "(d) leave one source out (all normals)",
 }
 

@@ -26,6 +26,7 @@ from xraylib.fileio import sha1_file
 from xraylib.manifest import MANIFEST_COLUMNS, build_manifest
 from xraylib.preprocess import PreprocessSettings, preprocess_dataset, split_and_preprocess
 from xraylib.phantoms import burn_marker, make_phantom
+from xraylib.sources import SOURCES
 from xraylib.synthetic import write_sample_data
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR AS")
@@ -36,14 +37,16 @@ pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR AS")
 
 
 def group(label: str, source: str, n: int, *, ages=None, view="PA", sex=None, size=(1024, 1024),
-          split=None, start: int = 0, images_per_patient: int = 1) -> list[dict]:
-    """``n`` manifest rows of one (label, source) group; ``ages``/``sex`` a value, a list, or None."""
+          split=None, start: int = 0, images_per_patient: int = 1, site=None) -> list[dict]:
+    """``n`` manifest rows of one (label, source) group; ``ages``/``sex``/``site`` a value, a list, or None
+    (``site``: the source's name)."""
     rows = []
     for i in range(n):
         pick = lambda v: v[i % len(v)] if isinstance(v, (list, tuple)) else v  # noqa: E731
         patient = f"{source}:{label}-{start + i // images_per_patient}"
         rows.append({
-            "path": f"/data/{source}/{label}-{start + i}.png", "label": label, "source": source, "patient_id": patient,
+            "path": f"/data/{source}/{label}-{start + i}.png", "label": label, "source": source,
+            "site": pick(site) if site is not None else source, "patient_id": patient,
             "view": pick(view), "sex": pick(sex), "age": pick(ages), "finding": label, "modality": "X-ray",
             "source_split": None, "image_id": f"{label}-{start + i}.png", "file_format": "png",
             "width": pick(size[0]) if isinstance(size[0], list) else size[0],
@@ -97,6 +100,28 @@ def test_counts_per_class_source_and_split():
     assert ages.loc[("normal", "kaggle"), "range_low"] == SOURCE_POPULATION["kaggle"][0]
     assert report.tables["views"].set_index(["label", "source"]).loc[("normal", "kaggle"), "PA"] == 4
     assert report.tables["sex"].set_index(["label", "source"]).loc[("normal", "nih"), "not recorded"] == 2
+
+
+def test_site_table_counts_images_and_patients_per_site_and_class(tmp_path):
+    manifest = frame(
+        group("covid", "ieee8023", 6, images_per_patient=2, site=["ieee8023:italy", "ieee8023:italy", "ieee8023:italy/brescia",
+                                                                  "ieee8023:italy/brescia", "ieee8023:italy", "ieee8023:italy"]),
+        group("normal", "ieee8023", 1, site="ieee8023:italy/brescia", start=10),
+        group("normal", "nih", 3), group("normal", "nlm-shenzhen", 2),
+    )
+    report = audit(manifest)
+    sites = report.tables["sites"].set_index("site")
+    assert list(sites.columns) == ["source", "images", "patients", "normal_images", "normal_patients",
+                                   "covid_images", "covid_patients"]
+    assert sites.loc["ieee8023:italy", ["images", "patients", "covid_images", "normal_images"]].tolist() == [4, 2, 4, 0]
+    assert sites.loc["ieee8023:italy/brescia", ["covid_patients", "normal_patients"]].tolist() == [1, 1]
+    assert list(sites.index) == ["ieee8023:italy", "ieee8023:italy/brescia", "nih", "nlm-shenzhen"]
+    assert report.summary["n_sites"] == 4 and report.summary["sites_per_class"] == {"normal": 3, "covid": 2}
+    markdown = report.to_markdown()
+    assert "## Images and patients per site and class" in markdown and "- Sites (where the images were made): 4;" in markdown
+    # A manifest from before the site column: each source's record gives its site (NIH's is "nih+rsna").
+    old = audit(manifest.drop(columns="site")).tables["sites"]
+    assert set(old["site"]) == {"ieee8023:unknown", "nih+rsna", "nlm-shenzhen"}
 
 
 def test_audit_refuses_a_table_that_is_not_a_manifest():
@@ -289,8 +314,7 @@ def sample_audits(tmp_path_factory):
     for marker in (None, "covid"):
         root = tmp_path_factory.mktemp(f"sample-{marker}")
         sample = write_sample_data(root / "data", n_patients=10, seed=0, image_size=64, shortcut_marker=marker)
-        sources = {"covid_chestxray_dataset": sample.covid_chestxray_dataset, "rsna_pneumonia": sample.rsna_pneumonia,
-                   "chest_xray_pneumonia": sample.chest_xray_pneumonia}
+        sources = {s.drive_key: getattr(sample, s.drive_key) for s in SOURCES if s.sample_writer is not None}
         manifest = build_manifest(sources, task="covid_vs_normal", progress=False).frame
         data = split_and_preprocess(manifest, root / "cache", ("normal", "covid"), PreprocessSettings(64), workers=1,
                                     progress=False)
@@ -335,6 +359,12 @@ def test_sample_data_audit_finds_the_designed_confounds_and_writes_its_report(sa
     assert "Research software, not a diagnostic device." in markdown
     assert "## Warnings" in markdown and "| label | source | images | patients |" in markdown
     assert not list(paths["json"].parent.glob(".*.tmp"))
+    # Sites: several for covid (ieee8023's locations), one for each hospital of normals.
+    sites = report.tables["sites"].set_index("site")
+    covid_sites = sites[sites["covid_images"] > 0]
+    assert len(covid_sites) >= 3 and covid_sites.index.str.startswith("ieee8023:").all()
+    assert {"kaggle", "nih+rsna", "nlm-shenzhen", "nlm-montgomery"} <= set(sites.index)
+    assert sites["images"].sum() == len(manifest) and written["summary"]["n_sites"] == len(sites)
 
 
 def test_audit_plots(sample_audits, tmp_path):
@@ -374,6 +404,21 @@ def test_real_data_pediatric_normals_and_single_source_covid_are_flagged(shared_
     adults = audit(manifest[manifest["source"] != "kaggle"])
     assert "age_no_overlap" not in adults.checks()
     assert "single_source_class" in adults.checks()
+
+
+@pytest.mark.shared_data
+def test_real_data_sites_per_class(shared_data, tmp_path):
+    paths = config.folder_drive_paths(shared_data, tmp_path)
+    sources = {k: v for k, v in paths.sources().items() if k in ("covid_chestxray_dataset", "nlm_shenzhen")}
+    manifest = build_manifest(sources, task="covid_vs_normal", progress=False).frame
+    report = audit(manifest)
+    sites = report.tables["sites"].set_index("site")
+    covid = sites[sites["covid_images"] > 0]
+    assert covid["covid_images"].sum() == (manifest["label"] == "covid").sum() and 60 <= len(covid) <= 100
+    assert sites.loc["ieee8023:germany/hannover/hannover-medical-school", "covid_patients"] == 43
+    assert sites.loc["nlm-shenzhen", ["normal_images", "normal_patients", "covid_images"]].tolist() == [326, 326, 0]
+    assert report.summary["sites_per_class"]["covid"] == len(covid)
+    assert "ieee8023:unknown" not in sites.index
 
 
 @pytest.mark.shared_data

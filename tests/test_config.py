@@ -186,6 +186,8 @@ def test_sample_drive_paths(tmp_path, monkeypatch):
         "covid_chestxray_dataset": sample / "covid-chestxray-dataset",
         "rsna_pneumonia": sample / "rsna-pneumonia",
         "chest_xray_pneumonia": sample / "chest-xray-pneumonia",
+        "nlm_shenzhen": sample / "nlm-tb" / "ChinaSet_AllFiles",
+        "nlm_montgomery": sample / "nlm-tb" / "MontgomerySet",
     }
     assert paths.layout.sample_data == sample
 
@@ -210,7 +212,9 @@ def test_folder_drive_paths_with_no_source_folder(tmp_path):
 @pytest.mark.shared_data
 def test_folder_drive_paths_on_the_shared_data(shared_data, tmp_path):
     paths = config.folder_drive_paths(shared_data, tmp_path)
-    assert set(paths.sources()) == set(config.SOURCE_KEYS)
+    # The Montgomery set is not in ../shared/data: its folder is absent, so its key is left out.
+    assert set(paths.sources()) == set(config.SOURCE_KEYS) - {"nlm_montgomery"}
+    assert paths.nlm_shenzhen == shared_data / "nlm-tb" / "ChinaSet_AllFiles"
     paths.check_sources_exist()
 
 

@@ -95,4 +95,5 @@ def test_notebook_01_on_the_real_data_matches_the_documented_counts(shared_data,
     assert (len(covid), covid["patient_id"].nunique()) == (451, 258)
     assert covid["view"].value_counts().to_dict() == {"PA": 216, "AP Supine": 120, "AP": 91, "L": 24}
     normal = manifest[manifest["label"] == "normal"]
-    assert normal.groupby("source").size().to_dict() == {"ieee8023": 19, "kaggle": 220, "nih": 110}
+    assert normal.groupby("source").size().to_dict() == {"ieee8023": 19, "kaggle": 220, "nih": 110, "nlm-shenzhen": 326}
+    assert manifest["site"].notna().all() and (manifest.loc[manifest["source"] == "nlm-shenzhen", "site"] == "nlm-shenzhen").all()

@@ -313,6 +313,20 @@ def test_second_call_does_no_work(tmp_path, monkeypatch):
         np.testing.assert_array_equal(second[name].images, images)
 
 
+def test_a_cache_made_before_the_site_column_is_reused_and_gets_sites(tmp_path, monkeypatch):
+    manifest = make_split_manifest(tmp_path / "src").assign(source="nih")
+    run(manifest, tmp_path / "out")
+    cached = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    assert "site" not in cached.columns  # as an older xraylib wrote it
+    calls = []
+    monkeypatch.setattr(preprocess_module, "_work", lambda job: calls.append(job))
+    # The manifest now has sites; the cache's key does not depend on them, so nothing is decoded again.
+    again = run(manifest.assign(site="nih+rsna"), tmp_path / "out")
+    assert calls == [] and again.report["new"] == 0
+    for data in (again, load_preprocessed(tmp_path / "out")):
+        assert (data.manifest["site"] == "nih+rsna").all()  # NIH's record: one hospital with RSNA
+
+
 def test_changed_settings_rebuild(tmp_path):
     manifest = make_split_manifest(tmp_path / "src")
     run(manifest, tmp_path / "out")

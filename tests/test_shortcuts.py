@@ -27,6 +27,7 @@ from xraylib import config, explain, manifest, models, plots, shortcuts, synthet
 from xraylib.errors import ConfigError
 from xraylib.preprocess import PreprocessedData, PreprocessedSplit, PreprocessSettings, split_and_preprocess
 from xraylib.split import patients_in_several_splits
+from xraylib.sources import SOURCES
 from xraylib.runs import train
 from xraylib.train import TrainSettings
 
@@ -144,8 +145,8 @@ def test_data_view_refuses_what_it_cannot_build(marked):
 def test_source_view_labels_each_image_by_its_source(marked):
     _, data = marked
     view = views.source_view(data)
-    # Only RSNA of the NIH/RSNA hospital is present, so it keeps its own name.
-    assert view.classes == ("ieee8023", "kaggle", "rsna")
+    # Only RSNA of the NIH/RSNA hospital is present, so it keeps its own name; each NLM set is a hospital of its own.
+    assert view.classes == ("ieee8023", "kaggle", "nlm-montgomery", "nlm-shenzhen", "rsna")
     for name in ("train", "val", "test"):
         part, original = view[name], data[name]
         assert part.manifest["label"].tolist() == original.manifest["source"].tolist()
@@ -153,7 +154,7 @@ def test_source_view_labels_each_image_by_its_source(marked):
         assert [view.classes[k] for k in part.labels] == part.manifest["label"].tolist()
         np.testing.assert_array_equal(np.asarray(part.images), np.asarray(original.images))
     grouped = views.source_view(data, source_groups={"kaggle": "kaggle+rsna", "rsna": "kaggle+rsna"})
-    assert grouped.classes == ("ieee8023", "kaggle+rsna")
+    assert grouped.classes == ("ieee8023", "kaggle+rsna", "nlm-montgomery", "nlm-shenzhen")
 
 
 def test_a_held_out_source_is_the_whole_test_set_and_absent_from_training(marked):
@@ -177,6 +178,8 @@ def test_source_folds_say_which_sources_can_be_left_out_and_why(marked):
     assert "no covid images" in folds.loc["ieee8023", "reason"]
     assert folds.loc["kaggle", "runnable"] and "normal images only" in folds.loc["kaggle", "reason"]
     assert folds.loc["rsna", "runnable"] and folds.loc["rsna", "images"] == (data.manifest["source"] == "rsna").sum()
+    for nlm in ("nlm-shenzhen", "nlm-montgomery"):  # normals only (their tuberculosis films are not in the manifest)
+        assert folds.loc[nlm, "runnable"] and "normal images only" in folds.loc[nlm, "reason"]
 
 
 def test_macro_auc_is_sklearns_one_vs_rest_macro_auc_with_a_patient_interval():
@@ -296,13 +299,13 @@ def test_source_prediction_finds_that_the_sample_sources_carry_the_labels(marked
     root, data = marked
     result = shortcuts.source_prediction(data, SPEC, SETTINGS, root / "shortcuts" / "source", n_boot=N_BOOT)
     print(result.verdict)
-    assert result.sources == ("ieee8023", "kaggle", "rsna")
+    assert result.sources == ("ieee8023", "kaggle", "nlm-montgomery", "nlm-shenzhen", "rsna")
     assert result.auc >= 0.9 and result.ci[0] <= result.auc <= result.ci[1]
     assert result.confounded and result.shortcut_found
     assert result.verdict.startswith(f"AUC {result.auc:.2f}") and "source alone can carry the labels" in result.verdict
     assert any("'covid' images" in reason and "ieee8023" in reason for reason in result.confound_reasons)
     assert result.n_images == len(data["test"]) and sum(result.images_per_source.values()) == result.n_images
-    # The run is an ordinary, saved run folder (three sources: saved without a covid threshold) ...
+    # The run is an ordinary, saved run folder (five sources: saved without a covid threshold) ...
     saved = models.load_model(result.run_dir)
     assert saved.classes == result.sources
     # ... and asking again loads it instead of training again.
@@ -314,7 +317,7 @@ def test_leave_one_source_out_runs_where_the_data_allow_and_says_why_not_elsewhe
     root, data = marked
     result = shortcuts.leave_one_source_out(data, SPEC, SETTINGS, root / "shortcuts" / "loso", n_boot=N_BOOT)
     print(result.verdict)
-    assert set(result.table.index) == {"kaggle", "rsna"}
+    assert set(result.table.index) == {"kaggle", "rsna", "nlm-shenzhen", "nlm-montgomery"}
     assert "ieee8023" in result.skipped and "no covid images" in result.skipped["ieee8023"]
     for source, row in result.table.iterrows():
         assert row["n_images"] == (data.manifest["source"] == source).sum() and row["n_positive"] == 0
@@ -325,12 +328,12 @@ def test_leave_one_source_out_runs_where_the_data_allow_and_says_why_not_elsewhe
 
 
 def test_leave_one_source_out_on_chosen_rows(marked):
-    """As the benchmark uses it: some rows of the cache only (here without Kaggle's children)."""
+    """As the benchmark uses it: some rows of the cache only (here without Kaggle's children: every adult normal source)."""
     root, data = marked
-    adults = data.manifest[data.manifest["source"] != "kaggle"]
+    adults = data.manifest[~data.manifest["source"].isin([source.name for source in SOURCES if source.children])]
     result = shortcuts.leave_one_source_out(data, SPEC, TrainSettings(epochs=3, batch_size=16, seed=0),
                                             root / "shortcuts" / "loso_adults", rows=adults, n_boot=N_BOOT)
-    assert list(result.table.index) == ["rsna"] and list(result.skipped) == ["ieee8023"]
+    assert sorted(result.table.index) == ["nlm-montgomery", "nlm-shenzhen", "rsna"] and list(result.skipped) == ["ieee8023"]
     assert result.table.loc["rsna", "n_images"] == (adults["source"] == "rsna").sum()
     with pytest.raises(ConfigError, match="'row'"):
         shortcuts.leave_one_source_out(data, SPEC, SETTINGS, root / "unused", rows=adults.drop(columns="row"))

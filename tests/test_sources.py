@@ -1,4 +1,4 @@
-"""Source readers on folders written in the real layouts (ieee8023, RSNA, Kaggle, NIH).
+"""Source readers on folders written in the real layouts (ieee8023, RSNA, Kaggle, NIH, the NLM sets), and sites.
 
 The builders at the top write each source the way users keep it on Drive: the real CSV headers,
 real-style file names, PNG/JPEG images written with OpenCV and DICOMs written with pydicom.
@@ -7,7 +7,9 @@ test_manifest.py and test_preprocess.py reuse them.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import io
+import tomllib
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +19,12 @@ import pytest
 
 from conftest import gradient_image, write_dicom, write_raster
 from xraylib.errors import SourceError
+from xraylib.manifest import build_manifest, load_manifest
 from xraylib.sources import (
-    IEEE8023_REQUIRED, SOURCE_COLUMNS, SOURCES, ieee8023_label, kaggle_patient, nih_label,
-    normalise_view, read_chest_xray_pneumonia, read_covid_chestxray, read_nih_chestxray14, read_rsna,
-    read_rsna_labels,
+    IEEE8023_REQUIRED, IEEE8023_SITES_FILE, IEEE8023_UNKNOWN_SITE, SOURCE_COLUMNS, SOURCES, fill_site, ieee8023_label,
+    ieee8023_site, ieee8023_site_table, kaggle_patient, nih_label, nlm_clinical_reading, normalise_view,
+    read_chest_xray_pneumonia, read_covid_chestxray, read_nih_chestxray14, read_nlm_montgomery, read_nlm_shenzhen,
+    read_rsna, read_rsna_labels,
 )
 
 # write_dicom stores RSNA's plain ages ("43"), which pydicom warns about when writing; the real files do the same.
@@ -519,3 +523,195 @@ def test_nih_rows(tmp_path):
     assert rows.loc["00000003_001.png", "patient_id"] == "nih:3"
     assert table.excluded == {"NIH finding not used": 1, "NIH row without image file (subset on disk)": 1}
     assert table.problems == []
+
+
+# ============================================================================================
+# NLM tuberculosis sets (Shenzhen, Montgomery County)
+
+
+def make_nlm(root: Path, set_folder: str, prefix: str, labels: dict[str, str], readings: dict[str, str],
+             extra_files: tuple[str, ...] = (), sixteen_bit: bool = False) -> Path:
+    """``root/SET_FOLDER/CXR_png/PREFIX_NNNN_L.png`` (OpenCV PNGs) and ``ClinicalReadings/*.txt``, as the NLM download unpacks."""
+    base = root / set_folder
+    for number, suffix in labels.items():
+        name = f"{prefix}_{number}_{suffix}"
+        pixels = image_pixels(name)
+        write_raster(base / "CXR_png" / f"{name}.png", pixels.astype("uint16") * 16 if sixteen_bit else pixels)
+        if number in readings:
+            (base / "ClinicalReadings").mkdir(parents=True, exist_ok=True)
+            (base / "ClinicalReadings" / f"{name}.txt").write_text(readings[number])
+    for name in extra_files:  # a PNG misnamed, or what Windows leaves beside the images
+        if name.endswith(".png"):
+            write_raster(base / "CXR_png" / name, image_pixels(name))
+        else:
+            (base / "CXR_png" / name).write_bytes(b"\0")
+    return root
+
+
+def make_shenzhen(root: Path) -> Path:
+    return make_nlm(root, "ChinaSet_AllFiles", "CHNCXR", {"0001": "0", "0002": "1", "0003": "0", "0004": "0"},
+                    {"0001": "male 45yrs\nnormal\n", "0002": "female 62yrs\nPTB in the right upper field\n",
+                     "0003": "Female 35Y\n\nnormal\n"},
+                    extra_files=("CHNCXR_0005.png", "Thumbs.db"))
+
+
+def make_montgomery(root: Path) -> Path:
+    return make_nlm(root, "MontgomerySet", "MCUCXR", {"0001": "0", "0104": "1", "0113": "1", "0140": "0"},
+                    {"0001": "Patient's Sex: M\nPatient's Age: 040Y\nnormal\n",
+                     "0104": "Patient's Sex: F\nPatient's Age: 027Y\nright upper lobe cavity, TB\n",
+                     "0140": "Patient's Sex: F \r\nPatient's Age: 058Y\r\n\r\nnormal\r\n"},
+                    sixteen_bit=True)
+
+
+@pytest.mark.parametrize("text, sex, age, finding", [
+    ("male 45yrs\nnormal\n", "M", 45.0, "normal"),
+    ("Male 35Y\n\nnormal", "M", 35.0, "normal"),
+    ("female 62yrs\nPTB in the right upper field\nold lesions", "F", 62.0, "PTB in the right upper field old lesions"),
+    ("male 8month\nnormal", "M", 8 / 12, "normal"),
+    ("Patient's Sex: M\nPatient's Age: 040Y\nnormal\n", "M", 40.0, "normal"),
+    ("Patient's Sex: F\r\nPatient's Age: 006M\r\n\r\nbilateral upper lobe TB\r\n", "F", 0.5, "bilateral upper lobe TB"),
+    ("normal\n", None, None, "normal"),
+    ("", None, None, None),
+])
+def test_nlm_clinical_readings_of_both_sets(text, sex, age, finding):
+    got_sex, got_age, got_finding = nlm_clinical_reading(text)
+    assert (got_sex, got_finding) == (sex, finding)
+    assert got_age == pytest.approx(age) if age is not None else got_age is None
+
+
+def test_nlm_shenzhen_reads_normals_counts_tuberculosis_and_reports_bad_names(tmp_path):
+    table = read_nlm_shenzhen(make_shenzhen(tmp_path))
+    rows = by_image(table)
+    assert list(rows.index) == ["CHNCXR_0001_0.png", "CHNCXR_0003_0.png", "CHNCXR_0004_0.png"]
+    assert set(rows["label"]) == {"normal"} and set(rows["view"]) == {"PA"} and set(rows["site"]) == {"nlm-shenzhen"}
+    assert rows["patient_id"].tolist() == ["nlm-shenzhen:0001", "nlm-shenzhen:0003", "nlm-shenzhen:0004"]
+    assert rows.loc["CHNCXR_0001_0.png", ["sex", "age"]].tolist() == ["M", 45.0]
+    assert rows.loc["CHNCXR_0003_0.png", ["sex", "age"]].tolist() == ["F", 35.0]
+    assert pd.isna(rows.loc["CHNCXR_0004_0.png", "sex"]) and pd.isna(rows.loc["CHNCXR_0004_0.png", "age"])  # no reading
+    assert table.excluded == {"tuberculosis (file name ends _1): not a class of xraylib's tasks": 1}
+    assert [(Path(p).name, "CHNCXR_NNNN_L.png" in reason) for p, reason in table.problems] == [("CHNCXR_0005.png", True)]
+    assert list(table.rows.columns) == SOURCE_COLUMNS
+
+
+def test_nlm_montgomery_accepts_the_set_folder_itself(tmp_path):
+    make_montgomery(tmp_path)
+    for root in (tmp_path, tmp_path / "MontgomerySet"):  # the folder holding the set, or the set folder
+        table = read_nlm_montgomery(root)
+        rows = by_image(table)
+        assert list(rows.index) == ["MCUCXR_0001_0.png", "MCUCXR_0140_0.png"]
+        assert rows.loc["MCUCXR_0001_0.png", ["sex", "age", "finding"]].tolist() == ["M", 40.0, "normal"]
+        assert rows.loc["MCUCXR_0140_0.png", ["sex", "age"]].tolist() == ["F", 58.0]
+        assert set(rows["site"]) == {"nlm-montgomery"} and rows["patient_id"].str.startswith("nlm-montgomery:").all()
+        assert table.excluded == {"tuberculosis (file name ends _1): not a class of xraylib's tasks": 2}
+        assert table.problems == []
+
+
+def test_nlm_without_its_set_names_the_folder(tmp_path):
+    make_shenzhen(tmp_path)
+    with pytest.raises(SourceError, match=r"MontgomerySet/CXR_png") as error:
+        read_nlm_montgomery(tmp_path)  # one NLM folder holding only the Shenzhen set
+    assert str(tmp_path) in str(error.value)
+
+
+def test_both_nlm_keys_may_name_one_folder_and_the_manifest_counts_tuberculosis(tmp_path):
+    nlm = make_montgomery(make_shenzhen(tmp_path / "NLM"))
+    result = build_manifest({"nlm_shenzhen": nlm, "nlm_montgomery": nlm, **make_all_sources(tmp_path / "data")},
+                            task="covid_vs_normal", workers=2, progress=False)
+    frame = result.frame
+    assert (frame["source"] == "nlm-shenzhen").sum() == 3 and (frame["source"] == "nlm-montgomery").sum() == 2
+    montgomery = frame[frame["source"] == "nlm-montgomery"]
+    assert set(montgomery["bit_depth"]) == {16} and set(montgomery["label"]) == {"normal"}
+    excluded = result.report.per_source["nlm-montgomery"]["excluded"]
+    assert excluded == {"tuberculosis (file name ends _1): not a class of xraylib's tasks": 2}
+    assert frame["site"].notna().all()
+
+
+@pytest.mark.shared_data
+def test_nlm_shenzhen_on_the_real_normals(shared_data):
+    table = read_nlm_shenzhen(shared_data / "nlm-tb")
+    rows = table.rows
+    assert len(rows) == 326 and rows["patient_id"].nunique() == 326
+    assert set(rows["label"]) == {"normal"} and set(rows["view"]) == {"PA"} and set(rows["site"]) == {"nlm-shenzhen"}
+    assert rows["image_id"].str.fullmatch(r"CHNCXR_\d{4}_0\.png").all()
+    assert table.problems == [] and table.excluded == {}
+    assert rows["age"].isna().all()  # ../shared holds no ClinicalReadings
+
+
+# ============================================================================================
+# Sites
+
+
+@pytest.mark.parametrize("location, doi, url, site", [
+    ("Italy", "", "https://www.sirm.org/x", "ieee8023:italy"),  # a bare country: the country
+    ("Brescia, Italy", "10.1007/s11547-020-01200-3", "", "ieee8023:italy/brescia"),  # a city
+    ("Riccione, Italy ", None, None, "ieee8023:italy/riccione"),  # spellings of one place share a site
+    ("Boca Raton, Florida , USA", None, None, "ieee8023:usa/boca-raton"),
+    ("Hannover Medical School, Hannover, Germany", "", "", "ieee8023:germany/hannover/hannover-medical-school"),
+    ("Vivantes Klinikum Neuk\ufffdlln, Berlin, Germany", "", "", "ieee8023:germany/berlin/vivantes-klinikum-neukolln"),
+    ("Vivantes Klinikum Neukölln, Berlin, Germany", "", "", "ieee8023:germany/berlin/vivantes-klinikum-neukolln"),
+    ("Lyon, France", "", "", "ieee8023:france/lyon"),  # not in the table: its parts, country first
+    ("", "10.1007/S00068-020-01364-7", "https://link.springer.com/x", "ieee8023:doi:10.1007/s00068-020-01364-7"),
+    (None, "", "https://www.radiologyassistant.nl/chest/covid-19", "ieee8023:url:radiologyassistant.nl"),
+    ("", "", "", IEEE8023_UNKNOWN_SITE),
+])
+def test_ieee8023_site_rule(location, doi, url, site):
+    assert ieee8023_site(location, doi, url) == site
+
+
+def test_the_site_table_ships_as_package_data():
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["xraylib"]
+    assert any(fnmatch.fnmatch(IEEE8023_SITES_FILE, pattern) for pattern in patterns)
+    table = ieee8023_site_table()
+    assert len(table) > 100 and all(site.startswith("ieee8023:") for site in table.values())
+
+
+def test_a_patient_at_two_locations_keeps_one_site(tmp_path):
+    root = make_ieee8023(tmp_path, [IeeeRow("1", "COVID-19", "PA", "a.png"), IeeeRow("1", "COVID-19", "AP", "b.png"),
+                                    IeeeRow("2", "COVID-19", "PA", "c.png")],
+                         )
+    metadata = pd.read_csv(root / "metadata.csv", dtype=str, keep_default_na=False)
+    metadata.loc[1, "location"] = "Brescia, Italy"  # the second image of patient 1 names another place
+    metadata.to_csv(root / "metadata.csv", index=False)
+    rows = by_image(read_covid_chestxray(root))
+    assert rows["site"].to_dict() == {"a.png": "ieee8023:vietnam/ho-chi-minh-city/cho-ray-hospital",
+                                      "b.png": "ieee8023:vietnam/ho-chi-minh-city/cho-ray-hospital",
+                                      "c.png": "ieee8023:vietnam/ho-chi-minh-city/cho-ray-hospital"}
+
+
+@pytest.mark.shared_data
+def test_sites_of_the_real_ieee8023_metadata(shared_data):
+    root = shared_data / "covid-chestxray-dataset"
+    raw = pd.read_csv(root / "metadata.csv", dtype=str, keep_default_na=False, encoding="utf-8-sig", encoding_errors="replace")
+    known = ieee8023_site_table()
+    # Every location of the real file is in the committed table (none falls to the parts rule).
+    assert {ieee8023_site(v) for v in raw["location"] if v.strip()} <= set(known.values())
+    rows = read_covid_chestxray(root).rows
+    covid = rows[(rows["label"] == "covid") & rows["view"].isin(["PA", "AP", "AP Supine"])]
+    assert len(covid) == 427 and covid["site"].notna().all()
+    assert IEEE8023_UNKNOWN_SITE not in set(covid["site"])  # every one has a location, a doi or a url
+    assert covid["site"].str.startswith("ieee8023:").all()
+    # 89 location strings (33 rows empty) become about as many sites: spellings merge, empty ones split by paper or sharer.
+    assert 60 <= covid["site"].nunique() <= 100
+    assert 20 <= covid["site"].str.extract(r"^ieee8023:([^/:]+)")[0].nunique() <= 40  # countries
+    assert (rows.groupby("patient_id")["site"].nunique() == 1).all()  # no patient spans sites
+    by_site = covid.groupby("site")["patient_id"].nunique()
+    assert by_site["ieee8023:germany/hannover/hannover-medical-school"] == 43 and by_site["ieee8023:italy"] == 46
+    assert by_site["ieee8023:italy/brescia"] == 7
+    # patientid 197 names Pamplona and Milan (two eurorad cases under one id): one site, the first in the file.
+    assert set(rows.loc[rows["patient_id"] == "ieee8023:197", "site"]) == {"ieee8023:spain/pamplona/complejo-hospitalario-de-navarra"}
+
+
+def test_fill_site_gives_an_old_manifest_its_sites(tmp_path):
+    sources = make_all_sources(tmp_path)
+    frame = build_manifest(sources, task="covid_pneumonia_normal", workers=2, progress=False).frame
+    assert list(frame.columns[:5]) == ["path", "label", "source", "site", "patient_id"]
+    old = frame.drop(columns="site")
+    (tmp_path / "manifest.csv").write_text(old.to_csv(index=False))
+    loaded = load_manifest(tmp_path / "manifest.csv")  # an older xraylib's manifest: no site column
+    assert loaded["site"].tolist() == frame["site"].tolist()
+    assert set(loaded.loc[loaded["source"] == "nih", "site"]) == {"nih+rsna"}
+    assert set(loaded.loc[loaded["source"] == "ieee8023", "site"]) == {"ieee8023:vietnam/ho-chi-minh-city/cho-ray-hospital"}
+    (sources["covid_chestxray_dataset"] / "metadata.csv").unlink()  # the source folder is gone: unknown
+    assert set(fill_site(old).query("source == 'ieee8023'")["site"]) == {IEEE8023_UNKNOWN_SITE}
+    assert fill_site(old.assign(source="my-own"))["site"].eq("my-own").all()

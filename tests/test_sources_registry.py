@@ -51,7 +51,7 @@ def test_each_reader_labels_its_rows_with_its_record_name(tmp_path: Path) -> Non
 def test_the_old_tables_are_views_of_the_records() -> None:
     assert audit.SOURCE_POPULATION == {"kaggle": (1.0, 5.0)}
     assert views.HOSPITAL_GROUPS == {"nih": "nih+rsna", "rsna": "nih+rsna"}
-    assert list(sources.SOURCE_NOTES) == ["ieee8023", "rsna", "kaggle", "nih"]
+    assert list(sources.SOURCE_NOTES) == ["ieee8023", "rsna", "kaggle", "nih", "nlm-shenzhen", "nlm-montgomery"]
     assert "children aged 1 to 5" in sources.SOURCE_NOTES["kaggle"]
     assert [source.name for source in SOURCES if source.children] == ["kaggle"]
 

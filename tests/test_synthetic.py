@@ -1,4 +1,4 @@
-"""xraylib.synthetic: the three sample layouts match the real ones, byte-identical for the same seed."""
+"""xraylib.synthetic: the sample layouts match the real ones, byte-identical for the same seed."""
 from __future__ import annotations
 
 import hashlib
@@ -31,6 +31,8 @@ RSNA_CLASSES_HEADER = "patientId,class"
 # Kaggle file names: IM-0115-0001.jpeg, NORMAL2-IM-0851-0001-0002.jpeg, person1_bacteria_1.jpeg.
 KAGGLE_NORMAL = re.compile(r"^(?:NORMAL2-)?(IM-\d{4})-\d{4}(?:-\d{4})?\.jpeg$")
 KAGGLE_PNEUMONIA = re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+\.jpeg$")
+# NLM file names: CHNCXR_0001_0.png, MCUCXR_0104_1.png (suffix 0 normal, 1 tuberculosis).
+NLM_NAME = re.compile(r"^(CHNCXR|MCUCXR)_\d{4}_[01]\.png$")
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
 SMALL = dict(n_patients=12, seed=1, image_size=128)
@@ -239,6 +241,29 @@ def test_kaggle_images_are_jpegs_of_children_mostly_grayscale(small: synthetic.S
     assert all(image.shape[1] >= image.shape[0] for image in images), "landscape, like the Kaggle films"
 
 
+# ---- NLM tuberculosis sets ---------------------------------------------------------------------
+
+
+def test_nlm_layouts_hold_normals_tuberculosis_and_both_reading_formats(small: synthetic.SampleData) -> None:
+    for folder, prefix, first_line, depth in (
+        (small.nlm_shenzhen, "CHNCXR", re.compile(r"^(?:male|female) \d+yrs$|^(?:Male|Female) \d+Y$"), np.uint8),
+        (small.nlm_montgomery, "MCUCXR", re.compile(r"^Patient's Sex: [MF]$"), np.uint16),
+    ):
+        names = sorted(p.name for p in (folder / "CXR_png").iterdir())
+        assert all(NLM_NAME.match(name) and name.startswith(prefix) for name in names)
+        suffixes = [name[-5] for name in names]
+        assert suffixes.count("1") >= 1 and suffixes.count("0") >= 2 and len(names) == 4  # a third of 12 patients
+        images = [cv2.imread(str(folder / "CXR_png" / name), cv2.IMREAD_UNCHANGED) for name in names]
+        assert all(image is not None and image.dtype == depth for image in images)
+        readings = sorted((folder / "ClinicalReadings").glob("*.txt"))
+        assert readings and all(first_line.match(r.read_text().splitlines()[0]) for r in readings)
+        table = next(s for s in sources.SOURCES if s.folder.endswith(folder.name)).reader(folder)
+        assert len(table.rows) == suffixes.count("0") and sum(table.excluded.values()) == suffixes.count("1")
+        with_reading = table.rows["image_id"].map(lambda n: (folder / "ClinicalReadings" / n.replace(".png", ".txt")).exists())
+        assert table.rows.loc[with_reading, "age"].between(18, 80).all() and table.rows.loc[with_reading, "sex"].isin(["M", "F"]).all()
+    assert small.counts["nlm-tb/MontgomerySet"]["patients"] == 4
+
+
 # ---- writer behaviour ------------------------------------------------------------------------
 
 
@@ -344,6 +369,7 @@ def test_headers_and_name_patterns_match_the_real_data(shared_data: Path) -> Non
         assert f.readline().rstrip("\r\n") == RSNA_LABELS_HEADER
     with open(shared_data / "rsna-pneumonia" / "stage_2_detailed_class_info.csv") as f:
         assert f.readline().rstrip("\r\n") == RSNA_CLASSES_HEADER
+    assert all(NLM_NAME.match(p.name) for p in (shared_data / "nlm-tb" / "ChinaSet_AllFiles" / "CXR_png").iterdir())
     patients = _kaggle_patients(shared_data / "chest-xray-pneumonia")
     assert patients["train"] and patients["test"]
     real = pydicom.dcmread(next((shared_data / "dicom-samples").glob("1.2.*.dcm")), stop_before_pixels=True)

@@ -37,11 +37,11 @@ from .reporting import DISCLAIMER, REPORT_DISCLAIMER, Finding, format_number, ma
 from .errors import ConfigError
 from .fileio import write_json_atomic, write_text_atomic, json_safe
 from .preprocess import PreprocessedData
-from .sources import ADULT_AGE, source_notes, source_populations
+from .sources import ADULT_AGE, fill_site, source_notes, source_populations
 
 __all__ = [
     "SOURCE_POPULATION", "THRESHOLDS", "AuditReport", "Finding", "audit", "write_audit",
-    "counts_table", "age_table", "category_table", "image_size_table", "border_profiles", "border_summary",
+    "counts_table", "site_table", "age_table", "category_table", "image_size_table", "border_profiles", "border_summary",
     "detect_marker", "group_mean_images", "perceptual_hashes", "hamming_pairs", "find_duplicates",
     "confound_warnings", "class_order", "source_label_accuracy",
 ]
@@ -145,7 +145,7 @@ _REQUIRED = ("path", "label", "source", "patient_id")
 class AuditReport:
     """What :func:`audit` found.
 
-    ``tables``: name -> DataFrame (``counts``, ``ages``, ``sex``, ``views``, ``image_sizes``,
+    ``tables``: name -> DataFrame (``counts``, ``sites``, ``ages``, ``sex``, ``views``, ``image_sizes``,
     ``file_types``, and with images ``border``, ``border_by_class``). ``warnings``: plain-words
     sentences, most serious first; ``findings`` the same as :class:`~xraylib.reporting.Finding`
     records: the check that raised each, its level and its numbers. ``duplicates``: one row per pair of images that are the same picture across splits or
@@ -187,6 +187,8 @@ class AuditReport:
             f"**{REPORT_DISCLAIMER}**", "",
             f"- {s.get('n_images', 0)} images of {s.get('n_patients', 0)} patients; classes: "
             + ", ".join(f"{c} ({n} images)" for c, n in s.get("images_per_class", {}).items()) + ".",
+            f"- Sites (where the images were made): {s.get('n_sites', 0)}; "
+            + ", ".join(f"{c} from {n}" for c, n in s.get("sites_per_class", {}).items()) + ".",
             f"- Sources: {', '.join(s.get('sources', [])) or 'none'}."
             + (" Pixel checks on the preprocessed images." if s.get("pixel_checks") else
                " No preprocessed images given: border, marker and near-duplicate checks were not run."),
@@ -200,6 +202,7 @@ class AuditReport:
         titles = {
             "counts": "Images and patients per class and source",
             "counts_by_split": "Images and patients per split",
+            "sites": "Images and patients per site and class",
             "ages": "Age (years) per class and source",
             "sex": "Sex per class and source (images)",
             "views": "Views per class and source (images)",
@@ -267,9 +270,11 @@ def audit(manifest: pd.DataFrame | None, data: PreprocessedData | None = None, *
         split_of = dict(zip(data.manifest["path"].astype(str), data.manifest["split"]))
         frame = frame.assign(split=frame["path"].astype(str).map(split_of))
 
+    order = class_order(frame["label"], classes if classes is not None else getattr(data, "classes", None))
     tables: dict[str, pd.DataFrame] = {"counts": counts_table(frame)}
     if "split" in frame.columns and frame["split"].notna().any():
         tables["counts_by_split"] = counts_table(frame, by_split=True)
+    tables["sites"] = site_table(frame, order)
     tables["ages"] = age_table(frame)
     tables["sex"] = category_table(frame, "sex")
     tables["views"] = category_table(frame, "view")
@@ -299,7 +304,6 @@ def audit(manifest: pd.DataFrame | None, data: PreprocessedData | None = None, *
         mean_images = group_mean_images(images_by_split, pixel_rows)
 
     duplicates = find_duplicates(frame, pixel_rows=pixel_rows, hashes=hashes, thumbnails=thumbnails)
-    order = class_order(frame["label"], classes if classes is not None else getattr(data, "classes", None))
     findings = confound_warnings(frame, border_images=border_images, duplicates=duplicates, classes=order)
     labels = frame["label"].astype(str)
     summary = {
@@ -309,6 +313,8 @@ def audit(manifest: pd.DataFrame | None, data: PreprocessedData | None = None, *
         "sources": sorted(frame["source"].astype(str).unique()),
         "images_per_class": {k: int((labels == k).sum()) for k in order},
         "patients_per_class": {k: int(frame.loc[labels == k, "patient_id"].nunique()) for k in order},
+        "n_sites": int(frame["site"].nunique()),
+        "sites_per_class": {k: int(frame.loc[labels == k, "site"].nunique()) for k in order},
         "pixel_checks": data is not None,
         "n_images_checked_for_pixels": 0 if pixel_rows is None else int(len(pixel_rows)),
         "n_duplicate_pairs": int(len(duplicates)),
@@ -333,7 +339,7 @@ def _check_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
     frame["label"] = frame["label"].astype(str)
     frame["source"] = frame["source"].astype(str)
     frame["patient_id"] = frame["patient_id"].astype(str)
-    return frame
+    return fill_site(frame)  # a manifest made before the site column
 
 
 def _data_rows(data: PreprocessedData) -> tuple[pd.DataFrame, list[np.ndarray]]:
@@ -379,6 +385,31 @@ def counts_table(manifest: pd.DataFrame, by_split: bool = False) -> pd.DataFrame
         table = table.sort_values(["split", "label"], key=lambda s: s.map(order).fillna(9) if s.name == "split" else s,
                                   kind="stable").reset_index(drop=True)
     return table
+
+
+def site_table(manifest: pd.DataFrame, classes: Sequence[str] | None = None) -> pd.DataFrame:
+    """Images and patients per site (where the images were made) and class: one row per site.
+
+    Columns: ``site``, ``source``, ``images``, ``patients``, then ``<class>_images`` and
+    ``<class>_patients`` for each class (``classes`` order, default :func:`class_order`). Rows by
+    source, then most images first. A site of one class only is the common case here (ieee8023's
+    sub-sites hold COVID-19, the hospitals of normals hold normals): a model cannot be tested on
+    an unseen site of both classes, only on an unseen site of each.
+    """
+    frame = fill_site(manifest)
+    order = class_order(frame["label"].astype(str), classes)
+    rows = []
+    for (source, site), group in frame.groupby(["source", "site"], sort=True):
+        labels = group["label"].astype(str)
+        row = {"site": site, "source": source, "images": len(group), "patients": group["patient_id"].nunique()}
+        for label in order:
+            row[f"{label}_images"] = int((labels == label).sum())
+            row[f"{label}_patients"] = int(group.loc[labels == label, "patient_id"].nunique())
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    return table.sort_values(["source", "images", "site"], ascending=[True, False, True], kind="stable").reset_index(drop=True)
 
 
 def _age_range(ages: np.ndarray, source: str) -> tuple[float, float, str]:

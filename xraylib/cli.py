@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m xraylib", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("sample-data", help="write the built-in synthetic sample data in the three source layouts")
+    p = sub.add_parser("sample-data", help="write the built-in synthetic sample data in the real source layouts")
     p.add_argument("dest", help="folder to create (must be new or earlier sample data)")
     p.add_argument("--n", type=int, default=30, help="patients per source (default 30)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same bytes (default 0)")

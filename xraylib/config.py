@@ -50,6 +50,8 @@ class DrivePaths:
     rsna_pneumonia: Path | None = None
     chest_xray_pneumonia: Path | None = None
     nih_chestxray14: Path | None = None
+    nlm_shenzhen: Path | None = None
+    nlm_montgomery: Path | None = None
 
     def sources(self) -> dict[str, Path]:
         """The configured sources, ``{key: folder}``, in SOURCE_KEYS order."""

@@ -1,7 +1,7 @@
 """Build one labelled image manifest from any combination of sources.
 
 The manifest is a table with one row per image (:data:`MANIFEST_COLUMNS`): where the file is,
-its label, source, patient, view, sex, age, original size, bit depth and content hash. Every
+its label, source, site (where the image was made: :mod:`xraylib.sources`), patient, view, sex, age, original size, bit depth and content hash. Every
 later stage reads it. Building it reads each file once (for the hash and a header check) and
 never writes to a source folder.
 """
@@ -24,7 +24,7 @@ from . import images
 from .config import SOURCE_KEYS, DrivePaths
 from .errors import BadFileError, ConfigError, SourceError
 from .fileio import write_csv_atomic, write_json_atomic
-from .sources import SOURCE_COLUMNS, SourceTable, source_by_drive_key
+from .sources import SOURCE_COLUMNS, SourceTable, fill_site, source_by_drive_key
 
 #: Tasks and their classes; index 0 is the negative class, the last one the positive class.
 TASKS: dict[str, tuple[str, ...]] = {
@@ -191,7 +191,7 @@ def build_manifest(
 
     frames = []
     for table in tables:
-        rows = table.rows
+        rows = fill_site(table.rows)  # a reader written before the site column leaves it out
         report.problems += table.problems
         off_task = ~rows["label"].isin(classes)
         for label, count in rows.loc[off_task, "label"].value_counts().items():
@@ -338,11 +338,18 @@ def load_manifest(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise SourceError(f"{path}: manifest not found; run notebook 01 (or `python -m xraylib manifest`) first")
-    frame = pd.read_csv(path, dtype={"patient_id": str, "image_id": str, "sha1": str, "source_split": str})
+    frame = read_manifest_csv(path)
     missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
     if missing:
         raise SourceError(f"{path}: not an xraylib manifest, missing column(s) {missing}")
     return frame
+
+
+def read_manifest_csv(path: str | os.PathLike) -> pd.DataFrame:
+    """A manifest CSV (the stage's own or a cache's) with its id columns as text and ``site`` filled where an
+    older xraylib wrote none (:func:`xraylib.sources.fill_site`)."""
+    frame = pd.read_csv(path, dtype={"patient_id": str, "image_id": str, "sha1": str, "source_split": str, "site": str})
+    return fill_site(frame) if "source" in frame.columns else frame
 
 
 def copy_images(frame: pd.DataFrame, dest: str | os.PathLike, progress: bool = True) -> pd.DataFrame:
@@ -368,7 +375,7 @@ def copy_images(frame: pd.DataFrame, dest: str | os.PathLike, progress: bool = T
 
 
 def counts_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Images and patients per source and label (rows: source, label)."""
+    """Images and patients per source and label (rows: source, label); per site: :func:`xraylib.audit.site_table`."""
     grouped = frame.groupby(["source", "label"])
     return pd.DataFrame({"images": grouped.size(), "patients": grouped["patient_id"].nunique()}).reset_index()
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from .errors import BadFileError, ConfigError, SourceError
 from .fileio import read_bytes, read_json, save_npy_atomic, write_csv_atomic, write_json_atomic
 from .images import decode_bytes
+from .manifest import read_manifest_csv
 from .split import SPLITS, assert_patient_disjoint, split_by_patient
 
 RESIZE_MODES = ("stretch", "pad")
@@ -653,7 +654,8 @@ def load_preprocessed(folder: str | os.PathLike) -> PreprocessedData:
     if not meta or not meta.get("complete"):
         raise SourceError(f"{folder}: no finished preprocessed data; run notebook 02 (or `python -m xraylib preprocess`)")
     classes = tuple(meta["classes"])
-    manifest = pd.read_csv(folder / "manifest.csv", dtype={"patient_id": str, "image_id": str, "sha1": str, "source_split": str})
+    # A cache made before the site column gets its sites here: its key (and arrays) do not depend on them.
+    manifest = read_manifest_csv(folder / "manifest.csv")
     splits = {}
     for split in SPLITS:
         images = np.load(folder / f"{split}_images.npy", mmap_mode="r")

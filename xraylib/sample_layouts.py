@@ -1,7 +1,8 @@
 """The sample layouts of the public sources: phantoms written as each real source stores its files.
 
 One writer per source, the mirror of :mod:`xraylib.sources`' readers: ieee8023's ``metadata.csv`` +
-``images/``, RSNA's DICOMs + two label CSVs, Kaggle's ``chest_xray/{train,test,val}/{NORMAL,PNEUMONIA}``.
+``images/``, RSNA's DICOMs + two label CSVs, Kaggle's ``chest_xray/{train,test,val}/{NORMAL,PNEUMONIA}``,
+the NLM sets' ``CXR_png/`` + ``ClinicalReadings/``.
 Each writer has the signature :data:`xraylib.sources.SampleWriter`: ``(folder, rng, n_patients,
 image_size, marked_label) -> counts``; each source's record (``xraylib.sources.SOURCES``) names its
 writer, and :func:`xraylib.synthetic.write_sample_data` calls them all. Same generator state,
@@ -28,7 +29,8 @@ from .phantoms import RSNA_EXTRAS, burn_marker, make_ct_slice, make_phantom
 
 __all__ = [
     "COVID_METADATA_COLUMNS", "RSNA_LABEL_COLUMNS", "RSNA_CLASS_COLUMNS", "RSNA_CLASSES",
-    "write_ieee8023_sample", "write_rsna_sample", "write_kaggle_sample",
+    "write_ieee8023_sample", "write_rsna_sample", "write_kaggle_sample", "write_nlm_shenzhen_sample",
+    "write_nlm_montgomery_sample",
 ]
 
 #: ieee8023 ``metadata.csv`` columns in file order; the real header ends with a comma, i.e. an
@@ -454,3 +456,71 @@ def write_kaggle_sample(folder: Path, rng: np.random.Generator, n: int, size: in
         "images": dict(sorted(counts.items())),
         "patients": {split: len(ids) for split, ids in sorted(patients.items())},
     }
+
+
+# ---- NLM tuberculosis sets (Shenzhen, Montgomery County) ------------------------------------
+
+_TB_FINDINGS = ("PTB in the right upper field", "bilateral upper-zone PTB with cavitation",
+                "left upper lobe infiltrate, active tuberculosis")  # fmt: skip
+
+
+def _nlm_patients(rng: np.random.Generator, n: int) -> tuple[list[int], list[str]]:
+    """A third as many patients as the other sources (at least 3), about a third of them tuberculosis:
+    (patient numbers, file-name suffixes "0" normal / "1" tuberculosis)."""
+    n_set = max(3, round(n / 3))
+    n_tb = max(1, round(0.3 * n_set))
+    numbers = sorted((rng.permutation(600)[:n_set] + 1).tolist())
+    suffixes = ["1"] * n_tb + ["0"] * (n_set - n_tb)
+    return numbers, [suffixes[i] for i in rng.permutation(n_set)]
+
+
+def _write_nlm_sample(folder: Path, rng: np.random.Generator, n: int, size: int, marked: str | None, *,
+                      prefix: str, reading: Any, sixteen_bit: bool) -> dict:
+    """``folder/CXR_png/PREFIX_NNNN_L.png`` and most ``folder/ClinicalReadings/PREFIX_NNNN_L.txt`` (one PA film each)."""
+    images, readings = folder / "CXR_png", folder / "ClinicalReadings"
+    images.mkdir(parents=True)
+    readings.mkdir()
+    numbers, suffixes = _nlm_patients(rng, n)
+    counts = {"normal": 0, "tuberculosis": 0, "readings": 0}
+    for number, suffix in zip(numbers, suffixes):
+        name = f"{prefix}_{number:04d}_{suffix}"
+        tuberculosis = suffix == "1"
+        height = int(round(size * rng.uniform(0.95, 1.1)))
+        width = int(round(height * rng.uniform(0.85, 1.0)))
+        # The phantoms draw no cavities: a lobar consolidation stands in for a tuberculosis film.
+        phantom = make_phantom("pneumonia" if tuberculosis else "normal", rng, height, width, view="PA",
+                               marker=marked == "normal" and not tuberculosis)
+        image = phantom.image
+        if sixteen_bit:  # Montgomery's films are 12-bit grayscale PNGs
+            image = (image.astype(np.uint16) * 16 + rng.integers(0, 16, size=image.shape)).astype(np.uint16)
+        elif rng.random() < 0.5:  # many Shenzhen PNGs are RGB with equal channels
+            image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+        _save_image(images / f"{name}.png", image)
+        counts["tuberculosis" if tuberculosis else "normal"] += 1
+        sex = "M" if rng.random() < 0.6 else "F"
+        age = int(rng.integers(18, 80))
+        finding = str(rng.choice(_TB_FINDINGS)) if tuberculosis else "normal"
+        if rng.random() < 0.8:  # some films have no reading, as users meet them
+            (readings / f"{name}.txt").write_text(reading(rng, sex, age, finding), encoding="utf-8", newline="")
+            counts["readings"] += 1
+    return {"patients": len(numbers), "images": dict(counts)}
+
+
+def _shenzhen_reading(rng: np.random.Generator, sex: str, age: int, finding: str) -> str:
+    word = {"M": "male", "F": "female"}[sex]
+    first = f"{word.capitalize()} {age}Y" if rng.random() < 0.3 else f"{word} {age}yrs"
+    return f"{first}\n{finding}\n"
+
+
+def _montgomery_reading(rng: np.random.Generator, sex: str, age: int, finding: str) -> str:
+    return f"Patient's Sex: {sex}\nPatient's Age: {age:03d}Y\n{finding}\n"
+
+
+def write_nlm_shenzhen_sample(folder: Path, rng: np.random.Generator, n: int, size: int, marked: str | None) -> dict:
+    """The NLM Shenzhen set: ``CXR_png/CHNCXR_NNNN_L.png`` (8-bit, gray or RGB) and ``ClinicalReadings``."""
+    return _write_nlm_sample(folder, rng, n, size, marked, prefix="CHNCXR", reading=_shenzhen_reading, sixteen_bit=False)
+
+
+def write_nlm_montgomery_sample(folder: Path, rng: np.random.Generator, n: int, size: int, marked: str | None) -> dict:
+    """The NLM Montgomery County set: ``CXR_png/MCUCXR_NNNN_L.png`` (12-bit in 16-bit PNGs) and ``ClinicalReadings``."""
+    return _write_nlm_sample(folder, rng, n, size, marked, prefix="MCUCXR", reading=_montgomery_reading, sixteen_bit=True)

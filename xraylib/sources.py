@@ -12,27 +12,57 @@ is one reader here, one record in :data:`SOURCES`, and one field in
 
 Labels are ``"normal"``, ``"covid"`` (COVID-19) and ``"pneumonia"`` (other pneumonia).
 Patient ids are prefixed with the source (``"ieee8023:12"``) so two sources cannot collide.
+
+Every row also has a ``site``: where the image was made, as far as the data say. A source from
+one hospital gives all its rows its record's ``site`` (``"kaggle"``, ``"nih+rsna"`` for NIH and
+RSNA, ``"nlm-shenzhen"``, ``"nlm-montgomery"``). ieee8023 is a collection of many hospitals and
+papers: :func:`ieee8023_site` derives each row's site from its ``location``, ``doi`` and ``url``:
+
+* a ``location`` in the committed table ``xraylib/data/ieee8023_sites.csv`` takes the table's
+  site, ``ieee8023:COUNTRY[/CITY[/INSTITUTION]]``: the institution where the location names one,
+  else the city (or region), else the country alone. Spellings of one place share a site
+  ("Riccione, Italy" with a trailing space, the ``\ufffd`` that a cp1252 byte becomes). A bare
+  country ("Italy") is one site, ``ieee8023:italy``: the data do not say which hospital, so it may
+  share hospitals with that country's named sites ("Brescia, Italy" is ``ieee8023:italy/brescia``);
+  group by the part before the first ``/`` to hold out whole countries.
+* a ``location`` not in the table: its comma-separated parts, country first, as above
+  ("Lyon, France" -> ``ieee8023:france/lyon``).
+* no ``location``: the publication, ``ieee8023:doi:DOI`` (one paper's cases mostly come from one
+  hospital), else the web site that shared the case, ``ieee8023:url:HOST`` (a collection such as
+  radiopaedia.org is one site: its hospitals cannot be told apart), else ``ieee8023:unknown``.
+* a patient with rows at two sites (the real file reuses patientid 197 for cases from Pamplona
+  and Milan) takes the site of most of their rows, the first in the file on a tie: a patient is
+  never split, so a split by patient stays a split by site.
+
+:func:`fill_site` gives old manifests and caches, made before the ``site`` column, their sites.
 """
 from __future__ import annotations
 
+import csv
+import functools
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
 
 from .dicom import parse_age
 from .errors import SourceError
-from .sample_layouts import write_ieee8023_sample, write_kaggle_sample, write_rsna_sample
+from .sample_layouts import (
+    write_ieee8023_sample, write_kaggle_sample, write_nlm_montgomery_sample, write_nlm_shenzhen_sample, write_rsna_sample,
+)
 
 LABELS = ("normal", "covid", "pneumonia")
 
 #: Columns every source reader returns (the manifest adds file facts such as size and hash).
 SOURCE_COLUMNS = [
-    "path", "label", "source", "patient_id", "view", "sex", "age", "finding", "modality",
+    "path", "label", "source", "site", "patient_id", "view", "sex", "age", "finding", "modality",
     "source_split", "image_id",
 ]
 
@@ -88,11 +118,11 @@ def _read_csv(path: Path, what: str, required: tuple[str, ...]) -> pd.DataFrame:
 
 
 def _finish(rows: list[dict] | dict[str, list], source: str) -> pd.DataFrame:
-    """The reader's rows (a dict per row, or a list per column) as a SOURCE_COLUMNS frame."""
+    """The reader's rows (a dict per row, or a list per column) as a SOURCE_COLUMNS frame; ``site`` filled where unset."""
     frame = pd.DataFrame(rows, columns=SOURCE_COLUMNS)
     frame["source"] = source
     frame["age"] = pd.to_numeric(frame["age"], errors="coerce")
-    return frame
+    return fill_site(frame)
 
 
 def ieee8023_label(finding: object) -> str | None:
@@ -156,6 +186,7 @@ def read_covid_chestxray(root: str | os.PathLike) -> SourceTable:
         rows.append({
             "path": str(path),
             "label": label,
+            "site": ieee8023_site(record.get("location"), record.get("doi"), record.get("url")),
             "patient_id": f"ieee8023:{record['patientid']}",
             "view": normalise_view(record.get("view")),
             "sex": record.get("sex") if record.get("sex") in ("M", "F") else None,
@@ -165,8 +196,61 @@ def read_covid_chestxray(root: str | os.PathLike) -> SourceTable:
             "source_split": None,
             "image_id": filename,
         })
-    table.rows = _finish(rows, "ieee8023")
+    table.rows = _finish(_one_site_per_patient(rows), "ieee8023")
     return table
+
+
+# ---- ieee8023 sites ---------------------------------------------------------------------------
+
+#: The committed table of ieee8023 ``location`` strings and their sites (package data).
+IEEE8023_SITES_FILE = "data/ieee8023_sites.csv"
+#: The site of an ieee8023 row with no location, doi or url.
+IEEE8023_UNKNOWN_SITE = "ieee8023:unknown"
+
+
+def _location_key(location: object) -> str:
+    """How a location is looked up: whitespace collapsed, no space before a comma, case folded."""
+    if not isinstance(location, str):
+        return ""
+    return " ".join(location.split()).replace(" ,", ",").casefold()
+
+
+def _slug(text: str) -> str:
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+
+
+@functools.cache
+def ieee8023_site_table() -> dict[str, str]:
+    """``{location key: site}`` from ``xraylib/data/ieee8023_sites.csv`` (columns location, site, country, city, institution)."""
+    text = resources.files("xraylib").joinpath(IEEE8023_SITES_FILE).read_text(encoding="utf-8")
+    return {_location_key(row["location"]): row["site"] for row in csv.DictReader(text.splitlines())}
+
+
+def ieee8023_site(location: object, doi: object = None, url: object = None) -> str:
+    """The site of an ieee8023 row: its location's (table, else its parts), else its doi's or url's; see the module doc."""
+    key = _location_key(location)
+    if key:
+        known = ieee8023_site_table().get(key)
+        if known is not None:
+            return known
+        parts = [_slug(part) for part in reversed(key.replace(".", ",").split(","))]
+        return "ieee8023:" + "/".join(part for part in parts if part)
+    if isinstance(doi, str) and doi.strip():
+        return f"ieee8023:doi:{doi.strip().lower()}"
+    host = urlparse(url.strip()).netloc.lower() if isinstance(url, str) else ""
+    host = host[4:] if host.startswith("www.") else host
+    return f"ieee8023:url:{host}" if host else IEEE8023_UNKNOWN_SITE
+
+
+def _one_site_per_patient(rows: list[dict]) -> list[dict]:
+    """Each patient's rows at the site of most of them (the first in the file on a tie)."""
+    counts: dict[str, dict[str, int]] = {}
+    for row in rows:
+        sites = counts.setdefault(row["patient_id"], {})
+        sites[row["site"]] = sites.get(row["site"], 0) + 1
+    chosen = {patient: max(sites, key=sites.__getitem__) for patient, sites in counts.items()}  # max keeps the first
+    return [{**row, "site": chosen[row["patient_id"]]} for row in rows]
 
 
 RSNA_CLASS_LABELS = {"Normal": "normal", "Lung Opacity": "pneumonia", "No Lung Opacity / Not Normal": None}
@@ -322,6 +406,120 @@ def read_nih_chestxray14(root: str | os.PathLike) -> SourceTable:
     return table
 
 
+# ---- NLM tuberculosis sets (Shenzhen, Montgomery) -------------------------------------------
+
+
+@dataclass(frozen=True)
+class NlmSet:
+    """One NLM tuberculosis set as its download unpacks: ``SET_FOLDER/CXR_png/PREFIX_NNNN_L.png``
+    (L: 0 normal, 1 tuberculosis) and ``SET_FOLDER/ClinicalReadings/PREFIX_NNNN_L.txt``."""
+
+    source: str
+    set_folder: str
+    prefix: str
+
+
+NLM_SHENZHEN = NlmSet("nlm-shenzhen", "ChinaSet_AllFiles", "CHNCXR")
+NLM_MONTGOMERY = NlmSet("nlm-montgomery", "MontgomerySet", "MCUCXR")
+#: The label of each file-name suffix; tuberculosis (1) is no class of xraylib's tasks and is counted, not kept.
+NLM_LABELS = {"0": "normal", "1": "tuberculosis"}
+# Windows and macOS leave these in the unpacked folders; they are not images and not problems.
+_SYSTEM_FILES = {"thumbs.db", "desktop.ini", ".ds_store"}
+
+# Shenzhen's first line: "male 45yrs", "Male 35Y", "female 62yrs", "male 8month"; Montgomery's lines:
+# "Patient's Sex: M", "Patient's Age: 040Y".
+_SHENZHEN_READING = re.compile(r"^\s*(?P<sex>male|female|m|f)(?![a-z])[\s,]*(?P<age>\d+(?:\.\d+)?)\s*(?P<unit>[a-z]*)", re.IGNORECASE)
+_MONTGOMERY_FIELD = re.compile(r"^\s*patient'?s\s+(?P<field>sex|age)\s*:\s*(?P<value>\S*)", re.IGNORECASE)
+
+
+def nlm_clinical_reading(text: str) -> tuple[str | None, float | None, str | None]:
+    """(sex "M"/"F", age in years, finding) from a ClinicalReadings file of either set; None where absent."""
+    sex = age = None
+    finding_lines = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        if field_match := _MONTGOMERY_FIELD.match(line):
+            value = field_match.group("value")
+            if field_match.group("field").lower() == "sex":
+                sex = value[:1].upper() if value[:1].upper() in ("M", "F") else None
+            else:
+                age = parse_age(value)
+        elif sex is None and age is None and not finding_lines and (reading := _SHENZHEN_READING.match(line)):
+            sex = reading.group("sex")[0].upper()
+            number = float(reading.group("age"))
+            age = number / 12 if reading.group("unit").lower().startswith("mon") else number
+            age = age if 0 <= age < 130 else None
+        else:
+            finding_lines.append(line.strip())
+    return sex, age, " ".join(finding_lines) or None
+
+
+def _nlm_base(root: Path, nlm: NlmSet) -> Path:
+    """The set folder: ``root`` itself, or ``root/SET_FOLDER`` (the folder the NLM download unpacks into)."""
+    for base in (root / nlm.set_folder, root):
+        if (base / "CXR_png").is_dir():
+            return base
+    raise SourceError(f"{root}: no {nlm.set_folder}/CXR_png/ or CXR_png/ folder ({nlm.source}: expected "
+                      f"{nlm.set_folder}/CXR_png/{nlm.prefix}_NNNN_L.png as the NLM download unpacks); "
+                      "point its drive_paths.yaml key at the folder that holds it")
+
+
+def _read_nlm(root: str | os.PathLike, nlm: NlmSet) -> SourceTable:
+    root = Path(root)
+    _require_dir(root, f"{nlm.source}: expected {nlm.set_folder}/CXR_png/")
+    base = _nlm_base(root, nlm)
+    name_pattern = re.compile(rf"^{nlm.prefix}_(\d+)_([01])\.png$", re.IGNORECASE)
+    readings = base / "ClinicalReadings"
+    table = SourceTable(nlm.source, pd.DataFrame(columns=SOURCE_COLUMNS))
+    rows = []
+    for path in sorted((base / "CXR_png").iterdir()):
+        if path.name.startswith(".") or path.name.lower() in _SYSTEM_FILES or not path.is_file():
+            continue
+        match = name_pattern.match(path.name)
+        if match is None:
+            table.problems.append((str(path), f"file name is not {nlm.prefix}_NNNN_L.png (L: 0 normal, 1 tuberculosis)"))
+            continue
+        number, suffix = match.groups()
+        label = NLM_LABELS[suffix]
+        if label != "normal":
+            table.exclude(f"{label} (file name ends _{suffix}): not a class of xraylib's tasks", 1)
+            continue
+        sex = age = finding = None
+        reading = readings / f"{path.stem}.txt"
+        if reading.is_file():
+            try:
+                sex, age, finding = nlm_clinical_reading(reading.read_text(encoding="utf-8", errors="replace"))
+            except OSError as exc:
+                table.problems.append((str(reading), f"clinical reading cannot be read ({exc.strerror or exc}); "
+                                                     "the image is kept without sex and age"))
+        rows.append({
+            "path": str(path), "label": label, "patient_id": f"{nlm.source}:{number}", "view": "PA",
+            "sex": sex, "age": age, "finding": finding or label, "modality": "X-ray", "source_split": None,
+            "image_id": path.name,
+        })
+    table.rows = _finish(rows, nlm.source)
+    return table
+
+
+def read_nlm_shenzhen(root: str | os.PathLike) -> SourceTable:
+    """NLM Shenzhen set: ``ChinaSet_AllFiles/CXR_png/CHNCXR_NNNN_L.png`` (``root`` holds ``ChinaSet_AllFiles/`` or is it).
+
+    Normals (L = 0) are kept, PA, patient NNNN; tuberculosis films (L = 1) are counted and left out;
+    sex and age from ``ClinicalReadings/CHNCXR_NNNN_L.txt`` where present ("male 45yrs").
+    A file name not in that form is reported and skipped.
+    """
+    return _read_nlm(root, NLM_SHENZHEN)
+
+
+def read_nlm_montgomery(root: str | os.PathLike) -> SourceTable:
+    """NLM Montgomery County set: ``MontgomerySet/CXR_png/MCUCXR_NNNN_L.png``, as :func:`read_nlm_shenzhen`.
+
+    Sex and age from ``ClinicalReadings/MCUCXR_NNNN_L.txt`` ("Patient's Sex: M", "Patient's Age: 040Y").
+    """
+    return _read_nlm(root, NLM_MONTGOMERY)
+
+
 # ---- the registry -------------------------------------------------------------------------
 
 #: Under this age (years) a patient is a child.
@@ -337,11 +535,13 @@ class Source:
     """One public source: everything xraylib knows about it, read by every module that needs it.
 
     ``name``: the manifest's ``source`` value (and its patient-id prefix). ``drive_key``: its key
-    in drive_paths.yaml, a :class:`~xraylib.config.DrivePaths` field. ``folder``: its folder name
-    in the built-in sample data and in ``../shared/data``. ``reader``: root folder ->
+    in drive_paths.yaml, a :class:`~xraylib.config.DrivePaths` field. ``folder``: its folder (a
+    relative path) in the built-in sample data and in ``../shared/data``. ``reader``: root folder ->
     :class:`SourceTable`. ``notes``: what a reader of a result should know about its patients
     (the audit and the model card print it). ``site``: its hospital group for the shortcut tests;
     sources of one hospital share a site, so holding one out or telling them apart tests nothing.
+    It is also the manifest's ``site`` of every row of a one-hospital source; a collection of many
+    hospitals (ieee8023) gives each row a site of its own under it (``"ieee8023:italy/brescia"``).
     ``population_ages``: the documented (low, high) age range in years where the files carry no
     per-image age, else None. ``sample_writer``: writes its layout in the built-in sample data,
     None where there is none.
@@ -389,6 +589,19 @@ SOURCES: tuple[Source, ...] = (
         reader=read_nih_chestxray14, site="nih+rsna",
         notes="NIH ChestX-ray14: adults, NIH Clinical Center (the same hospital source as RSNA)",
     ),
+    Source(
+        # Jaeger et al., Quant Imaging Med Surg 2014. One key per set: both may name the folder that holds the two sets.
+        name="nlm-shenzhen", drive_key="nlm_shenzhen", folder="nlm-tb/ChinaSet_AllFiles",
+        reader=read_nlm_shenzhen, site="nlm-shenzhen", sample_writer=write_nlm_shenzhen_sample,
+        notes="NLM Shenzhen tuberculosis set: mostly adults, Shenzhen No. 3 People's Hospital, China (one hospital); "
+              "normals only (tuberculosis films left out)",
+    ),
+    Source(
+        name="nlm-montgomery", drive_key="nlm_montgomery", folder="nlm-tb/MontgomerySet",
+        reader=read_nlm_montgomery, site="nlm-montgomery", sample_writer=write_nlm_montgomery_sample,
+        notes="NLM Montgomery County tuberculosis set: adults, Montgomery County, Maryland, USA (one hospital); "
+              "normals only (tuberculosis films left out)",
+    ),
 )
 
 
@@ -415,6 +628,46 @@ def source_populations() -> dict[str, tuple[float, float]]:
 def site_groups() -> dict[str, str]:
     """``{name: site}``, by name, of the sources whose site is not their own name (``{"nih": "nih+rsna", ...}``)."""
     return {source.name: source.site for source in sorted(SOURCES, key=lambda s: s.name) if source.site != source.name}
+
+
+def fill_site(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with ``site`` set where it is missing: for manifests and caches made before the column.
+
+    A row of a one-hospital source takes its record's ``site``; an ieee8023 row takes
+    :func:`ieee8023_site` of its ``location``, ``doi`` and ``url`` columns where the frame has them,
+    else of the ``metadata.csv`` its image sits under (read once per folder; a patient keeps one site),
+    else :data:`IEEE8023_UNKNOWN_SITE`; a row of any other source (your own images) takes its source name.
+    Returns a new frame with ``site`` right after ``source``; a frame with every site set comes back as it is.
+    """
+    if "site" in frame.columns and frame["site"].notna().all():
+        return frame
+    out = frame.copy()
+    names = out["source"].astype(str).tolist()
+    site = [s if isinstance(s, str) and s else None for s in out["site"]] if "site" in out.columns else [None] * len(out)
+    ieee = [i for i, (name, value) in enumerate(zip(names, site)) if value is None and name == "ieee8023"]
+    if ieee:
+        for i, value in zip(ieee, _ieee8023_sites_of(out.iloc[ieee])):
+            site[i] = value
+    site = [value if value is not None else getattr(source_by_name(name), "site", name) for name, value in zip(names, site)]
+    if "site" in out.columns:
+        out["site"] = pd.Series(site, index=out.index, dtype=object)
+    else:
+        out.insert(list(out.columns).index("source") + 1, "site", pd.Series(site, index=out.index, dtype=object))
+    return out
+
+
+def _ieee8023_sites_of(rows: pd.DataFrame) -> list[str]:
+    """Sites of ieee8023 rows without one: from their own location/doi/url columns, else their metadata.csv."""
+    if {"location", "doi", "url"} & set(rows.columns):
+        return [ieee8023_site(*(row.get(c) for c in ("location", "doi", "url"))) for row in rows.to_dict("records")]
+    found: dict[str, str] = {}
+    for metadata_root in sorted({Path(str(path)).parent.parent for path in rows["path"]}):
+        try:
+            table = read_covid_chestxray(metadata_root)
+        except SourceError:
+            continue
+        found.update(zip(table.rows["path"], table.rows["site"]))
+    return [found.get(str(path), IEEE8023_UNKNOWN_SITE) for path in rows["path"]]
 
 
 #: ``{name: notes}``: a view of :data:`SOURCES`, kept for the callers that read it.

@@ -7,7 +7,9 @@ source whose record (:data:`xraylib.sources.SOURCES`) has a ``sample_writer``
 
 * ``covid-chestxray-dataset/`` (ieee8023: ``metadata.csv`` + ``images/``),
 * ``rsna-pneumonia/`` (``stage_2_train_images/*.dcm`` + the two label CSVs),
-* ``chest-xray-pneumonia/chest_xray/{train,test,val}/{NORMAL,PNEUMONIA}/`` (Kaggle, children).
+* ``chest-xray-pneumonia/chest_xray/{train,test,val}/{NORMAL,PNEUMONIA}/`` (Kaggle, children),
+* ``nlm-tb/ChinaSet_AllFiles/`` and ``nlm-tb/MontgomerySet/`` (the NLM tuberculosis sets: ``CXR_png/``
+  + ``ClinicalReadings/``; a third as many patients as the others, normals and tuberculosis films).
 
 Everything is drawn from a seeded :class:`numpy.random.Generator`, so the same arguments give
 byte-identical files: the manifest builder, the DICOM reader, the patient-level split and a
@@ -33,7 +35,8 @@ __all__ = ["LABELS", "SAMPLE_DATA_FILE", "SampleData", "write_sample_data"]
 
 SAMPLE_DATA_FILE = "SAMPLE_DATA.json"
 _GENERATOR_NAME = "xraylib.synthetic"
-_FORMAT_VERSION = 1
+#: 2: the NLM Shenzhen and Montgomery sets (the earlier sources' bytes are unchanged).
+_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -41,13 +44,16 @@ class SampleData:
     """Where :func:`write_sample_data` put each source, and what it wrote.
 
     One field per source with a sample layout, named by its ``drive_key`` (as
-    :class:`~xraylib.config.DrivePaths`); ``chest_xray_pneumonia`` is the folder that contains ``chest_xray/``.
+    :class:`~xraylib.config.DrivePaths`); ``chest_xray_pneumonia`` is the folder that contains ``chest_xray/``,
+    ``nlm_shenzhen`` and ``nlm_montgomery`` the set folders (``ChinaSet_AllFiles/``, ``MontgomerySet/``).
     """
 
     root: Path
     covid_chestxray_dataset: Path
     rsna_pneumonia: Path
     chest_xray_pneumonia: Path
+    nlm_shenzhen: Path
+    nlm_montgomery: Path
     counts: dict
 
 
@@ -58,9 +64,9 @@ def write_sample_data(
     image_size: int = 320,
     shortcut_marker: str | None = None,
 ) -> SampleData:
-    """Write the three sample sources under ``dest`` and return their paths and counts.
+    """Write the sample sources under ``dest`` and return their paths and counts.
 
-    Each source gets ``n_patients`` patients. Images are about ``image_size`` pixels high.
+    Each source gets ``n_patients`` patients (each NLM set a third as many, at least 3). Images are about ``image_size`` pixels high.
     ``shortcut_marker`` (None or a label) burns a white "R" marker into every image of that
     label (for RSNA: "Normal" for ``"normal"``, "Lung Opacity" for ``"pneumonia"``).
 
@@ -74,7 +80,8 @@ def write_sample_data(
     """
     params = _check_params(n_patients, seed, image_size, shortcut_marker)
     dest = Path(dest)
-    remove_stale_partial_dirs(dest, {SAMPLE_DATA_FILE, *(source.folder for source in _sample_sources())})
+    # A source's folder may be nested ("nlm-tb/MontgomerySet"): a partial folder holds its first part.
+    remove_stale_partial_dirs(dest, {SAMPLE_DATA_FILE, *(Path(source.folder).parts[0] for source in _sample_sources())})
     existing = _read_sample_marker(dest)
     # Bump _FORMAT_VERSION whenever the output changes, so that old sample data is redrawn.
     current = existing is not None and existing.get("format_version") == _FORMAT_VERSION
