@@ -28,7 +28,7 @@ DATA = {"config", "errors", "fileio", "reporting", "sources", "dicom", "images",
         "phantoms", "sample_layouts", "synthetic", "views"}
 MODEL = {"models", "batches", "features", "train"}
 JUDGE = {"evaluate", "shortcuts", "explain", "ood"}
-USE = {"predict", "serve", "cli"}
+USE = {"predict", "calibrate", "serve", "cli"}
 RUN = {"runs"}
 
 

@@ -167,6 +167,8 @@ class Analyser:
             "positive_class": loaded.positive_class,
             "threshold": loaded.threshold,
             "threshold_chosen_on": meta.get("threshold", {}).get("chosen_on", "unknown"),
+            "site": loaded.site,
+            "model_threshold": meta.get("threshold", {}).get("model_value", loaded.threshold),
             "image_size": self.settings.image_size,
             "resize": self.settings.resize,
             "saved_with_keras": meta.get("versions", {}).get("keras", "unknown"),
@@ -232,6 +234,7 @@ class Analyser:
             "probabilities": {c: float(p) for c, p in zip(loaded.classes, probs)},
             "decision": decision if verdict.ok else None,
             "threshold": loaded.threshold,
+            "site": loaded.site,
             "positive_class": loaded.positive_class,
         }
         if verdict.ok and heatmap is None:
@@ -410,15 +413,20 @@ def _is_loopback(host: str) -> bool:
 
 
 def build_server(model: "LoadedModel | str | Path", settings: ServeSettings = ServeSettings(),
-                 data_dir: str | Path | None = None, say: Callable[[str], None] = print):
+                 data_dir: str | Path | None = None, say: Callable[[str], None] = print, site: str | None = None):
     """A Werkzeug server (threaded) for ``model``, not yet serving: ``server.serve_forever()``; its port is
-    ``server.server_port`` (``settings.port=0`` takes a free one)."""
+    ``server.server_port`` (``settings.port=0`` takes a free one). ``site``: decide at that site profile's
+    threshold (:mod:`xraylib.calibrate`) instead of the model's own; an unknown one raises :class:`ModelError`."""
     from werkzeug.serving import make_server
 
     from . import runs
     from .models import LoadedModel, load_model
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    loaded = loaded.for_site(site)
+    if site is not None:
+        say(f"site profile {site!r}: decisions at threshold {loaded.threshold:.4f} (the model's own: "
+            f"{loaded.metadata['threshold'].get('model_value', float('nan')):.4f})")
     if loaded.file_format == "savedmodel":
         say("note: a SavedModel runs a TensorFlow graph outside Keras' safe mode; serve only SavedModels you trust")
     reference, note = runs.prepare_ood(loaded, data_dir, say)
@@ -432,10 +440,11 @@ def build_server(model: "LoadedModel | str | Path", settings: ServeSettings = Se
 
 def run_server(model: "LoadedModel | str | Path", host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_files: int = DEFAULT_MAX_FILES,
-               data_dir: str | Path | None = None) -> None:
-    """Serve the page until Ctrl+C. ``host="0.0.0.0"`` lets other machines in; the default is this machine only."""
+               data_dir: str | Path | None = None, site: str | None = None) -> None:
+    """Serve the page until Ctrl+C. ``host="0.0.0.0"`` lets other machines in; the default is this machine only.
+    ``site``: decide at that site profile's threshold."""
     settings = ServeSettings(host=host, port=port, max_upload_mb=max_upload_mb, max_files=max_files)
-    server = build_server(model, settings, data_dir)
+    server = build_server(model, settings, data_dir, site=site)
     if not _is_loopback(host):
         print(f"warning: listening on {host}: anyone who can reach this machine can upload images. There is no "
               "login and no encryption; use it only on a network you trust.")
@@ -467,12 +476,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the preprocessed data the model was trained on (OUTPUT_DIR/preprocessed), to build the "
                              "out-of-distribution reference when the model has none (default: the folder named in "
                              "model.json, when it still holds that data)")
+    parser.add_argument("--site", metavar="NAME", default=None,
+                        help="decide at this site profile's threshold (made by `python -m xraylib calibrate`) instead "
+                             "of the model's own")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     """``python -m xraylib serve``: what :func:`add_arguments` parsed, to :func:`run_server`."""
     run_server(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
-               max_files=args.max_files, data_dir=args.data)
+               max_files=args.max_files, data_dir=args.data, site=args.site)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
