@@ -227,11 +227,15 @@ class Calibration:
         interval = self.interval
         count, what = (self.n_normals, "normals") if self.target_metric == "specificity" else (self.n_positives, "positives")
         if not self.supported:
+            most = assured_by(count, interval.level)
+            beyond = (f"Even a threshold above all {count} would assure only {most:.0%}; assuring "
+                      f"{self.target_value:.0%} at all takes at least {self.normals_to_promise} {what}"
+                      if most < self.target_value else
+                      f"Only a stricter threshold (above more of them, so aimed beyond {target}) could assure it")
             lines.append(f"{count} {what} cannot promise {target}: with {interval.level:.0%} confidence this threshold "
-                         f"gives at least {interval.low:.0%}. Even a threshold above all {count} would assure only "
-                         f"{assured_by(count, interval.level):.0%}; assuring {self.target_value:.0%} at all takes at "
-                         f"least {self.normals_to_promise} {what}, and pinning it to within {SUPPORT_MARGIN:.2f} "
-                         f"(lower end at least {self.target_value - SUPPORT_MARGIN:.0%}) about {self.normals_to_pin}.")
+                         f"gives at least {interval.low:.0%}. {beyond}; a threshold aimed at {self.target_value:.0%} "
+                         f"is known to within {SUPPORT_MARGIN:.2f} (lower end at least "
+                         f"{self.target_value - SUPPORT_MARGIN:.0%}) from about {self.normals_to_pin} {what}.")
         else:
             lines.append(f"{count} {what} support this: the lower end ({interval.low:.0%}) is within {SUPPORT_MARGIN:.2f} "
                          f"of the {target} asked for.")
@@ -287,7 +291,7 @@ def calibrate_scores(normal_scores: Sequence[float], positive_scores: Sequence[f
 
 
 def _ood_summary(loaded: LoadedModel, images: np.ndarray, facts: list, data_dir: str | os.PathLike | None,
-                 say: Callable[[str], None]) -> tuple[dict[str, Any], str | None]:
+                 say: Callable[[str], None], with_positives: bool) -> tuple[dict[str, Any], str | None]:
     """The guard's verdicts on the site's images: counts by check, and a warning when too many are flagged."""
     from . import ood, runs
 
@@ -306,8 +310,9 @@ def _ood_summary(loaded: LoadedModel, images: np.ndarray, facts: list, data_dir:
     common = "; ".join(f"{kind} ({count})" for kind, count in kinds.most_common(3))
     warning = (f"{len(flagged)} of the site's {len(verdicts)} images look unlike the images the model was trained on "
                f"(out-of-distribution guard: {common}). A new threshold moves where the model decides, not what it "
-               "sees: on such images its ranking may be poor, and without known positives (--positives) nothing here "
-               "measures it. The web page gives no decision for flagged images.")
+               "sees: on such images its ranking may be poor" + (", which the sensitivity on the site's positives below "
+               "measures." if with_positives else ", and without known positives (--positives) nothing here measures "
+               "it.") + " The web page gives no decision for flagged images.")
     return summary, warning
 
 
@@ -349,7 +354,8 @@ def calibrate(model: LoadedModel | str | os.PathLike, normals: Any, site: str, *
                               target_sensitivity=target_sensitivity, model_threshold=loaded.threshold, site=site,
                               positive_class=loaded.positive_class)
     result.skipped = skipped
-    result.ood, warning = _ood_summary(loaded, np.concatenate(all_images), all_facts, data_dir, say)
+    result.ood, warning = _ood_summary(loaded, np.concatenate(all_images), all_facts, data_dir, say,
+                                          with_positives="positive" in scores)
     if warning:
         result.warnings.append(warning)
     if save:
