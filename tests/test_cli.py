@@ -50,7 +50,9 @@ def assert_user_error(result: subprocess.CompletedProcess, *words: str) -> str:
                    "--learning-rate", "--fine-tune-epochs", "--fine-tune-learning-rate", "--no-augment", "--flip",
                    "--no-class-weights", "--seed", "--resume", "--no-resume"]),
         ("evaluate", ["--output-dir", "--run", "--split", "--n-boot"]),
-        ("predict", ["--model", "--csv"]),
+        ("predict", ["--model", "--csv", "--site"]),
+        ("calibrate", ["--model", "--normals", "--positives", "--site", "--target-specificity", "--target-sensitivity",
+                       "--data"]),
     ],
 )
 def test_help_of_each_command(tmp_path, command, options):
