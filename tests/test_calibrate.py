@@ -36,13 +36,9 @@ SITE = "st-elsewhere"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return build_trained_run(tmp_path_factory.mktemp("calibrate_run"))
-
-
-@pytest.fixture(scope="module")
-def run_dir(run) -> Path:
-    return run[0]
+def run_dir(tmp_path_factory) -> Path:
+    """test_ood's small CNN, trained on the training site's frontal phantoms."""
+    return build_trained_run(tmp_path_factory.mktemp("calibrate_run"))[0]
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +179,24 @@ def test_serve_with_a_site_decides_at_its_threshold(calibrated, run_dir, site, c
     assert serve.main(["--model", str(run_dir), "--site", "nowhere", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert "no site profile 'nowhere'" in err and SITE in err and "Traceback" not in err
+
+
+def test_serve_calibrates_a_site_at_start_and_serves_at_it(calibrated, run_dir, site, tmp_path, capsys):
+    model = tmp_path / "run"
+    shutil.copytree(run_dir, model)
+    lines = []
+    normals = sorted(site.normals.glob("*.png"))[:N_CALIBRATION]
+    server = serve.build_server(model, serve.ServeSettings(port=0), say=lines.append, site="served",
+                                site_normals=normals, target_specificity=TARGET)
+    try:
+        assert "served" in server.app.test_client().get("/").get_data(as_text=True)
+    finally:
+        server.server_close()
+    assert any("30 normals cannot promise 90% specificity" in line for line in lines)
+    profile = json.loads((model / "model.json").read_text())["site_profiles"]["served"]
+    assert profile["threshold"] == pytest.approx(calibrated.threshold, abs=1e-4)
+    assert serve.main(["--model", str(model), "--target-specificity", "0.9"]) == 2
+    assert "--calibrate-normals" in capsys.readouterr().err
 
 
 def test_model_json_refuses_a_broken_site_profile(calibrated, run_dir, tmp_path):

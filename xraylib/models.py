@@ -492,6 +492,11 @@ class LoadedModel:
         """The site whose threshold this model decides with (:meth:`for_site`), or None: the model's own threshold."""
         return self.metadata.get("threshold", {}).get("site")
 
+    def with_site_profile(self, site: str, profile: dict[str, Any]) -> "LoadedModel":
+        """The same model with site profile ``site`` added in memory (as :mod:`xraylib.calibrate` just stored it)."""
+        profiles = {**self.site_profiles, site: profile}
+        return dataclasses_replace(self, metadata={**self.metadata, "site_profiles": profiles})
+
     def for_site(self, site: str | None) -> "LoadedModel":
         """The same model deciding at site profile ``site``'s threshold (None: itself, the model's own threshold).
 
