@@ -130,7 +130,10 @@ def test_calibrate_stores_a_named_profile_and_keeps_the_models_own_threshold(cal
     assert (profile["n_normals"], profile["n_positives"]) == (N_CALIBRATION, 0)
     assert profile["interval"]["low"] <= calibrated.specificity.value <= profile["interval"]["high"]
     assert profile["created"] and models.check_metadata(metadata) is metadata
-    assert models.load_model(run_dir).for_site(SITE).threshold == pytest.approx(calibrated.threshold)
+    at_site = models.load_model(run_dir).for_site(SITE)
+    assert at_site.threshold == pytest.approx(calibrated.threshold) and at_site.site == SITE
+    assert at_site.model_threshold == loaded.threshold == at_site.for_site(None).threshold
+    assert at_site.for_site(None).metadata["threshold"] == loaded.metadata["threshold"]
 
 
 def test_calibration_on_shifted_images_warns_that_they_look_unlike_the_training_data(calibrated, loaded, tmp_path):

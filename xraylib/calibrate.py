@@ -335,7 +335,7 @@ def calibrate(model: LoadedModel | str | os.PathLike, normals: Any, site: str, *
 
     site = check_site_name(site)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    loaded = loaded.for_site(None)
+    loaded = loaded.for_site(None)  # the model's own threshold, also when given a copy made for a site
     pos = loaded.classes.index(loaded.positive_class)
     groups = {"normal": collect_image_paths(normals)}
     if positives is not None:

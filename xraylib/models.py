@@ -497,22 +497,29 @@ class LoadedModel:
         profiles = {**self.site_profiles, site: profile}
         return dataclasses_replace(self, metadata={**self.metadata, "site_profiles": profiles})
 
-    def for_site(self, site: str | None) -> "LoadedModel":
-        """The same model deciding at site profile ``site``'s threshold (None: itself, the model's own threshold).
+    @property
+    def model_threshold(self) -> float:
+        """The model's own threshold (chosen at training), whatever site this copy decides for."""
+        threshold = self.metadata.get("threshold", {})
+        return float(threshold.get("model_threshold", threshold).get("value", 0.5))
 
-        The copy's ``threshold`` names the site and keeps the model's own value as ``model_value``. Raises
+    def for_site(self, site: str | None) -> "LoadedModel":
+        """The same model deciding at site profile ``site``'s threshold; None: at the model's own threshold.
+
+        The copy's ``threshold`` names the site and keeps the model's own threshold as ``model_threshold``. Raises
         :class:`ModelError` naming ``model.json`` and the known sites when there is no such profile.
         """
+        own = self.metadata.get("threshold", {})
+        own = own.get("model_threshold", own)  # a copy made for another site: start from the model's own
         if site is None:
-            return self
+            return self if self.site is None else dataclasses_replace(self, metadata={**self.metadata, "threshold": own})
         profiles = self.site_profiles
         if site not in profiles:
             known = ", ".join(repr(name) for name in sorted(profiles)) or "none yet (make one with `python -m xraylib calibrate`)"
             raise ModelError(f"{_metadata_path(self.path)}: no site profile {site!r}; known site profiles: {known}")
         profile = profiles[site]
-        own = self.metadata.get("threshold", {})
         target = profile["target"]
-        threshold = {**own, "value": float(profile["threshold"]), "site": site, "model_value": own.get("value"),
+        threshold = {**own, "value": float(profile["threshold"]), "site": site, "model_threshold": own,
                      "rule": f"{target['metric']} {target['value']:g} at site {site!r}",
                      "chosen_on": f"{profile['n_normals']} normal and {profile['n_positives']} positive images of "
                                   f"site {site!r} ({profile['created']})"}

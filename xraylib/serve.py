@@ -168,7 +168,7 @@ class Analyser:
             "threshold": loaded.threshold,
             "threshold_chosen_on": meta.get("threshold", {}).get("chosen_on", "unknown"),
             "site": loaded.site,
-            "model_threshold": meta.get("threshold", {}).get("model_value", loaded.threshold),
+            "model_threshold": loaded.model_threshold,
             "image_size": self.settings.image_size,
             "resize": self.settings.resize,
             "saved_with_keras": meta.get("versions", {}).get("keras", "unknown"),
@@ -441,7 +441,7 @@ def build_server(model: "LoadedModel | str | Path", settings: ServeSettings = Se
     loaded = loaded.for_site(site)
     if site is not None:
         say(f"site profile {site!r}: decisions at threshold {loaded.threshold:.4f} (the model's own: "
-            f"{loaded.metadata['threshold'].get('model_value', float('nan')):.4f})")
+            f"{loaded.model_threshold:.4f})")
     if loaded.file_format == "savedmodel":
         say("note: a SavedModel runs a TensorFlow graph outside Keras' safe mode; serve only SavedModels you trust")
     reference, note = runs.prepare_ood(loaded, data_dir, say)
