@@ -106,6 +106,15 @@ def test_exact_intervals_and_what_a_few_normals_can_promise():
         calibrate.calibrate_scores(np.linspace(0, 1, 10), target_specificity=0.95)
 
 
+def test_too_few_normals_is_an_error_naming_the_folder(loaded, tmp_path, site):
+    few = tmp_path / "few"
+    few.mkdir()
+    for path in sorted(site.normals.glob("*.png"))[:5]:
+        shutil.copy(path, few / path.name)
+    with pytest.raises(calibrate.CalibrationError, match=f"normals: {few}: 5 normals cannot set a threshold for 95%"):
+        calibrate.calibrate(loaded, few, "tiny", target_specificity=0.95, save=False, say=lambda line: None)
+
+
 def test_a_target_sensitivity_needs_positives_and_is_set_on_them(site_scores):
     normals, positives = site_scores
     with pytest.raises(calibrate.CalibrationError, match="--positives"):
@@ -235,5 +244,7 @@ def test_calibrate_and_predict_from_the_command_line(calibrated, run_dir, site, 
     profile = json.loads((model / "model.json").read_text())["site_profiles"]["cli-site"]
     assert (profile["n_normals"], profile["n_positives"]) == (N_CALIBRATION, N_SITE_POSITIVES)
     assert profile["threshold"] == pytest.approx(calibrated.threshold, abs=1e-4)  # same 30 normals, same threshold
+    predicted = run_cli("predict", "--model", model, "--site", "cli-site", normals[0], cwd=tmp_path, check=True)
+    assert f"decisions at threshold {profile['threshold']:.4f} (site profile 'cli-site')" in predicted.stdout
     assert_user_error(run_cli("predict", "--model", model, "--site", "nowhere", normals[0], cwd=tmp_path),
                       "no site profile 'nowhere'", "'cli-site'", SITE)

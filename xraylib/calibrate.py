@@ -316,6 +316,14 @@ def _ood_summary(loaded: LoadedModel, images: np.ndarray, facts: list, data_dir:
     return summary, warning
 
 
+def _shown(target: Any) -> str:
+    """A file or folder as given, or "N files (first, ...)" for a list."""
+    if isinstance(target, (str, os.PathLike)):
+        return str(target)
+    paths = [str(p) for p in target]
+    return f"{len(paths)} files ({paths[0]}, ...)" if len(paths) > 1 else ", ".join(paths)
+
+
 def calibrate(model: LoadedModel | str | os.PathLike, normals: Any, site: str, *, positives: Any = None,
               target_specificity: float | None = None, target_sensitivity: float | None = None,
               data_dir: str | os.PathLike | None = None, save: bool = True, batch_size: int = 16,
@@ -350,9 +358,14 @@ def calibrate(model: LoadedModel | str | os.PathLike, normals: Any, site: str, *
         scores[group] = predict_images(loaded.model, images, batch_size)[:, pos]
         all_images.append(images)
         all_facts += facts
-    result = calibrate_scores(scores["normal"], scores.get("positive"), target_specificity=target_specificity,
-                              target_sensitivity=target_sensitivity, model_threshold=loaded.threshold, site=site,
-                              positive_class=loaded.positive_class)
+    try:
+        result = calibrate_scores(scores["normal"], scores.get("positive"), target_specificity=target_specificity,
+                                  target_sensitivity=target_sensitivity, model_threshold=loaded.threshold, site=site,
+                                  positive_class=loaded.positive_class)
+    except ConfigError as exc:  # name what was given: too few images in which folder
+        given = "; ".join(f"{group}s: {_shown(target)}" for group, target in (("normal", normals), ("positive", positives))
+                          if target is not None)
+        raise type(exc)(f"{given}: {exc}") from None
     result.skipped = skipped
     result.ood, warning = _ood_summary(loaded, np.concatenate(all_images), all_facts, data_dir, say,
                                           with_positives="positive" in scores)
