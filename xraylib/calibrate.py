@@ -247,6 +247,17 @@ class Calibration:
         return "\n".join(self.messages())
 
 
+def _target(target_specificity: float | None, target_sensitivity: float | None) -> tuple[str, float]:
+    """The one target given, as ``(metric, value)``; :class:`ConfigError` for none, both or a value outside [0.5, 1)."""
+    if (target_specificity is None) == (target_sensitivity is None):
+        raise ConfigError("give one target: target_specificity (e.g. 0.95) or target_sensitivity (e.g. 0.9), not both")
+    metric, target = (("specificity", target_specificity) if target_specificity is not None
+                      else ("sensitivity", target_sensitivity))
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.5 <= float(target) < 1.0:
+        raise ConfigError(f"target {metric} must be at least 0.5 and below 1, got {target!r}")
+    return metric, float(target)
+
+
 def calibrate_scores(normal_scores: Sequence[float], positive_scores: Sequence[float] | None = None, *,
                      target_specificity: float | None = None, target_sensitivity: float | None = None,
                      model_threshold: float = 0.5, site: str = "site", positive_class: str = "positive",
@@ -256,13 +267,7 @@ def calibrate_scores(normal_scores: Sequence[float], positive_scores: Sequence[f
     Give exactly one target. ``target_specificity`` needs normals only; ``target_sensitivity`` needs positives.
     A pure function of the scores (no model, no files): :func:`calibrate` predicts and calls it.
     """
-    if (target_specificity is None) == (target_sensitivity is None):
-        raise ConfigError("give one target: target_specificity (e.g. 0.95) or target_sensitivity (e.g. 0.9), not both")
-    metric, target = (("specificity", target_specificity) if target_specificity is not None
-                      else ("sensitivity", target_sensitivity))
-    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.5 <= float(target) < 1.0:
-        raise ConfigError(f"target {metric} must be at least 0.5 and below 1, got {target!r}")
-    target = float(target)
+    metric, target = _target(target_specificity, target_sensitivity)
     normals = np.asarray(normal_scores, dtype=np.float64).reshape(-1)
     positives = np.asarray(positive_scores if positive_scores is not None else [], dtype=np.float64).reshape(-1)
     if len(normals) == 0:
@@ -342,6 +347,9 @@ def calibrate(model: LoadedModel | str | os.PathLike, normals: Any, site: str, *
     from .models import check_site_name
 
     site = check_site_name(site)
+    metric, _ = _target(target_specificity, target_sensitivity)  # before any image is read
+    if metric == "sensitivity" and positives is None:
+        raise CalibrationError("a target sensitivity needs known positive images of the site (--positives DIR)")
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     loaded = loaded.for_site(None)  # the model's own threshold, also when given a copy made for a site
     pos = loaded.classes.index(loaded.positive_class)
