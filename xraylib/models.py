@@ -354,7 +354,8 @@ def check_metadata(metadata: Any, where: str | os.PathLike = "model.json") -> di
 
     The schema: ``classes`` two or more distinct names; ``input_size`` ``[S, S, 1]``; ``preprocessing`` a mapping
     with ``image_size`` S; ``model`` a mapping that :class:`ModelSpec` reads, with the same classes and size;
-    ``threshold`` a mapping with a finite ``value`` in [0, 1] and a ``positive_class`` among the classes.
+    ``threshold`` a mapping with a finite ``value`` in [0, 1] and a ``positive_class`` among the classes;
+    ``site_profiles`` (optional, :func:`check_site_profiles`) the thresholds calibrated for named sites.
     :meth:`xraylib.runs.RunFolder.save_model` checks every ``model.json`` with it before writing.
     """
     def bad(field_name: str, what: str) -> ModelError:

@@ -5,6 +5,8 @@ upload PNG, JPEG or DICOM files (or drop them on the page) and see, for each, th
 probabilities, the decision at the model's threshold, a Grad-CAM heatmap, and the
 out-of-distribution verdict of :mod:`xraylib.ood` ("not a chest X-ray this model can judge").
 Scripts use ``POST /api/predict`` (multipart form, one or more files) and ``GET /healthz``.
+``--site NAME`` decides at a site profile's threshold (:mod:`xraylib.calibrate`; with ``--calibrate-normals DIR``
+the profile is made first), and the page and every result say which.
 
 Safe by default:
 
