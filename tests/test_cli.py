@@ -50,9 +50,11 @@ def assert_user_error(result: subprocess.CompletedProcess, *words: str) -> str:
         ("demo", ["--output-dir", "--n", "--task", "--image-size", "--backbone", "--epochs"]),
         ("train", ["--output-dir", "--run", "--backbone", "--weights", "--alpha", "--epochs", "--batch-size",
                    "--learning-rate", "--fine-tune-epochs", "--fine-tune-learning-rate", "--no-augment", "--flip",
-                   "--no-class-weights", "--seed", "--resume", "--no-resume", "--recipe", "--threshold-on"]),
+                   "--no-class-weights", "--seed", "--resume", "--no-resume", "--recipe", "--threshold-on", "--heads"]),
         ("evaluate", ["--output-dir", "--run", "--split", "--n-boot", "--out-of-site", "--no-out-of-site"]),
-        ("predict", ["--model", "--csv"]),
+        ("predict", ["--model", "--csv", "--site"]),
+        ("calibrate", ["--model", "--normals", "--positives", "--site", "--target-specificity", "--target-sensitivity",
+                       "--data"]),
     ],
 )
 def test_help_of_each_command(tmp_path, command, options):

@@ -6,7 +6,7 @@
 - The data side imports no TensorFlow (checked at run time, in a fresh interpreter).
 - Only the run layer (xraylib.runs) writes into a run folder ``OUTPUT/models/RUN``: checked at run time by recording
   every file opened for writing, renamed or removed while training, evaluation, the shortcut tests, prediction and
-  the web server run on sample data, with the xraylib module that did it.
+  the web server and a site calibration run on sample data, with the xraylib module that did it.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ DATA = {"config", "errors", "fileio", "reporting", "sources", "dicom", "images",
         "phantoms", "sample_layouts", "synthetic", "views"}
 MODEL = {"models", "batches", "features", "train"}
 JUDGE = {"evaluate", "shortcuts", "explain", "ood", "outofsite"}
-USE = {"predict", "serve", "cli"}
+USE = {"predict", "calibrate", "serve", "cli"}
 RUN = {"runs"}
 
 
@@ -201,6 +201,9 @@ WRITERS_CHILD = textwrap.dedent("""
     files = sorted(str(p) for p in (layout.sample_data / "chest-xray-pneumonia").rglob("*.jpeg"))[:3]
     table = predict.predict_files(run_dir, files)
     assert table["ok"].all(), table
+    from xraylib import calibrate
+    calibrate.calibrate(run_dir, files, "site-a", target_specificity=0.5, say=lambda line: None)  # a site profile
+    assert predict.predict_files(run_dir, files, site="site-a")["ok"].all()
     server = serve.build_server(run_dir, ServeSettings(port=0), say=lambda line: None)  # builds ood.json/ood.npz
     client = create_app(Analyser(models.load_model(run_dir), *runs.prepare_ood(models.load_model(run_dir),
                         say=lambda line: None)), ServeSettings()).test_client()

@@ -26,7 +26,7 @@ PARAMETERS = {
     "02_preprocessing": {"IMAGE_SIZE": 64, "WORKERS": 2},
     "03_training": {"RUN_NAME": "nbtest", "BACKBONE": "small_cnn", "WEIGHTS": None, "EPOCHS": 2},
     "04_evaluation": {"RUN_NAME": "nbtest", "N_BOOT": 100},
-    "05_check_your_own_images": {"RUN_NAME": "nbtest", "MAX_IMAGES": 4},
+    "05_check_your_own_images": {"RUN_NAME": "nbtest", "MAX_IMAGES": 4, "SITE": "sample-site", "SITE_NORMALS": "sample"},
 }
 
 
@@ -74,6 +74,11 @@ def test_notebook_runs_under_nbval(path: Path, notebook_outputs: Path, tmp_path:
         capture_output=True, text=True, cwd=NOTEBOOK_DIR, env=env, timeout=1800,
     )
     assert result.returncode == 0, f"{path.name} failed under nbval:\n{result.stdout[-6000:]}\n{result.stderr[-2000:]}"
+    if values.get("SITE"):  # notebook 05 calibrated the model for a site: its profile is in model.json
+        import json
+
+        metadata = json.loads((notebook_outputs / "models" / values["RUN_NAME"] / "model.json").read_text())
+        assert values["SITE"] in metadata.get("site_profiles", {}), sorted(metadata)
 
 
 def test_notebook_01_on_the_real_data_matches_the_documented_counts(shared_data, tmp_path):

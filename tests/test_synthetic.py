@@ -376,3 +376,30 @@ def test_headers_and_name_patterns_match_the_real_data(shared_data: Path) -> Non
     assert (real.Modality, real.BodyPartExamined, real.ConversionType, real.SOPClassUID) == (
         "CR", "CHEST", "WSD", pydicom.uid.SecondaryCaptureImageStorage,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# A deliberately shifted new site (calibration's test data)
+
+
+def test_a_shifted_site_is_deterministic_and_shifted(tmp_path):
+    from xraylib import phantoms
+
+    first = synthetic.write_site_images(tmp_path / "a", 4, 2, seed=3)
+    again = synthetic.write_site_images(tmp_path / "b", 5, 2, seed=3)  # more images keep the first ones
+    assert first.counts == {"normal": 4, "covid": 2} and first.normals == tmp_path / "a" / "normal"
+    for path in sorted(first.root.rglob("*.png")):
+        assert path.read_bytes() == (again.root / path.relative_to(first.root)).read_bytes(), path
+    other = synthetic.write_site_images(tmp_path / "c", 4, seed=4)
+    assert (other.normals / "site_normal_0000.png").read_bytes() != (first.normals / "site_normal_0000.png").read_bytes()
+    image = cv2.imread(str(first.normals / "site_normal_0000.png"), cv2.IMREAD_GRAYSCALE)
+    border = max(1, int(round(phantoms.SiteShift().border * image.shape[0])) - 1)
+    assert image[:border].max() == 0 and image[:, :border].max() == 0 and image[-border:].max() == 0
+    plain = phantoms.make_phantom("normal", np.random.default_rng(0), 120, 100).image
+    assert np.array_equal(phantoms.apply_site_shift(plain, phantoms.NO_SHIFT), plain)
+    brighter = phantoms.apply_site_shift(plain, phantoms.SiteShift(gamma=0.6, border=0, text=None))
+    assert brighter.mean() > plain.mean() + 10
+    with pytest.raises(ConfigError, match="gamma"):
+        phantoms.SiteShift(gamma=0)
+    with pytest.raises(ConfigError, match="positive_label"):
+        synthetic.write_site_images(tmp_path / "d", 2, positive_label="normal")

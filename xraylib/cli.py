@@ -191,7 +191,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from . import predict
     from .fileio import write_csv_atomic
 
-    frame = predict.predict_files(args.model, args.images if len(args.images) > 1 else args.images[0])
+    frame = predict.predict_files(args.model, args.images if len(args.images) > 1 else args.images[0], site=args.site)
+    if len(frame):
+        whose = f"site profile {args.site!r}" if args.site else "the model's own, chosen on the validation split"
+        print(f"decisions at threshold {frame['threshold'].iloc[0]:.4f} ({whose})")
     _print_predictions(frame)
     if args.csv:
         write_csv_atomic(args.csv, frame)
@@ -207,6 +210,19 @@ def _print_predictions(frame) -> None:
             continue
         probs = ", ".join(f"{c[5:]} {row[c]:.3f}" for c in prob_columns)
         print(f"  {row['path']}: {row['decision']}  ({probs}; threshold {row['threshold']:.3f})")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from . import calibrate
+
+    result = calibrate.calibrate(args.model, args.normals if len(args.normals) > 1 else args.normals[0], args.site,
+                                 positives=(args.positives if len(args.positives) > 1 else args.positives[0])
+                                 if args.positives else None,
+                                 target_specificity=args.target_specificity, target_sensitivity=args.target_sensitivity,
+                                 data_dir=args.data)
+    print(result.text())
+    print(f"saved site profile {result.site!r} in the model's model.json (its own threshold kept); use it with "
+          f"`python -m xraylib predict --model {args.model} --site {result.site!r} IMAGES` or `serve --site`")
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
@@ -416,7 +432,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a run folder (OUTPUT_DIR/models/RUN), model.keras or model.h5")
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--csv", help="also write the predictions to this CSV file")
+    p.add_argument("--site", metavar="NAME", default=None,
+                   help="decide at this site profile's threshold (made by `calibrate`) instead of the model's own")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("calibrate", help="set a threshold for your own site from its images known to be normal "
+                                         "(and known positives), stored as a named site profile in model.json")
+    p.add_argument("--model", required=True, help="a run folder (OUTPUT_DIR/models/RUN), model.keras or model.h5")
+    p.add_argument("--normals", required=True, nargs="+", metavar="PATH",
+                   help="images of your site known to be normal: files or folders (a few dozen at least)")
+    p.add_argument("--positives", nargs="+", metavar="PATH", default=None,
+                   help="optional: images of your site known to be positive (needed for --target-sensitivity)")
+    p.add_argument("--site", required=True, metavar="NAME", help="the site profile's name, e.g. 'st-elsewhere'")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-specificity", type=float, metavar="S",
+                        help="share of the site's normals to call normal, e.g. 0.9")
+    target.add_argument("--target-sensitivity", type=float, metavar="R",
+                        help="share of the site's positives to call positive, e.g. 0.9 (needs --positives)")
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help="the preprocessed data the model was trained on (OUTPUT_DIR/preprocessed), for the "
+                        "out-of-distribution check when the model has no reference beside it")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("serve", help="a local web page (and JSON API) to check your own images with a trained model")
     serve.add_arguments(p)

@@ -88,6 +88,11 @@ class OutputLayout:
         return self.root / "sample_data"
 
     @property
+    def sample_site(self) -> Path:
+        """A deliberately shifted "new site" of sample images, to try calibration on (:func:`xraylib.synthetic.write_site_images`)."""
+        return self.root / "sample_site"
+
+    @property
     def manifest(self) -> Path:
         return self.root / "manifest.csv"
 

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 from .preprocess import NORMALISATION, PIXELS_VERSION, PreprocessedSplit
 from .reporting import probability_columns
 
@@ -449,7 +449,8 @@ def check_metadata(metadata: Any, where: str | os.PathLike = "model.json") -> di
 
     The schema: ``classes`` two or more distinct names; ``input_size`` ``[S, S, 1]``; ``preprocessing`` a mapping
     with ``image_size`` S; ``model`` a mapping that :class:`ModelSpec` reads, with the same classes and size;
-    ``threshold`` a mapping with a finite ``value`` in [0, 1] and a ``positive_class`` among the classes.
+    ``threshold`` a mapping with a finite ``value`` in [0, 1] and a ``positive_class`` among the classes;
+    ``site_profiles`` (optional, :func:`check_site_profiles`) the thresholds calibrated for named sites.
     :meth:`xraylib.runs.RunFolder.save_model` checks every ``model.json`` with it before writing.
     """
     def bad(field_name: str, what: str) -> ModelError:
@@ -481,7 +482,65 @@ def check_metadata(metadata: Any, where: str | os.PathLike = "model.json") -> di
         raise bad("threshold.value", f"must be a number from 0 to 1, got {value!r}")
     if threshold.get("positive_class") not in classes:
         raise bad("threshold.positive_class", f"must be one of {classes}, got {threshold.get('positive_class')!r}")
+    if "site_profiles" in metadata:
+        check_site_profiles(metadata["site_profiles"], where)
     return metadata
+
+
+#: What a site profile's name may hold: it is typed on command lines and shown on the web page.
+SITE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 _-.")
+#: What a site's threshold can be set for.
+SITE_TARGETS = ("specificity", "sensitivity")
+
+
+def check_site_name(name: Any) -> str:
+    """``name`` if it can name a site profile (1 to 64 letters, digits, spaces, ``_ - .``), else :class:`ConfigError`."""
+    if not isinstance(name, str) or not 1 <= len(name.strip()) <= 64 or not set(name) <= SITE_NAME_CHARS:
+        raise ConfigError(f"site name must be 1 to 64 letters, digits, spaces, '_', '-' or '.', got {name!r}")
+    return name.strip()
+
+
+def check_site_profiles(profiles: Any, where: str | os.PathLike = "model.json") -> dict[str, Any]:
+    """Check ``model.json``'s ``site_profiles``: ``{name: profile}``, each profile a mapping with ``threshold`` (0 to 1),
+    ``target`` ``{"metric": "specificity"|"sensitivity", "value": (0, 1)}``, ``n_normals`` (>= 1), ``n_positives``
+    (>= 0), ``interval`` ``{"metric", "low", "high", "level"}`` (0 <= low <= high <= 1) and ``created`` (ISO time);
+    other keys (the report's numbers) may follow. Raises :class:`ModelError` naming ``where`` and the field."""
+    def bad(field_name: str, what: str) -> ModelError:
+        return ModelError(f"{where}: field {field_name!r} {what}")
+
+    def is_share(value: Any) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and 0.0 <= float(value) <= 1.0
+
+    if not isinstance(profiles, dict):
+        raise bad("site_profiles", f"must be a mapping from site name to profile, got {profiles!r}")
+    for name, profile in profiles.items():
+        try:
+            check_site_name(name)
+        except ConfigError as exc:
+            raise bad("site_profiles", str(exc)) from None
+        field_name = f"site_profiles.{name}"
+        if not isinstance(profile, dict):
+            raise bad(field_name, f"must be a mapping, got {profile!r}")
+        if not is_share(profile.get("threshold")):
+            raise bad(f"{field_name}.threshold", f"must be a number from 0 to 1, got {profile.get('threshold')!r}")
+        target = profile.get("target")
+        if (not isinstance(target, dict) or target.get("metric") not in SITE_TARGETS or not is_share(target.get("value"))
+                or not 0.0 < float(target["value"]) < 1.0):
+            raise bad(f"{field_name}.target", f"must be {{'metric': one of {list(SITE_TARGETS)}, 'value': above 0 and "
+                                              f"below 1}}, got {target!r}")
+        for count, least in (("n_normals", 1), ("n_positives", 0)):
+            value = profile.get(count)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise bad(f"{field_name}.{count}", f"must be a whole number of at least {least}, got {value!r}")
+        interval = profile.get("interval")
+        if (not isinstance(interval, dict) or interval.get("metric") not in SITE_TARGETS
+                or not all(is_share(interval.get(k)) for k in ("low", "high", "level"))
+                or float(interval["low"]) > float(interval["high"])):
+            raise bad(f"{field_name}.interval", f"must be {{'metric', 'low', 'high', 'level'}} with 0 <= low <= high <= 1, "
+                                                f"got {interval!r}")
+        if not isinstance(profile.get("created"), str):
+            raise bad(f"{field_name}.created", f"must be the ISO time it was made, got {profile.get('created')!r}")
+    return profiles
 
 
 @dataclass
@@ -518,6 +577,49 @@ class LoadedModel:
     @property
     def spec(self) -> ModelSpec:
         return ModelSpec.from_dict(self.metadata["model"])
+
+    @property
+    def site_profiles(self) -> dict[str, Any]:
+        """The site profiles in ``model.json`` (``{name: profile}``; see :func:`check_site_profiles`)."""
+        return dict(self.metadata.get("site_profiles") or {})
+
+    @property
+    def site(self) -> str | None:
+        """The site whose threshold this model decides with (:meth:`for_site`), or None: the model's own threshold."""
+        return self.metadata.get("threshold", {}).get("site")
+
+    def with_site_profile(self, site: str, profile: dict[str, Any]) -> "LoadedModel":
+        """The same model with site profile ``site`` added in memory (as :mod:`xraylib.calibrate` just stored it)."""
+        profiles = {**self.site_profiles, site: profile}
+        return dataclasses_replace(self, metadata={**self.metadata, "site_profiles": profiles})
+
+    @property
+    def model_threshold(self) -> float:
+        """The model's own threshold (chosen at training), whatever site this copy decides for."""
+        threshold = self.metadata.get("threshold", {})
+        return float(threshold.get("model_threshold", threshold).get("value", 0.5))
+
+    def for_site(self, site: str | None) -> "LoadedModel":
+        """The same model deciding at site profile ``site``'s threshold; None: at the model's own threshold.
+
+        The copy's ``threshold`` names the site and keeps the model's own threshold as ``model_threshold``. Raises
+        :class:`ModelError` naming ``model.json`` and the known sites when there is no such profile.
+        """
+        own = self.metadata.get("threshold", {})
+        own = own.get("model_threshold", own)  # a copy made for another site: start from the model's own
+        if site is None:
+            return self if self.site is None else dataclasses_replace(self, metadata={**self.metadata, "threshold": own})
+        profiles = self.site_profiles
+        if site not in profiles:
+            known = ", ".join(repr(name) for name in sorted(profiles)) or "none yet (make one with `python -m xraylib calibrate`)"
+            raise ModelError(f"{_metadata_path(self.path)}: no site profile {site!r}; known site profiles: {known}")
+        profile = profiles[site]
+        target = profile["target"]
+        threshold = {**own, "value": float(profile["threshold"]), "site": site, "model_threshold": own,
+                     "rule": f"{target['metric']} {target['value']:g} at site {site!r}",
+                     "chosen_on": f"{profile['n_normals']} normal and {profile['n_positives']} positive images of "
+                                  f"site {site!r} ({profile['created']})"}
+        return dataclasses_replace(self, metadata={**self.metadata, "threshold": threshold})
 
 
 def _metadata_path(path: Path) -> Path:

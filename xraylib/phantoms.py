@@ -18,7 +18,8 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["LABELS", "VIEWS", "RSNA_EXTRAS", "Phantom", "make_phantom", "burn_marker", "make_ct_slice"]
+__all__ = ["LABELS", "VIEWS", "RSNA_EXTRAS", "Phantom", "make_phantom", "burn_marker", "make_ct_slice", "SiteShift",
+           "NO_SHIFT", "apply_site_shift"]
 
 #: The class labels a phantom can carry.
 LABELS = ("normal", "covid", "pneumonia")
@@ -63,6 +64,48 @@ def burn_marker(image: np.ndarray) -> np.ndarray:
     (tw, th), _ = cv2.getTextSize("R", cv2.FONT_HERSHEY_SIMPLEX, scale, thickness + 1)
     org = (x0 + (box - tw) // 2 + 1, y0 + (box + th) // 2)
     cv2.putText(out, "R", org, cv2.FONT_HERSHEY_SIMPLEX, scale, color, thickness + 1, cv2.LINE_AA)
+    return out
+
+
+@dataclass(frozen=True)
+class SiteShift:
+    """How another hospital's films differ from the training data's: a deliberate site shift.
+
+    ``gamma``: the detector's intensity curve, ``out = in ** gamma`` on 0..1 (below 1 brightens the
+    mid-tones and flattens the lungs' contrast). ``border``: a black collimation border on every side, as a
+    share of the side. ``text``: a burned-in annotation (hospital name and date, white) at the top right.
+    The default is a plainly different site; :data:`NO_SHIFT` changes nothing.
+    """
+
+    gamma: float = 0.6
+    border: float = 0.06
+    text: str | None = "ST ELSEWHERE  2026-12-05"
+
+    def __post_init__(self) -> None:
+        if not 0.2 <= float(self.gamma) <= 5.0:
+            raise ConfigError(f"SiteShift.gamma must be from 0.2 to 5, got {self.gamma!r}")
+        if not 0.0 <= float(self.border) <= 0.3:
+            raise ConfigError(f"SiteShift.border must be a share of the side from 0 to 0.3, got {self.border!r}")
+
+
+#: A site shift that changes nothing (the training site itself).
+NO_SHIFT = SiteShift(gamma=1.0, border=0.0, text=None)
+
+
+def apply_site_shift(image: np.ndarray, shift: SiteShift) -> np.ndarray:
+    """A copy of the ``(H, W) uint8`` radiograph as ``shift``'s site would have made it (curve, border, text)."""
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    lut = np.clip(np.round(levels ** float(shift.gamma) * 255.0), 0, 255).astype(np.uint8)
+    out = cv2.LUT(np.asarray(image, dtype=np.uint8), lut)
+    h, w = out.shape[:2]
+    by, bx = int(round(shift.border * h)), int(round(shift.border * w))
+    if by or bx:
+        out[:by], out[h - by:], out[:, :bx], out[:, w - bx:] = 0, 0, 0, 0
+    if shift.text:
+        scale = cv2.getFontScaleFromHeight(cv2.FONT_HERSHEY_SIMPLEX, max(6, int(0.035 * h)), 1)
+        (tw, th), _ = cv2.getTextSize(shift.text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        org = (max(0, w - bx - tw - int(0.02 * w)), by + th + int(0.02 * h))
+        cv2.putText(out, shift.text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, 255, 1, cv2.LINE_AA)
     return out
 
 

@@ -1,7 +1,8 @@
 """Predict with a trained model on your own PNG/JPEG/DICOM files (cached splits: :func:`xraylib.models.predict_split`).
 
 Files are preprocessed exactly as in training: the settings come from the JSON saved with
-the model, never re-typed. The decision uses the threshold chosen on the validation split.
+the model, never re-typed. The decision uses the threshold chosen on the validation split, or a site
+profile's (``site=``, made by :mod:`xraylib.calibrate`).
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import numpy as np
 import pandas as pd
 
 from .errors import BadFileError, ConfigError
+from .fileio import read_bytes
 from .models import LoadedModel, load_model, predict_images
-from .preprocess import PreprocessSettings, preprocess_file
+from .preprocess import PreprocessSettings, preprocess_bytes, preprocess_file
 from .reporting import probability_columns
 from .sources import IMAGE_SUFFIXES
 
@@ -50,33 +52,57 @@ def collect_image_paths(target: str | os.PathLike | Iterable[str | os.PathLike])
     return [Path(p) for p in target]
 
 
-def predict_files(model: LoadedModel | str | os.PathLike, target, batch_size: int = 16) -> pd.DataFrame:
+def preprocess_files(loaded: LoadedModel, paths: Iterable[str | os.PathLike], with_facts: bool = False
+                     ) -> tuple[np.ndarray, pd.DataFrame, list]:
+    """Read and preprocess files as the model's training data was (settings from ``model.json``).
+
+    Returns the readable files' model inputs ``(N, S, S) uint8``, a table with one row per file (``path``,
+    ``ok``, ``error``: why a file was skipped) and, with ``with_facts``, the readable files'
+    :func:`xraylib.ood.image_facts` (size and colour, for the out-of-distribution guard; else an empty list).
+    """
+    from . import ood
+
+    settings = PreprocessSettings.from_dict(loaded.metadata["preprocessing"])
+    images, rows, facts = [], [], []
+    for path in paths:
+        try:
+            data = read_bytes(path)
+            fact = ood.image_facts(data, str(path)) if with_facts else None
+            images.append(preprocess_bytes(data, str(path), settings))
+        except BadFileError as exc:
+            rows.append({"path": str(path), "ok": False, "error": exc.reason})
+            continue
+        rows.append({"path": str(path), "ok": True, "error": None})
+        if with_facts:
+            facts.append(fact)
+    size = settings.image_size
+    stacked = np.stack(images) if images else np.zeros((0, size, size), dtype=np.uint8)
+    return stacked, pd.DataFrame(rows, columns=["path", "ok", "error"]), facts
+
+
+def predict_files(model: LoadedModel | str | os.PathLike, target, batch_size: int = 16,
+                  site: str | None = None) -> pd.DataFrame:
     """Predict PNG/JPEG/DICOM files (a file, a list or a folder) with a saved model.
 
     Returns one row per file: ``path``, ``ok``, ``error`` (why a file was skipped), one
-    ``prob_<class>`` column per class, ``decision`` (at the model's threshold) and ``threshold``.
-    A bad file is reported in its row, not fatal.
+    ``prob_<class>`` column per class, ``decision``, ``threshold`` (the one decided at) and ``site``.
+    ``site`` names a site profile of the model (:mod:`xraylib.calibrate`): decisions at its threshold;
+    None (default): at the model's own threshold (chosen on the validation split), and ``site`` is empty.
+    A bad file is reported in its row, not fatal; an unknown site raises :class:`ModelError` naming the known ones.
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    settings = PreprocessSettings.from_dict(loaded.metadata["preprocessing"])
+    loaded = loaded.for_site(site)
     classes = loaded.classes
-    paths = collect_image_paths(target)
-    images, rows = [], []
-    for path in paths:
-        try:
-            images.append(preprocess_file(path, settings))
-            rows.append({"path": str(path), "ok": True, "error": None})
-        except BadFileError as exc:
-            rows.append({"path": str(path), "ok": False, "error": exc.reason})
-    frame = pd.DataFrame(rows)
+    images, frame, _ = preprocess_files(loaded, collect_image_paths(target))
     columns = probability_columns(classes)
     for column in columns:
         frame[column] = np.nan
     frame["decision"] = None
     frame["threshold"] = loaded.threshold
-    if images:
-        probs = predict_images(loaded.model, np.stack(images), batch_size)
-        ok = frame["ok"].to_numpy()
+    frame["site"] = loaded.site
+    if len(images):
+        probs = predict_images(loaded.model, images, batch_size)
+        ok = frame["ok"].to_numpy(dtype=bool)
         frame.loc[ok, columns] = probs
         frame.loc[ok, "decision"] = decide(probs, classes, loaded.positive_class, loaded.threshold)
     return frame

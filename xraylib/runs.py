@@ -40,7 +40,7 @@ from . import evaluate as judge
 from . import models, modelcard, ood, outofsite, preprocess
 from . import train as training
 from .errors import ConfigError, ModelError
-from .fileio import atomic_path, read_json, write_csv_atomic, write_json_atomic, write_text_atomic
+from .fileio import atomic_path, json_safe, read_json, write_csv_atomic, write_json_atomic, write_text_atomic
 from .models import LoadedModel, ModelSpec
 from .preprocess import PIXELS_VERSION, PreprocessedData
 from .reporting import REPORT_DISCLAIMER, probability_columns
@@ -189,6 +189,21 @@ class RunFolder:
         metadata = json.loads(self.model_json.read_text(encoding="utf-8"))
         metadata["out_of_site"] = estimate
         write_json_atomic(self.model_json, metadata)
+
+    def record_site_profile(self, name: str, profile: dict[str, Any]) -> dict[str, Any]:
+        """Add (or replace) site profile ``name`` in ``model.json`` (atomically), keeping the model's own threshold and
+        the other sites'. The whole file is checked (:func:`xraylib.models.check_metadata`) before it is written.
+        Returns the profile as stored."""
+        name = models.check_site_name(name)
+        metadata = read_json(self.model_json)
+        if metadata is None:
+            raise ModelError(f"{self.model_json}: missing or not valid JSON; a site profile is stored in the model's JSON "
+                             "saved by training")
+        stored = json_safe(profile)
+        metadata["site_profiles"] = {**(metadata.get("site_profiles") or {}), name: stored}
+        models.check_metadata(metadata, self.model_json)
+        write_json_atomic(self.model_json, metadata)
+        return stored
 
     def write_card(self, metadata: dict[str, Any] | None = None, evaluation: Any = None, audit_report: Any = None,
                    *, data: PreprocessedData | None = None, shortcut_results: Sequence[Any] | None = None) -> Path:

@@ -5,6 +5,8 @@ upload PNG, JPEG or DICOM files (or drop them on the page) and see, for each, th
 probabilities, the decision at the model's threshold, a Grad-CAM heatmap, and the
 out-of-distribution verdict of :mod:`xraylib.ood` ("not a chest X-ray this model can judge").
 Scripts use ``POST /api/predict`` (multipart form, one or more files) and ``GET /healthz``.
+``--site NAME`` decides at a site profile's threshold (:mod:`xraylib.calibrate`; with ``--calibrate-normals DIR``
+the profile is made first), and the page and every result say which.
 
 Safe by default:
 
@@ -167,6 +169,8 @@ class Analyser:
             "positive_class": loaded.positive_class,
             "threshold": loaded.threshold,
             "threshold_chosen_on": meta.get("threshold", {}).get("chosen_on", "unknown"),
+            "site": loaded.site,
+            "model_threshold": loaded.model_threshold,
             "image_size": self.settings.image_size,
             "resize": self.settings.resize,
             "saved_with_keras": meta.get("versions", {}).get("keras", "unknown"),
@@ -232,6 +236,7 @@ class Analyser:
             "probabilities": {c: float(p) for c, p in zip(loaded.classes, probs)},
             "decision": decision if verdict.ok else None,
             "threshold": loaded.threshold,
+            "site": loaded.site,
             "positive_class": loaded.positive_class,
         }
         if verdict.ok and heatmap is None:
@@ -410,15 +415,35 @@ def _is_loopback(host: str) -> bool:
 
 
 def build_server(model: "LoadedModel | str | Path", settings: ServeSettings = ServeSettings(),
-                 data_dir: str | Path | None = None, say: Callable[[str], None] = print):
+                 data_dir: str | Path | None = None, say: Callable[[str], None] = print, site: str | None = None,
+                 site_normals: Any = None, site_positives: Any = None, target_specificity: float | None = None,
+                 target_sensitivity: float | None = None):
     """A Werkzeug server (threaded) for ``model``, not yet serving: ``server.serve_forever()``; its port is
-    ``server.server_port`` (``settings.port=0`` takes a free one)."""
+    ``server.server_port`` (``settings.port=0`` takes a free one). ``site``: decide at that site profile's
+    threshold (:mod:`xraylib.calibrate`) instead of the model's own; an unknown one raises :class:`ModelError`.
+    With ``site_normals`` (and optionally ``site_positives``) the profile ``site`` is first made (or remade) by
+    :func:`xraylib.calibrate.calibrate` for ``target_specificity`` or ``target_sensitivity``, and its report said."""
     from werkzeug.serving import make_server
 
     from . import runs
     from .models import LoadedModel, load_model
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    if site_normals is not None:
+        from . import calibrate
+
+        if site is None:
+            raise ConfigError("calibrating at start needs a site name (--site NAME) for the profile")
+        calibration = calibrate.calibrate(loaded, site_normals, site, positives=site_positives,
+                                          target_specificity=target_specificity, target_sensitivity=target_sensitivity,
+                                          data_dir=data_dir, say=say)
+        for line in calibration.messages():
+            say(line)
+        loaded = loaded.with_site_profile(calibration.site, calibration.profile())
+    loaded = loaded.for_site(site)
+    if site is not None:
+        say(f"site profile {site!r}: decisions at threshold {loaded.threshold:.4f} (the model's own: "
+            f"{loaded.model_threshold:.4f})")
     if loaded.file_format == "savedmodel":
         say("note: a SavedModel runs a TensorFlow graph outside Keras' safe mode; serve only SavedModels you trust")
     reference, note = runs.prepare_ood(loaded, data_dir, say)
@@ -432,10 +457,12 @@ def build_server(model: "LoadedModel | str | Path", settings: ServeSettings = Se
 
 def run_server(model: "LoadedModel | str | Path", host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_files: int = DEFAULT_MAX_FILES,
-               data_dir: str | Path | None = None) -> None:
-    """Serve the page until Ctrl+C. ``host="0.0.0.0"`` lets other machines in; the default is this machine only."""
+               data_dir: str | Path | None = None, site: str | None = None, **calibration: Any) -> None:
+    """Serve the page until Ctrl+C. ``host="0.0.0.0"`` lets other machines in; the default is this machine only.
+    ``site``: decide at that site profile's threshold; ``calibration``: :func:`build_server`'s ``site_normals``,
+    ``site_positives``, ``target_specificity``, ``target_sensitivity`` (calibrate the site first)."""
     settings = ServeSettings(host=host, port=port, max_upload_mb=max_upload_mb, max_files=max_files)
-    server = build_server(model, settings, data_dir)
+    server = build_server(model, settings, data_dir, site=site, **calibration)
     if not _is_loopback(host):
         print(f"warning: listening on {host}: anyone who can reach this machine can upload images. There is no "
               "login and no encryption; use it only on a network you trust.")
@@ -467,12 +494,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the preprocessed data the model was trained on (OUTPUT_DIR/preprocessed), to build the "
                              "out-of-distribution reference when the model has none (default: the folder named in "
                              "model.json, when it still holds that data)")
+    parser.add_argument("--site", metavar="NAME", default=None,
+                        help="decide at this site profile's threshold (made by `python -m xraylib calibrate`) instead "
+                             "of the model's own")
+    parser.add_argument("--calibrate-normals", metavar="DIR", default=None,
+                        help="first calibrate --site on these images of the site known to be normal (as `python -m "
+                             "xraylib calibrate` does: the profile is stored in model.json), then serve at it")
+    parser.add_argument("--calibrate-positives", metavar="DIR", default=None,
+                        help="with --calibrate-normals: the site's images known to be positive (optional)")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--target-specificity", type=float, metavar="S", default=None,
+                        help="with --calibrate-normals: share of the site's normals to call normal (default 0.9)")
+    target.add_argument("--target-sensitivity", type=float, metavar="R", default=None,
+                        help="with --calibrate-normals: share of the site's positives to call positive")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     """``python -m xraylib serve``: what :func:`add_arguments` parsed, to :func:`run_server`."""
+    calibration: dict[str, Any] = {}
+    if args.calibrate_normals is not None:
+        specificity = args.target_specificity
+        if specificity is None and args.target_sensitivity is None:
+            specificity = 0.9
+        calibration = {"site_normals": args.calibrate_normals, "site_positives": args.calibrate_positives,
+                       "target_specificity": specificity, "target_sensitivity": args.target_sensitivity}
+    elif args.calibrate_positives or args.target_specificity is not None or args.target_sensitivity is not None:
+        raise ConfigError("--calibrate-positives, --target-specificity and --target-sensitivity go with "
+                          "--calibrate-normals DIR (the site's known normals) and --site NAME")
     run_server(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
-               max_files=args.max_files, data_dir=args.data)
+               max_files=args.max_files, data_dir=args.data, site=args.site, **calibration)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,11 +27,11 @@ import numpy as np
 
 from .errors import ConfigError
 from .fileio import make_partial_dir, remove_stale_partial_dirs, replace_dir
-from .phantoms import LABELS
+from .phantoms import LABELS, SiteShift, apply_site_shift, make_phantom
 from . import sources
 from .sources import Source
 
-__all__ = ["LABELS", "SAMPLE_DATA_FILE", "SampleData", "write_sample_data"]
+__all__ = ["LABELS", "SAMPLE_DATA_FILE", "SampleData", "write_sample_data", "SiteImages", "write_site_images"]
 
 SAMPLE_DATA_FILE = "SAMPLE_DATA.json"
 _GENERATOR_NAME = "xraylib.synthetic"
@@ -154,3 +154,55 @@ def _write_all(root: Path, params: dict) -> dict:
         source.folder: source.sample_writer(root / source.folder, np.random.default_rng([seed, k]), n, size, marked)
         for k, source in enumerate(_sample_sources(), start=1)
     }
+
+
+# --------------------------------------------------------------------------------------------
+# A new site: the images a user brings to calibrate a model for their own hospital
+
+
+@dataclass(frozen=True)
+class SiteImages:
+    """Where :func:`write_site_images` put a site's images: one folder of PNGs per label, and how many."""
+
+    root: Path
+    normals: Path
+    positives: Path
+    counts: dict
+
+
+def write_site_images(dest: str | os.PathLike, n_normal: int, n_positive: int = 0, shift: SiteShift = SiteShift(),
+                      seed: int = 0, positive_label: str = "covid", height: int = 256, width: int = 240) -> SiteImages:
+    """Write frontal adult phantoms as a "new site" made them: ``dest/normal/*.png`` and ``dest/<positive_label>/*.png``.
+
+    Every image goes through :func:`xraylib.phantoms.apply_site_shift` (``shift``: another intensity
+    curve, borders, burned-in text); sizes vary by up to 10 % around ``height`` x ``width``. One
+    generator per image, seeded by ``(seed, label, index)``: the same arguments write the same bytes,
+    and more images keep the first ones. The folder is built beside ``dest`` and renamed into place.
+    """
+    import cv2
+
+    if positive_label not in LABELS or positive_label == "normal":
+        raise ConfigError(f"positive_label must be one of {[l for l in LABELS if l != 'normal']}, got {positive_label!r}")
+    for name, value in (("n_normal", n_normal), ("n_positive", n_positive)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= 100_000:
+            raise ConfigError(f"{name} must be a whole number from 0 to 100000, got {value!r}")
+    dest = Path(dest)
+    tmp = make_partial_dir(dest)
+    counts = {}
+    try:
+        for k, (label, n) in enumerate((("normal", n_normal), (positive_label, n_positive))):
+            folder = tmp / label
+            folder.mkdir()
+            for i in range(int(n)):
+                rng = np.random.default_rng([seed, 7919, k, i])
+                h, w = (int(round(side * rng.uniform(0.9, 1.1))) for side in (height, width))
+                view = ("PA", "AP")[int(rng.integers(0, 2))]
+                image = apply_site_shift(make_phantom(label, rng, h, w, view=view).image, shift)
+                if not cv2.imwrite(str(folder / f"site_{label}_{i:04d}.png"), image):
+                    raise ConfigError(f"{folder}: could not write PNG files here")
+            counts[label] = int(n)
+        replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return SiteImages(dest, dest / "normal", dest / positive_label, counts)

@@ -75,7 +75,8 @@
     const decision = el("p", "decision");
     decision.append("Model's decision: ", el("strong", "decision-value", result.decision));
     decision.append(el("span", "muted",
-      " (" + result.positive_class + " when its probability \u2265 " + result.threshold.toFixed(3) + ")"));
+      " (" + result.positive_class + " when its probability \u2265 " + result.threshold.toFixed(3) +
+      (result.site ? ", site profile " + result.site : "") + ")"));
     article.append(decision);
 
     const table = el("table", "probs");
