@@ -342,38 +342,36 @@ class EnsembleLoss(keras.losses.Loss):
         return {**super().get_config(), "heads": self.heads}
 
 
-def _mean_of_heads(y_pred, heads: int, n_classes):
-    return keras.ops.mean(keras.ops.reshape(y_pred, (-1, heads, n_classes)), axis=1)
+class _OfTheHeadsMean:
+    """Mixin for a Keras metric: measure the K heads' mean probability, from their probabilities side by side."""
 
-
-@keras.saving.register_keras_serializable(package="xraylib")
-class EnsembleAccuracy(keras.metrics.CategoricalAccuracy):
-    """Categorical accuracy of the K heads' mean probability, from their probabilities side by side."""
-
-    def __init__(self, heads: int, name: str = "accuracy", **kwargs: Any):
+    def __init__(self, heads: int, name: str, **kwargs: Any):
         super().__init__(name=name, **kwargs)
         self.heads = int(heads)
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        return super().update_state(y_true, _mean_of_heads(y_pred, self.heads, keras.ops.shape(y_true)[-1]), sample_weight)
+        n_classes = keras.ops.shape(y_true)[-1]
+        mean = keras.ops.mean(keras.ops.reshape(y_pred, (-1, self.heads, n_classes)), axis=1)
+        return super().update_state(y_true, mean, sample_weight)
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "heads": self.heads}
 
 
 @keras.saving.register_keras_serializable(package="xraylib")
-class EnsembleAUC(keras.metrics.AUC):
-    """ROC-AUC of the K heads' mean probability, from their probabilities side by side."""
+class EnsembleAccuracy(_OfTheHeadsMean, keras.metrics.CategoricalAccuracy):
+    """Categorical accuracy of the K heads' mean probability."""
+
+    def __init__(self, heads: int = 1, name: str = "accuracy", **kwargs: Any):
+        super().__init__(heads, name, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="xraylib")
+class EnsembleAUC(_OfTheHeadsMean, keras.metrics.AUC):
+    """ROC-AUC of the K heads' mean probability."""
 
     def __init__(self, heads: int = 1, name: str = "auc", **kwargs: Any):
-        super().__init__(name=name, **kwargs)
-        self.heads = int(heads)
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        return super().update_state(y_true, _mean_of_heads(y_pred, self.heads, keras.ops.shape(y_true)[-1]), sample_weight)
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "heads": self.heads}
+        super().__init__(heads, name, **kwargs)
 
 
 def trainable_summary(model: keras.Model) -> dict[str, int]:
