@@ -383,7 +383,7 @@ def estimate(data: PreprocessedData, spec: models.ModelSpec, model: keras.Model,
             row[f"sensitivity_{rule}"], row[f"specificity_{rule}"] = _rates(y[mine], decisions[rule][mine])
         table.append(row)
     folds_table = pd.DataFrame(table)
-    for name in ("roc_auc", f"specificity_{model_rule}", f"sensitivity_{model_rule}"):
+    for name in ("roc_auc", *(f"{metric}_{rule}" for rule in THRESHOLD_SOURCES for metric in ("sensitivity", "specificity"))):
         values = folds_table[name].dropna()
         metrics[f"{name}_fold_min"] = float(values.min()) if len(values) else math.nan
         metrics[f"{name}_fold_max"] = float(values.max()) if len(values) else math.nan
