@@ -56,6 +56,32 @@ def test_a_site_with_both_classes_counts_with_the_positives_and_too_few_sites_ar
         outofsite.site_folds(site_table({"a": ("covid", 5), "n1": ("normal", 5), "n2": ("normal", 4)}), CLASSES)
 
 
+def test_a_country_named_alone_and_its_cities_are_held_out_together():
+    table = site_table({"ieee8023:italy": ("covid", 10), "ieee8023:italy/brescia": ("covid", 8),
+                        "ieee8023:spain/madrid": ("covid", 9), "ieee8023:doi:10.1/x": ("covid", 4),
+                        "kaggle": ("normal", 20), "nih+rsna": ("normal", 20), "nlm-shenzhen": ("normal", 20)})
+    folds = outofsite.site_folds(table, CLASSES)
+    italy = [f.index for f in folds for s in f.positive_sites if s.startswith("ieee8023:italy")]
+    assert len(italy) == 2 and len(set(italy)) == 1  # both Italian sites in one fold
+    assert outofsite.fold_unit("ieee8023:italy/brescia") == "ieee8023:italy"
+    assert outofsite.fold_unit("ieee8023:doi:10.1/x") == "ieee8023:doi:10.1/x"
+    assert outofsite.fold_unit("nih+rsna") == "nih+rsna"
+
+
+def test_a_fold_that_cannot_train_on_both_classes_is_left_out_and_said():
+    feats = synthetic_features(disease=4.0, n_sites=3, per_site=6)
+    # Sites 0 and 1 (COVID-19) only in validation: the fold that holds out site 2 trains on no COVID-19 image.
+    rows = feats.rows.copy()
+    rows.loc[rows["site"].isin(["site0", "site1"]), "split"] = "val"
+    train = (rows["split"] == "train").to_numpy()
+    changed = FoldFeatures(rows, feats.plain, [feats.plain[train]], feats.labels, CLASSES)
+    result = run_estimate(changed, epochs=3)
+    left_out = [note for note in result.notes if "left out" in note]
+    assert len(left_out) == 1 and "site2" in left_out[0] and "one class of images" in left_out[0]
+    assert len(result.folds) == 2 and set(result.predictions["fold"]) == set(result.folds["fold"])
+    assert "site2" not in set(result.predictions["site"])
+
+
 def test_without_a_site_column_each_source_is_its_hospital_group():
     frame = pd.DataFrame({"source": ["ieee8023", "nih", "rsna", "kaggle", "mine"], "site": [None, "", None, "x", None]})
     assert outofsite.site_of(frame).tolist() == ["ieee8023", "nih+rsna", "nih+rsna", "x", "mine"]
@@ -172,6 +198,9 @@ def test_the_estimate_reads_and_compares_in_plain_words(shortcut_only, disease_t
     assert "expect the out-of-site estimate" in finding.message
     agree = outofsite.compare_with_internal(disease_too.metrics["roc_auc"] + 0.01, disease_too.to_dict())
     assert agree.level == "ok"
+    lower = outofsite.compare_with_internal(0.6, disease_too.to_dict())
+    assert lower.level == "caution" and "lower than the out-of-site estimate" in lower.message
+    assert "estimate (AUC 0.9" in lower.message and "(AUC  " not in lower.message
     text = "\n".join(outofsite.markdown_lines(saved, internal_auc=0.99))
     assert "5 folds" in text and "the model's own" in text and "| fold |" in text
 

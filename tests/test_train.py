@@ -519,3 +519,22 @@ def test_an_ensemble_of_heads_needs_the_frozen_backbone():
         train_module.check_inputs(Data(), spec, TrainSettings(epochs=1, fine_tune_epochs=1))
     with pytest.raises(models.ModelError, match="heads must be a whole number >= 1"):
         models.ModelSpec(heads=0)
+
+
+def test_run_folders_made_before_new_settings_keep_resuming():
+    """The fingerprint of a run with the defaults is what it was before ``heads`` and ``threshold_on`` existed
+    (computed with the earlier code), so a finished run is reused and an interrupted one resumes after an upgrade."""
+    from xraylib import runs
+
+    class Data:
+        key = "data-key"
+
+    assert runs.fingerprint(Data(), models.ModelSpec(), TrainSettings()) == "baeac555e690ce464a64fcccce37a4d9f11f9121"
+    mobilenet = models.ModelSpec(backbone="mobilenet", alpha=0.25, weights=None)
+    assert (runs.fingerprint(Data(), mobilenet, TrainSettings(epochs=3, augment_views=2))
+            == "36d2b3d835fe0839950e0e7e34853308009b6eb0")
+    # Where the threshold is chosen does not change the weights; the number of heads does.
+    assert runs.fingerprint(Data(), mobilenet, TrainSettings(threshold_on="out_of_site")) == runs.fingerprint(
+        Data(), mobilenet, TrainSettings())
+    assert runs.fingerprint(Data(), dataclasses.replace(mobilenet, heads=2), TrainSettings()) != runs.fingerprint(
+        Data(), mobilenet, TrainSettings())

@@ -119,9 +119,11 @@ def _apply_recipe(args: argparse.Namespace, argv: list[str]) -> None:
     if not getattr(args, "recipe", None):
         return
     recipe = RECIPES[args.recipe]
+    given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
     for name, value in {**recipe["spec"], **recipe["settings"]}.items():
         option = "--" + name.replace("_", "-")
-        if not any(arg == option or arg.startswith(option + "=") for arg in argv):
+        # argparse also takes an unambiguous abbreviation (--epoch for --epochs): that counts as given too.
+        if not any(option.startswith(arg) and len(arg) > 2 for arg in given):
             setattr(args, name, value)
 
 
@@ -193,7 +195,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     frame = predict.predict_files(args.model, args.images if len(args.images) > 1 else args.images[0], site=args.site)
     if len(frame):
-        whose = f"site profile {args.site!r}" if args.site else "the model's own, chosen on the validation split"
+        whose = f"site profile {args.site!r}" if args.site else "the model's own"
         print(f"decisions at threshold {frame['threshold'].iloc[0]:.4f} ({whose})")
     _print_predictions(frame)
     if args.csv:
@@ -270,7 +272,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     evaluation = runs.evaluate(layout.models / args.run, data, out_dir=layout.reports / args.run, n_boot=args.n_boot)
     ev = evaluation.evaluation
     print(f"test set: {ev.n_patients} patients, {ev.n_images} images; threshold {float(ev.threshold):.3f} "
-          "chosen on the validation split")
+          f"({ev.threshold_chosen_by})")
     table = ev.metrics_table()
     for metric, row in table.iterrows():
         print(f"  {metric:12s} {row['value']:.3f}  (95% CI {row['low']:.3f} to {row['high']:.3f}; "

@@ -98,6 +98,16 @@ class Fold:
         return f"{names(self.positive_sites)} | {names(self.negative_sites)}"
 
 
+def fold_unit(site: str) -> str:
+    """What a fold holds out together: ieee8023's sites by country (``ieee8023:italy`` and ``ieee8023:italy/brescia``
+    may be one hospital under two spellings, so they never sit on both sides of a fold); a publication or web site
+    (``ieee8023:doi:...``, ``ieee8023:url:...``) and every other site alone."""
+    source, _, rest = site.partition(":")
+    if source != "ieee8023" or not rest or rest.startswith(("doi:", "url:")):
+        return site
+    return f"{source}:{rest.split('/')[0]}"
+
+
 def _balanced_groups(patients: pd.Series, k: int) -> list[tuple[str, ...]]:
     """``k`` groups of the sites in ``patients`` (site -> patient count), balanced by patients: largest site first
     into the group with the fewest patients so far (ties: the lower group), names sorted inside each group."""
@@ -117,15 +127,16 @@ def site_folds(rows: pd.DataFrame, classes: Sequence[str], positive_class: str |
 
     Sites with images of the positive class are split into k groups, the other sites into k groups
     (k = the smaller of the two site counts, at most ``max_folds``), each balanced by patients, and
-    fold i holds out positive group i with negative group i. Raises :class:`OutOfSiteError` when
+    fold i holds out positive group i with negative group i. ieee8023's sites of one country move together
+    (:func:`fold_unit`). Raises :class:`OutOfSiteError` when
     there are fewer than two sites of either kind (no fold could hold one out and still train on it).
     """
     positive = judge.resolve_positive_class(classes, positive_class)
     sites = site_of(rows)
-    frame = pd.DataFrame({"site": sites.to_numpy(), "patient_id": rows["patient_id"].to_numpy(),
-                          "positive": (rows["label"] == positive).to_numpy()})
-    has_positive = frame.groupby("site")["positive"].any()
-    patients = frame.groupby("site")["patient_id"].nunique()
+    frame = pd.DataFrame({"site": sites.to_numpy(), "unit": sites.map(fold_unit).to_numpy(),
+                          "patient_id": rows["patient_id"].to_numpy(), "positive": (rows["label"] == positive).to_numpy()})
+    has_positive = frame.groupby("unit")["positive"].any()
+    patients = frame.groupby("unit")["patient_id"].nunique()
     positive_sites = patients[has_positive[patients.index]]
     negative_sites = patients[~has_positive[patients.index]]
     k = min(len(positive_sites), len(negative_sites), max_folds)
@@ -136,8 +147,13 @@ def site_folds(rows: pd.DataFrame, classes: Sequence[str], positive_class: str |
             f"({', '.join(positive_sites.index[:5]) or 'none'}) and {len(negative_sites)} "
             f"({', '.join(negative_sites.index[:5]) or 'none'}). Add a source from another hospital, or rebuild the "
             "manifest with this xraylib (it records each image's site)")
+    members = frame.groupby("unit")["site"].unique()
+
+    def expand(units: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(sorted({site for unit in units for site in members[unit]}))
+
     pairs = zip(_balanced_groups(positive_sites, k), _balanced_groups(negative_sites, k))
-    return [Fold(i + 1, pos, neg) for i, (pos, neg) in enumerate(pairs)]
+    return [Fold(i + 1, expand(pos), expand(neg)) for i, (pos, neg) in enumerate(pairs)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,6 +311,15 @@ class OutOfSiteResult:
         return markdown_lines(self.to_dict())
 
 
+def _validation_threshold(y_true: np.ndarray, y_score: np.ndarray, rule: str | float,
+                          min_sensitivity: float) -> float | None:
+    """The validation rule's threshold (the model's ``threshold_rule``) on a fold's validation images; None where
+    they hold one class only."""
+    if len(y_true) == 0 or y_true.all() or not y_true.any():
+        return None
+    return float(judge.choose_threshold(y_true, y_score, rule=rule, min_sensitivity=min_sensitivity))
+
+
 def _rates(y_true: np.ndarray, decisions: np.ndarray) -> tuple[float, float]:
     positives, negatives = y_true == 1, y_true == 0
     sensitivity = float(decisions[positives].mean()) if positives.any() else math.nan
@@ -305,12 +330,14 @@ def _rates(y_true: np.ndarray, decisions: np.ndarray) -> tuple[float, float]:
 def estimate(data: PreprocessedData, spec: models.ModelSpec, model: keras.Model, *, epochs: int = 25,
              batch_size: int = 8, learning_rate: float = 1e-3, class_weighting: bool = True, augment_views: int = 1,
              augment: AugmentSettings | None = None, min_sensitivity: float = 0.95, model_rule: str = "validation",
+             threshold_rule: str | float = "max_specificity_at_sensitivity",
              heads: int = 1, seed: int = 0, n_boot: int = 1000, positive_class: str | None = None,
              max_folds: int = MAX_FOLDS, feats: FoldFeatures | None = None, progress: bool = False) -> OutOfSiteResult:
     """The out-of-site estimate of ``model`` (its backbone frozen) trained as given on ``data`` (see the module).
 
     ``model_rule``: the rule of the model's own threshold (one of :data:`THRESHOLD_SOURCES`), the one
-    whose nested sensitivity and specificity are "at the model's own threshold". ``heads`` > 1 trains
+    whose nested sensitivity and specificity are "at the model's own threshold"; ``threshold_rule``: how the
+    validation rule chooses (:func:`xraylib.evaluate.choose_threshold`). ``heads`` > 1 trains
     an ensemble of heads per fold and averages them. Raises :class:`OutOfSiteError` when the data have too
     few sites, :class:`ConfigError` when the backbone is not frozen.
     """
@@ -329,19 +356,31 @@ def estimate(data: PreprocessedData, spec: models.ModelSpec, model: keras.Model,
     scores = np.full(len(site), np.nan)
     fold_of = np.zeros(len(site), dtype=np.int64)
     validation_thresholds: dict[int, float] = {}
+    notes = [f"{len(folds)} folds; each holds out sites with {positive} images together with sites without "
+             "(ieee8023's sites of one country together)"]
     for fold in folds:
         held = np.isin(site, fold.sites)
         keep = ~held[train_rows]
-        head = fit_heads([v[keep] for v in feats.train_views], feats.labels[train_rows][keep], len(classes), spec,
+        y_fit = feats.labels[train_rows][keep]
+        if (y_fit == column).all() or not (y_fit == column).any():
+            notes.append(f"fold {fold.index} ({fold.describe()}) left out: without its sites the training split holds "
+                         f"{'no' if len(y_fit) == 0 else 'one class of'} images")
+            continue
+        head = fit_heads([v[keep] for v in feats.train_views], y_fit, len(classes), spec,
                          epochs, batch_size, learning_rate, class_weighting, heads, seed + fold.index)
         val = ~held & ~is_train
         probabilities = predict_heads(head, feats.plain[held | val], len(classes))[:, column]
         scores[held] = probabilities[held[held | val]]
         fold_of[held] = fold.index
-        val_scores = probabilities[val[held | val]]
-        validation_thresholds[fold.index] = (
-            _highest_threshold(y_all[val], val_scores, min_sensitivity) if y_all[val].any() and not y_all[val].all()
-            else 0.5)
+        validation_thresholds[fold.index] = _validation_threshold(y_all[val], probabilities[val[held | val]],
+                                                                  threshold_rule, min_sensitivity)
+        if validation_thresholds[fold.index] is None:
+            validation_thresholds[fold.index] = 0.5
+            notes.append(f"fold {fold.index}: its validation images hold one class only; the validation rule fell back "
+                         "to 0.5 there")
+    folds = [fold for fold in folds if fold.index in validation_thresholds]
+    if len(folds) < 2:
+        raise OutOfSiteError("fewer than two folds could train on both classes: " + "; ".join(notes[1:]))
 
     held_out = fold_of > 0
     y, score, pid, fold_ids = y_all[held_out], scores[held_out], patients[held_out], fold_of[held_out]
@@ -396,7 +435,6 @@ def estimate(data: PreprocessedData, spec: models.ModelSpec, model: keras.Model,
     probability = np.zeros((len(y), len(classes)), dtype=np.float32)
     probability[:, column] = score
     predictions[probability_columns(classes)] = probability  # only the positive class's column is meaningful
-    notes = [f"{len(folds)} folds; each holds out sites with {positive} images together with sites without"]
     return OutOfSiteResult(classes, positive, folds_table, predictions, metrics, thresholds, model_rule, heads,
                            min_sensitivity, notes=notes)
 
@@ -407,6 +445,9 @@ def for_model(model: keras.Model, data: PreprocessedData, spec: models.ModelSpec
     """:func:`estimate` with a model's own training settings (a :class:`xraylib.train.TrainSettings`) and heads
     (``spec.heads`` unless ``heads`` is given), or ``(None, why not)`` where it cannot run (the backbone is trained,
     too few sites): never raises for those."""
+    if "head_pool" not in {layer.name for layer in getattr(model, "layers", [])}:
+        return None, ("no out-of-site estimate: this model's layers cannot be reached (a SavedModel export); "
+                      "load its model.keras instead")
     if not features.can_cache(model):
         return None, ("no out-of-site estimate: this model's backbone is trained (the small CNN, or fine-tuned), "
                       "so the estimate's heads on cached features would describe another model")
@@ -415,6 +456,7 @@ def for_model(model: keras.Model, data: PreprocessedData, spec: models.ModelSpec
                           learning_rate=settings.learning_rate, class_weighting=settings.class_weighting,
                           augment_views=settings.augment_views if settings.augment else 1, augment=settings.augment,
                           min_sensitivity=settings.min_sensitivity, model_rule=settings.threshold_on,
+                          threshold_rule=settings.threshold_rule,
                           heads=heads or spec.heads, seed=settings.seed, n_boot=n_boot, positive_class=positive_class,
                           progress=progress)
     except OutOfSiteError as exc:
@@ -431,15 +473,22 @@ def compare_with_internal(internal_auc: float, estimate_dict: dict[str, Any]) ->
     metrics = estimate_dict["metrics"]
     auc, low, high = metrics.get("roc_auc"), metrics.get("roc_auc_low"), metrics.get("roc_auc_high")
     numbers = {"internal_auc": internal_auc, "out_of_site_auc": auc, "out_of_site_low": low, "out_of_site_high": high}
-    estimate_text = format_interval(auc, (low, high), label="AUC ")
+    estimate_text = f"AUC {format_interval(auc, (low, high))}"
     if internal_auc is None or auc is None or not math.isfinite(internal_auc):
         return Finding("out_of_site", "the internal score and the out-of-site estimate cannot be compared", numbers, "caution")
-    if internal_auc - auc > 0.05 and (high is None or internal_auc > high):
+    outside = low is None or high is None or not (low <= internal_auc <= high)
+    if internal_auc - auc > 0.05 and outside:
         return Finding("out_of_site", (
             f"the internal test score (AUC {format_number(internal_auc)}) is higher than the out-of-site estimate "
             f"({estimate_text}): the test split comes from the same hospitals as the training images, so it measures "
             "how well the model knows them. In a hospital it never saw, expect the out-of-site estimate, and check "
             "the decision threshold there (calibrate with your own normals)."), numbers, "caution")
+    if auc - internal_auc > 0.05 and outside:
+        return Finding("out_of_site", (
+            f"the internal test score (AUC {format_number(internal_auc)}) is lower than the out-of-site estimate "
+            f"({estimate_text}): a small or unusual test split can do that. For a new hospital the out-of-site "
+            "estimate, over more patients and several sites, is the better guide, but neither promises much."),
+            numbers, "caution")
     return Finding("out_of_site", (
         f"the internal test score (AUC {format_number(internal_auc)}) and the out-of-site estimate ({estimate_text}) "
         "agree within 0.05 or within the estimate's interval; a new hospital may still differ from every site here."),

@@ -1,8 +1,8 @@
 """Predict with a trained model on your own PNG/JPEG/DICOM files (cached splits: :func:`xraylib.models.predict_split`).
 
 Files are preprocessed exactly as in training: the settings come from the JSON saved with
-the model, never re-typed. The decision uses the threshold chosen on the validation split, or a site
-profile's (``site=``, made by :mod:`xraylib.calibrate`).
+the model, never re-typed. The decision uses the model's own threshold (saved with it: chosen on the
+validation split or on out-of-site predictions), or a site profile's (``site=``, made by :mod:`xraylib.calibrate`).
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def predict_files(model: LoadedModel | str | os.PathLike, target, batch_size: in
     Returns one row per file: ``path``, ``ok``, ``error`` (why a file was skipped), one
     ``prob_<class>`` column per class, ``decision``, ``threshold`` (the one decided at) and ``site``.
     ``site`` names a site profile of the model (:mod:`xraylib.calibrate`): decisions at its threshold;
-    None (default): at the model's own threshold (chosen on the validation split), and ``site`` is empty.
+    None (default): at the model's own threshold (saved with it), and ``site`` is empty.
     A bad file is reported in its row, not fatal; an unknown site raises :class:`ModelError` naming the known ones.
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model)

@@ -39,7 +39,7 @@ import pandas as pd
 from . import evaluate as judge
 from . import models, modelcard, ood, outofsite, preprocess
 from . import train as training
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, XraylibError
 from .fileio import atomic_path, json_safe, read_json, write_csv_atomic, write_json_atomic, write_text_atomic
 from .models import LoadedModel, ModelSpec
 from .preprocess import PIXELS_VERSION, PreprocessedData
@@ -237,15 +237,18 @@ def _save_keras(model: keras.Model, path: Path, tmp_name: str | None = None) -> 
 
 
 #: Settings that say when to stop or how to compute, not what is trained: a run may be resumed with others.
-_NOT_RECIPE = ("epochs", "fine_tune_epochs", "mixed_precision", "jit_compile")
+_NOT_RECIPE = ("epochs", "fine_tune_epochs", "mixed_precision", "jit_compile", "threshold_on")
 
 
 def fingerprint(data: PreprocessedData, spec: ModelSpec, settings: TrainSettings) -> str:
     """What a checkpoint was trained on and how: resuming with anything else is refused."""
     # The epoch counts only say when to stop, so a finished run can be continued for more epochs; precision and
     # XLA say how to compute, not what, so a run started on a GPU can be resumed on a CPU.
+    # Where the threshold is chosen does not change the weights (threshold_on is not recipe either), and a field added
+    # later is left out at its default, so that run folders made before it keep resuming.
     recipe = {k: v for k, v in settings.to_dict().items() if k not in _NOT_RECIPE}
-    payload = json.dumps({"data": data.key, "spec": spec.to_dict(), "settings": recipe}, sort_keys=True)
+    model = {k: v for k, v in spec.to_dict().items() if not (k == "heads" and v == 1)}
+    payload = json.dumps({"data": data.key, "spec": model, "settings": recipe}, sort_keys=True)
     return hashlib.sha1(payload.encode()).hexdigest()
 
 
@@ -287,8 +290,11 @@ def train(
         model = keras.models.load_model(run.model_keras)
         meta = json.loads(run.model_json.read_text())
         weights = training.class_weights(data["train"].labels, len(data.classes)) if settings.class_weighting else {}
-        return TrainResult(model, pd.DataFrame(run.history_rows(done)), run, weights,
-                           meta.get("threshold", {}).get("value", 0.5), done)
+        threshold = meta.get("threshold", {}).get("value", 0.5)
+        if choose_threshold and meta.get("training", {}).get("threshold_on", "validation") != settings.threshold_on:
+            # The same weights, asked for a threshold chosen elsewhere: choose it and save the model again.
+            threshold = finish(model, data, spec, settings, run, execution=meta.get("execution"))
+        return TrainResult(model, pd.DataFrame(run.history_rows(done)), run, weights, threshold, done)
     result = training.fit(data, spec, settings, run, state, tag, verbose)
     started = time.time()
     threshold = finish(result.model, data, spec, settings, run, val_probabilities=result.val_probabilities,
@@ -403,8 +409,8 @@ def evaluate(
 ) -> ModelEvaluation:
     """Predict the validation and ``split`` sets with the model in ``model_dir`` and evaluate ``split``.
 
-    The threshold is the one saved with the model (chosen on the validation split at
-    training), so the numbers describe the model as it will be used. Writes into ``out_dir``
+    The threshold is the one saved with the model (chosen at training on the validation split or on
+    out-of-site predictions), so the numbers describe the model as it will be used. Writes into ``out_dir``
     (default: ``model_dir/evaluation``) ``evaluation.json``, ``evaluation.md``, the prediction
     CSVs and the plots, and adds the test metrics to ``model.json``.
 
@@ -425,7 +431,8 @@ def evaluate(
     val = models.predict_split(loaded.model, data["val"])
     test = models.predict_split(loaded.model, data[split])
     saved = loaded.metadata.get("threshold", {})
-    threshold = judge.Threshold(loaded.threshold, saved.get("rule", "saved with the model") + " (on the validation split)")
+    threshold = judge.Threshold(loaded.threshold, f"{saved.get('rule', 'saved with the model')} (on the "
+                                                  f"{saved.get('chosen_on', 'validation split')})")
     result = judge.evaluate(test, data.classes, threshold, positive_class=loaded.positive_class, n_boot=n_boot, seed=seed)
     estimate = _out_of_site_estimate(loaded, data, run, n_boot) if out_of_site else None
     if estimate is not None and "metrics" in estimate:
@@ -458,9 +465,10 @@ def _out_of_site_estimate(loaded: LoadedModel, data: PreprocessedData, run: RunF
     saved = loaded.metadata.get("out_of_site")
     if isinstance(saved, dict) and "metrics" in saved:
         return saved
+    known = set(TrainSettings.__dataclass_fields__)
     try:
-        settings = TrainSettings.from_dict(loaded.metadata.get("training", {}))
-    except (TypeError, ValueError) as exc:
+        settings = TrainSettings.from_dict({k: v for k, v in (loaded.metadata.get("training") or {}).items() if k in known})
+    except (TypeError, ValueError, XraylibError) as exc:
         return {"unavailable": f"no out-of-site estimate: model.json's training settings cannot be read ({exc})"}
     result, why = outofsite.for_model(loaded.model, data, loaded.spec, settings,
                                       positive_class=loaded.positive_class, n_boot=n_boot)

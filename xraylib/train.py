@@ -251,7 +251,8 @@ def check_inputs(data: PreprocessedData, spec: models.ModelSpec, settings: Train
         raise ConfigError("the train and validation splits must both hold images; use more data or other fractions")
     if spec.heads > 1 and (spec.backbone == "small_cnn" or settings.fine_tune_epochs or not settings.feature_cache):
         raise ConfigError(f"heads={spec.heads}: an ensemble of heads is trained on the frozen backbone's cached features, "
-                          "each head on its own; it needs a pretrained backbone, fine_tune_epochs=0 and feature_cache=True")
+                          "each head on its own; it needs a pretrained backbone, fine_tune_epochs=0 and feature_cache=True "
+                          "(to fine-tune, set heads=1: --heads 1, HEADS = 1)")
 
 
 def fit(
