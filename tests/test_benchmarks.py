@@ -52,9 +52,9 @@ def test_the_quality_benchmark_runs_on_the_real_data(shared_data, shared_weights
     assert "## Results" in markdown and "| (d) leave out kaggle |" in markdown and results["disclaimer"] in markdown
     # Out of site: every configuration over two seeds, both threshold rules, the full recipe on one fold, decisions.
     oos = results["out_of_site"]
-    assert set(oos["configs"]) == {"seeds-mobilenet", "recommended, one head", "recommended", "recommended + equalize",
+    assert set(oos["configs"]) == {"seeds-mobilenet", "recommended", "recommended + ensemble of 2", "recommended + equalize",
                                    "recommended + clahe", "recommended + body crop"}
-    assert oos["configs"]["recommended"]["heads"] == 2 and oos["configs"]["recommended, one head"]["heads"] == 1
+    assert oos["configs"]["recommended + ensemble of 2"]["heads"] == 2 and oos["configs"]["recommended"]["heads"] == 1
     for name, config in oos["configs"].items():
         assert [s["seed"] for s in config["seeds"]] == [0, 1]
         for key in ("roc_auc", "specificity_validation", "specificity_out_of_site", "sensitivity"):

@@ -303,7 +303,7 @@ def _add_training_options(p: argparse.ArgumentParser, backbone: str = "vgg16", w
 
     p.add_argument("--run", default="run", help="run name: files go to OUTPUT_DIR/models/RUN (default run)")
     p.add_argument("--recipe", choices=["seeds", "recommended"], default=None,
-                   help="a named recipe (README, 'Recipes'): recommended = MobileNet 0.25 on ImageNet weights, 5 heads, "
+                   help="a named recipe (README, 'Recipes'): recommended = MobileNet 0.25 on ImageNet weights, "
                         "4 augmented views, threshold chosen on out-of-site predictions; options given on the command "
                         "line override it")
     p.add_argument("--backbone", choices=sorted(NORMALISATION), default=backbone,
