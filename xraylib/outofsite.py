@@ -42,8 +42,9 @@ import pandas as pd
 from . import evaluate as judge
 from . import features, models
 from .batches import AugmentSettings, epoch_order
-from .train import THRESHOLD_ON
+from .train import THRESHOLD_ON, class_weights
 from .errors import ConfigError
+from .fileio import json_safe
 from .preprocess import PreprocessedData
 from .reporting import Finding, format_interval, format_number, markdown_table, probability_columns
 from .sources import source_by_name
@@ -70,8 +71,9 @@ class OutOfSiteError(ConfigError):
 def site_of(manifest: pd.DataFrame) -> pd.Series:
     """Each row's site: the manifest's ``site`` where it names one, else its source's hospital group
     (``Source.site``), else its source (your own images: one site per source)."""
-    fallback = manifest["source"].astype(str).map(
-        lambda name: source_by_name(name).site if source_by_name(name) else name)
+    names = manifest["source"].astype(str)
+    groups = {name: getattr(source_by_name(name), "site", name) for name in names.unique()}
+    fallback = names.map(groups)
     if "site" not in manifest.columns:
         return fallback.rename("site")
     site = manifest["site"].astype(object)
@@ -231,20 +233,16 @@ def fit_heads(views: Sequence[np.ndarray], labels: np.ndarray, n_classes: int, s
     n, dim = len(labels), int(views[0].shape[1])
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((dim,), name="features")
-    outputs = []
-    for h in range(heads):
-        x = keras.layers.Dense(spec.head_units, activation="relu", name=f"dense_{h}")(inputs)
-        x = keras.layers.Dropout(spec.dropout, name=f"dropout_{h}")(x)
-        outputs.append(keras.layers.Dense(n_classes, activation="softmax", name=f"predictions_{h}")(x))
-    model = keras.Model(inputs, keras.layers.Concatenate()(outputs) if heads > 1 else outputs[0])
+    branches = models.head(n_classes, spec.head_units, spec.dropout, heads=heads).branches  # the model's own head
+    outputs = models.apply_branches(branches, inputs, keras.layers.Concatenate() if heads > 1 else None)
+    model = keras.Model(inputs, outputs)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=models.EnsembleLoss(heads),
                   steps_per_execution=64, jit_compile=False)
     table = np.concatenate([np.asarray(v, dtype=np.float32) for v in views])
     rng = np.random.default_rng([seed, 7])
     weights = np.ones(n_classes, dtype=np.float32)
     if class_weighting:
-        counts = np.bincount(labels, minlength=n_classes)
-        weights = np.where(counts > 0, n / (n_classes * np.maximum(counts, 1)), 0.0).astype(np.float32)
+        weights = np.asarray([class_weights(labels, n_classes)[c] for c in range(n_classes)], dtype=np.float32)
     index = np.concatenate([epoch_order(n, seed, e) + n * rng.integers(0, len(views), n) for e in range(epochs)])
     row = index % n
     dataset = (tf.data.Dataset.from_tensor_slices((index.astype(np.int64), np.eye(n_classes, dtype=np.float32)[labels[row]],
@@ -289,18 +287,7 @@ class OutOfSiteResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (NaN becomes None): what ``model.json`` keeps under ``out_of_site``."""
-        def clean(value: Any) -> Any:
-            if isinstance(value, dict):
-                return {k: clean(v) for k, v in value.items()}
-            if isinstance(value, (list, tuple)):
-                return [clean(v) for v in value]
-            if isinstance(value, (np.integer,)):
-                return int(value)
-            if isinstance(value, (float, np.floating)):
-                return None if not math.isfinite(float(value)) else round(float(value), 6)
-            return value
-
-        return clean({
+        return json_safe({
             "describes": self.describes, "positive_class": self.positive_class, "heads": self.heads,
             "min_sensitivity": self.min_sensitivity, "model_rule": self.model_rule,
             "folds": self.folds.to_dict("records"), "metrics": self.metrics, "thresholds": self.thresholds,
@@ -321,10 +308,9 @@ def _validation_threshold(y_true: np.ndarray, y_score: np.ndarray, rule: str | f
 
 
 def _rates(y_true: np.ndarray, decisions: np.ndarray) -> tuple[float, float]:
-    positives, negatives = y_true == 1, y_true == 0
-    sensitivity = float(decisions[positives].mean()) if positives.any() else math.nan
-    specificity = float(1 - decisions[negatives].mean()) if negatives.any() else math.nan
-    return sensitivity, specificity
+    """(sensitivity, specificity) of 0/1 decisions (NaN where a class is absent)."""
+    metrics = judge.binary_metrics(y_true, decisions.astype(np.float64), 0.5)
+    return metrics["sensitivity"], metrics["specificity"]
 
 
 def estimate(data: PreprocessedData, spec: models.ModelSpec, model: keras.Model, *, epochs: int = 25,

@@ -178,31 +178,33 @@ class RunFolder:
         out[self.model_json.name] = self.model_json
         return out
 
+    def _update_metadata(self, change: Callable[[dict[str, Any]], None], check: bool = False) -> None:
+        """Read ``model.json``, apply ``change`` to it, with ``check`` check it (:func:`xraylib.models.check_metadata`),
+        and write it back atomically: the one way a run's JSON is changed after training."""
+        metadata = read_json(self.model_json)
+        if metadata is None:
+            raise ModelError(f"{self.model_json}: missing or not valid JSON; it is written by training (runs.train)")
+        change(metadata)
+        if check:
+            models.check_metadata(metadata, self.model_json)
+        write_json_atomic(self.model_json, metadata)
+
     def record_metrics(self, metrics: dict[str, Any]) -> None:
         """Add evaluation metrics to ``model.json`` (atomically), keeping what is there."""
-        metadata = json.loads(self.model_json.read_text(encoding="utf-8"))
-        metadata.setdefault("metrics", {}).update(metrics)
-        write_json_atomic(self.model_json, metadata)
+        self._update_metadata(lambda metadata: metadata.setdefault("metrics", {}).update(metrics))
 
     def record_out_of_site(self, estimate: dict[str, Any]) -> None:
         """Keep an out-of-site estimate (:meth:`xraylib.outofsite.OutOfSiteResult.to_dict`) in ``model.json``."""
-        metadata = json.loads(self.model_json.read_text(encoding="utf-8"))
-        metadata["out_of_site"] = estimate
-        write_json_atomic(self.model_json, metadata)
+        self._update_metadata(lambda metadata: metadata.__setitem__("out_of_site", estimate))
 
     def record_site_profile(self, name: str, profile: dict[str, Any]) -> dict[str, Any]:
         """Add (or replace) site profile ``name`` in ``model.json`` (atomically), keeping the model's own threshold and
         the other sites'. The whole file is checked (:func:`xraylib.models.check_metadata`) before it is written.
         Returns the profile as stored."""
         name = models.check_site_name(name)
-        metadata = read_json(self.model_json)
-        if metadata is None:
-            raise ModelError(f"{self.model_json}: missing or not valid JSON; a site profile is stored in the model's JSON "
-                             "saved by training")
         stored = json_safe(profile)
-        metadata["site_profiles"] = {**(metadata.get("site_profiles") or {}), name: stored}
-        models.check_metadata(metadata, self.model_json)
-        write_json_atomic(self.model_json, metadata)
+        self._update_metadata(lambda metadata: metadata.__setitem__(
+            "site_profiles", {**(metadata.get("site_profiles") or {}), name: stored}), check=True)
         return stored
 
     def write_card(self, metadata: dict[str, Any] | None = None, evaluation: Any = None, audit_report: Any = None,
