@@ -239,3 +239,67 @@ def test_shared_weights_dir_honours_the_environment(tmp_path, monkeypatch):
     assert config.shared_weights_dir() == tmp_path
     monkeypatch.setenv("XRAYLIB_SHARED_WEIGHTS", str(tmp_path / "absent"))
     assert config.shared_weights_dir() is None
+
+
+# --- the same settings in Colab and locally --------------------------------------------------
+
+
+@pytest.fixture
+def colab(tmp_path, monkeypatch) -> Path:
+    """A Colab runtime with Drive mounted at a temporary folder: ``google.colab`` imported, ``MyDrive`` there."""
+    import sys
+    import types
+
+    mount = tmp_path / "content" / "drive"
+    (mount / "MyDrive").mkdir(parents=True)
+    monkeypatch.setattr(config, "DRIVE_MOUNT", mount)
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.chdir(tmp_path / "content")
+    return mount / "MyDrive"
+
+
+def test_relative_notebook_settings_resolve_against_the_repository_not_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("XRAYLIB_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert config.repository() == REPO
+    assert config.resolve_setting("drive_paths.yaml") == REPO / "drive_paths.yaml"
+    assert config.default_drive_paths_file() == REPO / "drive_paths.yaml"
+    assert config.resolve_paths("sample", output_dir="outputs/x").output_dir == REPO / "outputs" / "x"
+    assert config.resolve_paths("sample").output_dir == REPO / "outputs" / "sample"
+    copy = tmp_path / "copy_of_xraylib"  # the Colab setup cell points XRAYLIB_HOME at the copy it installed from
+    monkeypatch.setenv("XRAYLIB_HOME", str(copy))
+    assert config.resolve_setting("drive_paths.yaml") == copy / "drive_paths.yaml"
+    assert config.resolve_setting(tmp_path / "abs") == tmp_path / "abs"
+    with pytest.raises(ConfigError, match=str(copy / "drive_paths.yaml")):
+        config.resolve_paths("drive")
+
+
+def test_in_colab_outputs_go_to_drive_so_each_notebook_finds_the_others(colab, monkeypatch):
+    monkeypatch.delenv("XRAYLIB_HOME", raising=False)
+    assert config.in_colab() and config.drive_mounted()
+    paths = config.resolve_paths("sample")
+    assert paths.output_dir == colab / "xraylib_outputs" / "sample"
+    assert paths.layout.sample_data == colab / "xraylib_outputs" / "sample" / "sample_data"
+    assert config.drive_hint(paths.output_dir) == ""  # on a mounted Drive: no complaint
+
+
+def test_find_trained_model_says_to_run_notebook_03_and_finds_the_demo_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("XRAYLIB_HOME", str(tmp_path / "xraylib"))
+    layout = config.OutputLayout(tmp_path / "xraylib" / "outputs" / "sample")
+    with pytest.raises(ConfigError) as info:
+        config.find_trained_model(layout, "vgg16")
+    assert str(info.value).startswith("No trained model yet: run notebook 03 first") and "make demo" in str(info.value)
+
+    demo = tmp_path / "xraylib" / "outputs" / "demo" / "models" / "run"  # what `make demo` writes
+    demo.mkdir(parents=True)
+    (demo / "model.json").write_text("{}")
+    found, note = config.find_trained_model(layout, "vgg16")
+    assert found == demo and "notebook 03" in note and str(demo) in note
+
+    own = layout.models / "vgg16"
+    own.mkdir(parents=True)
+    (own / "model.json").write_text("{}")
+    assert config.find_trained_model(layout, "vgg16") == (own, "")
+    assert config.find_trained_model(layout, "other")[0] == own  # another run of this data before the demo's
+    with pytest.raises(ConfigError, match="MODEL_PATH: .*nowhere.keras not found"):
+        config.find_trained_model(layout, "vgg16", model_path=tmp_path / "nowhere.keras")

@@ -20,7 +20,19 @@ from .sources import SOURCES
 SOURCE_KEYS = tuple(source.drive_key for source in SOURCES)
 
 #: Where Colab mounts Google Drive (``drive.mount("/content/drive")``); "My Drive" is ``MyDrive`` inside it.
-DRIVE_MOUNT = Path("/content/drive")
+#: ``$XRAYLIB_DRIVE_MOUNT`` moves it (the notebooks' setup cell reads the same variable; the Colab test mounts a
+#: temporary "Drive" there).
+DRIVE_MOUNT = Path(os.environ.get("XRAYLIB_DRIVE_MOUNT", "/content/drive"))
+
+
+def my_drive() -> Path:
+    """Colab's "My Drive" folder (``/content/drive/MyDrive``)."""
+    return DRIVE_MOUNT / "MyDrive"
+
+
+def drive_mounted() -> bool:
+    """Whether Google Drive is mounted (its "My Drive" folder is there)."""
+    return os.path.ismount(DRIVE_MOUNT) or my_drive().is_dir()
 
 
 def drive_hint(path: str | os.PathLike) -> str:
@@ -30,7 +42,7 @@ def drive_hint(path: str | os.PathLike) -> str:
     """
     path = Path(path)
     on_drive = path == DRIVE_MOUNT or DRIVE_MOUNT in path.parents
-    if not on_drive or os.path.ismount(DRIVE_MOUNT):
+    if not on_drive or drive_mounted():
         return ""
     return (f" Is Google Drive mounted? {DRIVE_MOUNT} is not mounted: in Colab run "
             f"`from google.colab import drive; drive.mount('{DRIVE_MOUNT}')` (the notebooks' first cell does it), "
@@ -175,29 +187,98 @@ def folder_drive_paths(data_root: str | os.PathLike, output_dir: str | os.PathLi
     return DrivePaths(output_dir=Path(output_dir).expanduser().resolve(), **found)
 
 
-def default_sample_output_dir() -> Path:
-    """Where sample-data outputs go by default: ``outputs/sample`` in a source checkout, else ``./xraylib_outputs/sample``."""
+def repository() -> Path | None:
+    """The xraylib folder that relative settings resolve against: ``$XRAYLIB_HOME`` (the notebooks' Colab setup cell
+    sets it to the copy on Drive it installed from), else the source checkout this package runs from (an editable
+    install, or ``PYTHONPATH``); ``None`` for an installed package without either."""
+    if home := os.environ.get("XRAYLIB_HOME"):
+        return Path(home).expanduser().resolve()
     checkout = Path(__file__).resolve().parents[1]
-    if (checkout / "pyproject.toml").is_file():
-        return checkout / "outputs" / "sample"
-    return Path.cwd() / "xraylib_outputs" / "sample"
+    return checkout if (checkout / "pyproject.toml").is_file() else None
+
+
+def resolve_setting(path: str | os.PathLike) -> Path:
+    """A path setting as the notebooks and the CLI mean it: ``~`` and ``$VARIABLES`` expanded, and a relative path taken
+    relative to the xraylib folder (:func:`repository`), so that it means the same whatever the working directory
+    (Colab's is ``/content``); without a repository, relative to the working directory."""
+    path = Path(os.path.expandvars(str(path))).expanduser()
+    if path.is_absolute():
+        return path
+    return ((repository() or Path.cwd()) / path).resolve()
+
+
+def default_output_root() -> Path:
+    """The folder outputs go to unless a setting says otherwise: in Colab ``MyDrive/xraylib_outputs`` on Google Drive
+    (so that every notebook, each in its own runtime, finds the others' files, and a disconnect loses nothing);
+    locally ``outputs/`` in the xraylib folder, else ``./xraylib_outputs``."""
+    if in_colab():
+        return my_drive() / "xraylib_outputs"
+    root = repository()
+    return root / "outputs" if root is not None else Path.cwd() / "xraylib_outputs"
+
+
+def default_sample_output_dir() -> Path:
+    """Where sample-data outputs go by default: ``sample/`` in :func:`default_output_root`."""
+    return default_output_root() / "sample"
+
+
+def default_drive_paths_file() -> Path:
+    """``drive_paths.yaml`` in the xraylib folder (:func:`repository`); without one, in Colab
+    ``MyDrive/xraylib/drive_paths.yaml``, else in the working directory."""
+    root = repository()
+    if root is not None:
+        return root / "drive_paths.yaml"
+    return (my_drive() / "xraylib" if in_colab() else Path.cwd()) / "drive_paths.yaml"
+
+
+#: Where ``make demo`` (``python -m xraylib demo``) writes, under :func:`default_output_root`.
+DEMO_OUTPUT = "demo"
+
+
+def find_trained_model(layout: "OutputLayout", run_name: str, model_path: str | os.PathLike | None = None
+                       ) -> tuple[Path, str]:
+    """The model a notebook should load, and a note for the user ("" when it is the one asked for).
+
+    ``model_path`` (a run folder, ``.keras`` or ``.h5``) if given; else run ``run_name`` under ``layout.models``; else
+    the most recent other run there; else the model ``make demo`` trained. Raises :class:`ConfigError` saying to run
+    notebook 03 first when there is none.
+    """
+    if model_path is not None:
+        path = resolve_setting(model_path)
+        if not path.exists():
+            raise ConfigError(f"MODEL_PATH: {path} not found.{drive_hint(path)} Set it to a run folder, a model.keras "
+                              "or a model.h5 (with its model.json), or to None to use notebook 03's run.")
+        return path, ""
+    expected = layout.models / run_name
+    if (expected / "model.json").is_file():
+        return expected, ""
+    others = sorted((p.parent for p in layout.models.glob("*/model.json")), key=lambda p: p.stat().st_mtime)
+    demo = default_output_root() / DEMO_OUTPUT / "models" / "run"
+    candidates = others[-1:] + ([demo] if (demo / "model.json").is_file() else [])
+    if not candidates:
+        raise ConfigError(f"No trained model yet: run notebook 03 first (it trains and saves run {run_name!r} in "
+                          f"{layout.models}), or `make demo`, or set MODEL_PATH to a run folder, a model.keras or a "
+                          f"model.h5.{drive_hint(layout.root)}")
+    found = candidates[0]
+    return found, (f"Run {run_name!r} is not in {layout.models} (notebook 03 trains it): using the model in {found} "
+                   "instead. Set RUN_NAME or MODEL_PATH to choose another.")
 
 
 def resolve_paths(data: str = "sample", drive_paths_yaml: str | os.PathLike | None = None,
                   output_dir: str | os.PathLike | None = None) -> DrivePaths:
     """The paths a notebook works with, from its ``DATA`` parameter.
 
-    ``data``: "sample" (the built-in synthetic data under the output folder), "drive" (the
-    folders in ``drive_paths_yaml``) or a folder laid out like ``../shared/data``.
-    ``output_dir`` overrides the default output folder (for "drive", the YAML's ``output_dir``).
+    ``data``: "sample" (the built-in synthetic data under the output folder), "drive" (the folders in
+    ``drive_paths_yaml``, by default :func:`default_drive_paths_file`) or a folder laid out like ``../shared/data``.
+    ``output_dir`` overrides the default output folder (for "drive", the YAML's ``output_dir``). Relative paths are
+    taken relative to the xraylib folder (:func:`resolve_setting`), not the working directory.
     """
+    output_dir = resolve_setting(output_dir) if output_dir is not None else None
     if data == "sample":
         return sample_drive_paths(output_dir or default_sample_output_dir())
     if data == "drive":
-        if drive_paths_yaml is None:
-            raise ConfigError("DATA = 'drive' needs DRIVE_PATHS, the path of your drive_paths.yaml")
-        return load_drive_paths(drive_paths_yaml, output_dir=output_dir)
-    folder = Path(str(data)).expanduser()
+        return load_drive_paths(resolve_setting(drive_paths_yaml or default_drive_paths_file()), output_dir=output_dir)
+    folder = resolve_setting(str(data))
     if folder.is_dir():
         if output_dir is None:
             raise ConfigError(f"DATA is the folder {folder}: also set OUTPUT_DIR, where the outputs go")
