@@ -21,12 +21,12 @@ test: test-main test-colab
 # The whole suite with the versions xraylib is developed on; the cross-version test loads its
 # models in .venv-colab (XRAYLIB_OTHER_PYTHON).
 test-main: $(STAMP) $(COLAB_STAMP)
-	MPLBACKEND=Agg XRAYLIB_OTHER_PYTHON=$(CURDIR)/$(COLAB_BIN)/python $(BIN)/python -m pytest
+	MPLBACKEND=Agg XRAYLIB_OTHER_PYTHON=$(abspath $(COLAB_BIN)/python) $(BIN)/python -m pytest
 
 # Colab's versions: only the tests that matter for version drift (saving, loading, predicting);
 # the notebooks' stored outputs are compared in .venv only.
 test-colab: $(STAMP) $(COLAB_STAMP)
-	MPLBACKEND=Agg XRAYLIB_OTHER_PYTHON=$(CURDIR)/$(BIN)/python $(COLAB_BIN)/python -m pytest -m keras_versions -p no:nbval
+	MPLBACKEND=Agg XRAYLIB_OTHER_PYTHON=$(abspath $(BIN)/python) $(COLAB_BIN)/python -m pytest -m keras_versions -p no:nbval
 
 setup: $(STAMP)
 
