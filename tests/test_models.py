@@ -245,7 +245,7 @@ def saved(tmp_path_factory) -> dict:
 
 def test_save_model_writes_keras_h5_and_json_with_versions(saved):
     folder = saved["folder"]
-    assert sorted(p.name for p in folder.iterdir()) == ["model.h5", "model.json", "model.keras"]
+    assert sorted(p.name for p in folder.iterdir()) == ["model.h5", "model.json", "model.keras", "model.weights.h5"]
     assert saved["files"] == {name: folder / name for name in models.MODEL_FILES}
     meta = json.loads((folder / "model.json").read_text())
     assert meta["versions"]["keras"] == keras.__version__
@@ -280,6 +280,8 @@ def test_a_model_trained_on_other_decoded_pixels_loads_with_a_warning(saved, tmp
 def test_load_model_gives_the_same_probabilities(saved, target):
     loaded = models.load_model(saved["folder"] / target if target else saved["folder"])
     assert loaded.path.name == (target or "model.keras")  # the folder prefers the .keras file
+    assert loaded.file_format == ("h5" if target == "model.h5" else "keras")
+    assert loaded.loaded_from == saved["folder"] / "model.weights.h5"  # rebuilt from model.json's spec
     assert loaded.classes == CLASSES
     assert loaded.threshold == 0.3 and loaded.positive_class == "covid"
     assert loaded.spec.backbone == "vgg16" and loaded.spec.image_size == SIZE

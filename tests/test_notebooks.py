@@ -74,6 +74,7 @@ def colab(tmp_path_factory) -> ColabStandIn:
     return ColabStandIn(tmp_path_factory.mktemp("colab"))
 
 
+@pytest.mark.keras_versions  # also run with Colab's TensorFlow/Keras (make test-colab), outputs not compared there
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_as_in_colab(path: Path, colab: ColabStandIn):
     result = colab.run_nbval(path, {"DATA": "sample", **PARAMETERS[path.stem]}, compare_outputs=COMPARE_OUTPUTS)

@@ -132,7 +132,8 @@ def model_card_markdown(
     versions = meta.get("versions", {})
     if versions or meta.get("saved_at"):
         lines.append(f"- Saved {meta.get('saved_at', '')} with " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".")
-    lines.append("- Files: model.keras, model.h5, model.json (classes, preprocessing, threshold) in this folder.")
+    lines.append("- Files: model.keras, model.h5, model.weights.h5 (the weights only, which load across Keras versions), "
+                 "model.json (classes, preprocessing, threshold) in this folder.")
     lines.append("")
 
     lines += ["## Training data", ""]

@@ -435,7 +435,13 @@ def predict_split(model, split: PreprocessedSplit, batch_size: int = 32) -> pd.D
 # --------------------------------------------------------------------------------------------
 # Saving and loading
 
-MODEL_FILES = ("model.keras", "model.h5", "model.json")
+#: What :meth:`xraylib.runs.RunFolder.save_model` writes, the JSON last.
+MODEL_FILES = ("model.keras", "model.h5", "model.weights.h5", "model.json")
+#: The weights-only file beside ``model.keras``: with ``model.json``'s spec it loads across Keras versions
+#: (:func:`load_model` rebuilds the architecture with :func:`build_model` and loads only the weights).
+WEIGHTS_FILE = "model.weights.h5"
+#: The longest :class:`ModelError` message :func:`load_model` gives when no file of a model loads.
+MAX_LOAD_ERROR_CHARS = 300
 
 
 METADATA_FORMAT = "xraylib model metadata v1"
@@ -554,6 +560,9 @@ class LoadedModel:
     metadata: dict[str, Any]
     path: Path
     file_format: str = "keras"
+    #: The file the weights came from: ``model.weights.h5`` beside ``path`` when the model was rebuilt from
+    #: ``model.json``'s spec (:func:`rebuild_from_weights`), else ``path`` itself.
+    loaded_from: Path | None = None
 
     @property
     def has_layers(self) -> bool:
@@ -640,18 +649,29 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     (``model.export(folder)``), or the run folder (which prefers ``model.keras``, then ``model.h5``,
     then a ``saved_model/`` folder).
 
+    Where ``model.weights.h5`` (written by :meth:`xraylib.runs.RunFolder.save_model`) lies beside the model file,
+    the model is rebuilt from ``model.json``'s spec with xraylib's own :func:`build_model` (float32, no downloaded
+    weights) and only the weights are loaded (:func:`rebuild_from_weights`): this works across Keras versions
+    (e.g. saved with Keras 3.15 in one place, loaded with Keras 3.10 in Colab), where Keras' full description of the
+    layers in ``.keras``/``.h5`` may not load. ``path`` and ``file_format`` still name the model file asked for
+    (or found in the run folder); ``loaded_from`` is the file the weights came from. Without a weights file, or
+    when the rebuild fails, the full files load as before: the one asked for, then the other of the pair.
+
     ``.keras`` and ``.h5`` load in Keras' safe mode (no arbitrary code). A SavedModel is loaded with
     :class:`keras.layers.TFSMLayer` (endpoint ``serve``, else ``serving_default``): it runs a
     TensorFlow graph, not Python code, but graph ops can read and write files, so load only
     SavedModels you trust. Its ``model.json`` is read from the folder or, for ``run/saved_model``,
     from the run folder. Raises :class:`ModelError` naming the file, its format, the Keras version
-    it was saved with (from the JSON), and what to do.
+    it was saved with (from the JSON), and what to do; when no file loads, the message starts with the fix and
+    is at most :data:`MAX_LOAD_ERROR_CHARS` characters (the full errors are in its ``details``).
     """
     path = Path(path)
     if path.is_dir() and (path / "model.keras").is_file():
         model_file = path / "model.keras"
     elif path.is_dir() and (path / "model.h5").is_file():
         model_file = path / "model.h5"
+    elif path.is_dir() and (path / WEIGHTS_FILE).is_file():
+        model_file = path / WEIGHTS_FILE
     elif path.is_dir() and not is_saved_model_dir(path) and is_saved_model_dir(path / SAVED_MODEL_DIR):
         model_file = path / SAVED_MODEL_DIR
     else:
@@ -671,20 +691,83 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
                       f"{trained_on}; this xraylib decodes version {PIXELS_VERSION}, so its inputs may differ by a "
                       "fraction of a grey level on average. Retrain (or use the xraylib it was trained with) for "
                       "exact agreement.", UserWarning, stacklevel=2)
-    versions = metadata.get("versions", {})
-    saved_with = versions.get("keras", "unknown")
     if saved_model:
         return _load_saved_model(model_file, metadata)
-    fmt = {".keras": "Keras v3 (.keras)", ".h5": "HDF5 (.h5)"}.get(model_file.suffix, "unknown")
-    try:
-        model = keras.models.load_model(model_file, compile=False, safe_mode=True)
-    except Exception as exc:
-        raise ModelError(
-            f"{model_file}: cannot load this {fmt} model saved with Keras {saved_with} into Keras {keras.__version__} "
-            f"({type(exc).__name__}: {exc}). Try the other file of the pair (model.keras / model.h5), or install "
-            f"keras=={saved_with}."
-        ) from None
-    return LoadedModel(model, metadata, model_file, "h5" if model_file.suffix == ".h5" else "keras")
+    saved_with = metadata.get("versions", {}).get("keras", "unknown")
+    failures: list[tuple[Path, Exception]] = []
+    weights_file = model_file if model_file.name.endswith(".weights.h5") else model_file.parent / WEIGHTS_FILE
+    if weights_file.is_file() and isinstance(metadata.get("model"), dict):
+        try:
+            model = rebuild_from_weights(ModelSpec.from_dict(metadata["model"]), weights_file)
+            fmt = "weights" if model_file == weights_file else ("h5" if model_file.suffix == ".h5" else "keras")
+            return LoadedModel(model, metadata, model_file, fmt, loaded_from=weights_file)
+        except Exception as exc:  # fall back to the full files, and say why if they fail too
+            failures.append((weights_file, exc))
+    if model_file != weights_file:
+        # The file asked for, then the other of the pair beside it (model.keras / model.h5), in Keras' safe mode.
+        others = [model_file.parent / n for n in ("model.keras", "model.h5") if model_file.name in ("model.keras", "model.h5")]
+        for candidate in [model_file] + [p for p in others if p != model_file and p.is_file()]:
+            try:
+                model = keras.models.load_model(candidate, compile=False, safe_mode=True)
+            except Exception as exc:
+                failures.append((candidate, exc))
+                continue
+            return LoadedModel(model, metadata, candidate, "h5" if candidate.suffix == ".h5" else "keras",
+                               loaded_from=candidate)
+    raise load_error(failures, saved_with)
+
+
+def rebuild_from_weights(spec: ModelSpec, weights_file: str | os.PathLike) -> keras.Model:
+    """The model of ``spec`` built by :func:`build_model` (float32, no downloaded weights) with the weights of
+    ``weights_file`` (``model.save_weights``): what loads across Keras versions, since only the weights' values
+    are read, not Keras' description of the layers (whose arguments change between versions).
+
+    Keras keys a ``.weights.h5`` file by each layer's class and position in the model (not by layer name), and raises
+    when a layer's weights are missing or of another shape, so a spec that does not match the weights is an error.
+    """
+    model = build_model(dataclasses_replace(spec, weights=None), dtype_policy="float32")
+    model.load_weights(str(weights_file))
+    return model
+
+
+def load_error(failures: list[tuple[Path, Exception]], saved_with: str) -> ModelError:
+    """The :class:`ModelError` when no file of a model loads: at most :data:`MAX_LOAD_ERROR_CHARS` characters,
+    the fix first (install the Keras that saved it, or save it again when this is that Keras), then the files tried,
+    their formats and the errors, cut short. The full errors are in the exception's ``details``."""
+    here = keras.__version__
+    if saved_with in (None, "", "unknown"):
+        fix = f"Install the Keras version that saved it (model.json does not say; this is {here}) and load again: "
+    elif saved_with != here:
+        fix = f"Install keras=={saved_with} (it was saved with Keras {saved_with}; this is {here}) and load again: "
+    else:
+        fix = (f"Copy or save the model again (it was saved with Keras {saved_with}, this Keras, so a file looks "
+               "damaged): ")
+    formats = {".keras": "Keras v3 (.keras)", ".h5": "HDF5 (.h5)"}
+    parts = []
+    for file, exc in failures:
+        fmt = "weights (.weights.h5)" if file.name.endswith(".weights.h5") else formats.get(file.suffix, "unknown")
+        parts.append((file, fmt, type(exc).__name__, " ".join(str(exc).split())))
+
+    def say(name_of, detail: int) -> str:
+        said = []
+        for file, fmt, kind, text in parts:
+            said.append(f"{name_of(file)}, {fmt}, did not load here ({kind}"
+                        + (f": {text[:detail]}{'...' if len(text) > detail else ''}" if detail and text else "") + ")")
+        return fix + "; ".join(said) + "."
+
+    message = say(str, 0)
+    for name_of in (str, lambda f: f.name):
+        for detail in (120, 80, 40, 0):
+            if len(say(name_of, detail)) <= MAX_LOAD_ERROR_CHARS:
+                message = say(name_of, detail)
+                break
+        else:
+            continue
+        break
+    message = message[:MAX_LOAD_ERROR_CHARS]
+    error = ModelError(message)
+    error.details = [f"{file}: {type(exc).__name__}: {exc}" for file, exc in failures]
+    return error
 
 
 def _load_saved_model(folder: Path, metadata: dict[str, Any]) -> LoadedModel:
@@ -727,4 +810,4 @@ def _load_saved_model(folder: Path, metadata: dict[str, Any]) -> LoadedModel:
             f"({type(exc).__name__}: {exc}). Load model.keras or model.h5 from the same run instead, or install "
             f"tensorflow=={tf_saved_with}."
         ) from None
-    return LoadedModel(model, metadata, folder, "savedmodel")
+    return LoadedModel(model, metadata, folder, "savedmodel", loaded_from=folder)

@@ -5,6 +5,7 @@ A run folder holds::
     checkpoints/epoch_NNN[.head].keras, checkpoints/state.json    while training (resume after a disconnect)
     history.csv                                                     one row per epoch
     model.keras, model.h5, model.json                               the trained model and what is needed to use it
+    model.weights.h5                                                its weights only: loads across Keras versions
     MODEL_CARD.md                                                   intended use, data, metrics, warnings
     ood.npz, ood.json                                               the out-of-distribution reference (serve, predict)
 
@@ -95,6 +96,10 @@ class RunFolder:
         return self.root / "model.h5"
 
     @property
+    def model_weights(self) -> Path:
+        return self.root / models.WEIGHTS_FILE
+
+    @property
     def model_json(self) -> Path:
         return self.root / "model.json"
 
@@ -150,7 +155,9 @@ class RunFolder:
     # The saved model ------------------------------------------------------------------------
 
     def save_model(self, model: keras.Model, metadata: dict[str, Any]) -> dict[str, Path]:
-        """Save ``model.keras``, ``model.h5`` (the seeds' format) and ``model.json``, each atomically, the JSON last.
+        """Save ``model.keras``, ``model.h5`` (the seeds' format), ``model.weights.h5`` (the weights only: with the
+        JSON's spec they load across Keras versions, see :func:`xraylib.models.load_model`) and ``model.json``, each
+        atomically, the JSON last.
 
         ``metadata`` is checked against :func:`xraylib.models.check_metadata` first and written with the
         xraylib, Keras and TensorFlow versions added.
@@ -165,6 +172,8 @@ class RunFolder:
         for path in (self.model_keras, self.model_h5):
             _save_keras(model, path, tmp_name=f"tmp_saving{path.suffix}")
             out[path.name] = path
+        _save_weights(model, self.model_weights)
+        out[self.model_weights.name] = self.model_weights
         versions = {"xraylib": __version__, "keras": keras.__version__, "backend": keras.backend.backend()}
         try:
             import tensorflow as tf
@@ -232,6 +241,17 @@ def _save_keras(model: keras.Model, path: Path, tmp_name: str | None = None) -> 
     tmp = path.parent / (tmp_name or f"tmp_{path.name}")
     model.save(tmp)
     os.replace(tmp, path)
+
+
+def _save_weights(model: keras.Model, path: Path) -> None:
+    """``model.save_weights`` to a temporary ``*.weights.h5`` beside ``path`` (Keras needs that ending), then a
+    rename onto ``path``."""
+    tmp = path.parent / f"tmp_saving.{models.WEIGHTS_FILE}"
+    try:
+        model.save_weights(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------
