@@ -143,15 +143,18 @@ def precision_recall_curve(y_true: np.ndarray, y_score: np.ndarray, title: str =
 
 
 def training_history(history: pd.DataFrame, title: str = "Training history") -> Figure:
-    """Loss and accuracy per epoch, training vs validation, from a table with columns ``epoch``,
-    ``loss``, ``val_loss``, ``accuracy``, ``val_accuracy`` (any may be absent). The epoch with the
-    lowest validation loss is marked."""
+    """Loss, accuracy and ROC-AUC per epoch, training vs validation, from a table with columns ``epoch``,
+    ``loss``, ``val_loss``, ``accuracy``, ``val_accuracy``, ``auc``, ``val_auc`` (any may be absent: the AUC
+    panel is left out when neither AUC column is there). The epoch with the lowest validation loss is marked."""
     epochs = history["epoch"].to_numpy() if "epoch" in history.columns else np.arange(1, len(history) + 1)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    panels = ["loss", "accuracy"]
+    if {"auc", "val_auc"} & set(history.columns):
+        panels.append("auc")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
     best_epoch = None
     if "val_loss" in history.columns and history["val_loss"].notna().any():
         best_epoch = epochs[int(np.nanargmin(history["val_loss"].to_numpy(dtype=float)))]
-    for ax, metric in zip(axes, ("loss", "accuracy")):
+    for ax, metric in zip(axes, panels):
         drawn = False
         for column, style, name in ((metric, "-o", "training"), (f"val_{metric}", "-s", "validation")):
             if column in history.columns and history[column].notna().any():
@@ -164,8 +167,9 @@ def training_history(history: pd.DataFrame, title: str = "Training history") -> 
         else:
             ax.legend(fontsize=8)
         ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
-        ax.set_title(metric)
+        name = "ROC-AUC" if metric == "auc" else metric
+        ax.set_ylabel(name)
+        ax.set_title(name)
         ax.grid(alpha=0.3)
     if len(epochs) and np.issubdtype(np.asarray(epochs).dtype, np.integer):
         for ax in axes:
