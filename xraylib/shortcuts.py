@@ -946,6 +946,7 @@ def run_shortcut_tests(
     n_boot: int = 1000,
     seed: int = 0,
     verbose: int | str = 0,
+    progress: bool = True,
 ) -> list[Any]:
     """Run the shortcut tests for the model in ``model_dir`` on ``data`` (notebook 04, the CLI).
 
@@ -953,7 +954,8 @@ def run_shortcut_tests(
     uses the model's own spec and training settings, read from its ``model.json``, and writes
     run folders under ``work_dir`` (``source/``, ``lungs_hidden/``, ``loso/``): re-running
     loads them. ``tests``: any of "source", "lungs", "loso", "saliency". Returns the results in
-    that order (pass them to :func:`write_shortcut_report`).
+    that order (pass them to :func:`write_shortcut_report`). ``progress``: each retraining test prints how many
+    trainings it runs and shows a bar over them (False: silent).
     """
     from .models import load_model
 
@@ -967,13 +969,13 @@ def run_shortcut_tests(
     for test in tests:
         if test == "source":
             results.append(source_prediction(data, spec, settings, work_dir / "source", split=split, n_boot=n_boot,
-                                             seed=seed, verbose=verbose))
+                                             seed=seed, verbose=verbose, progress=progress))
         elif test == "lungs":
             results.append(lungs_hidden(data, loaded, split, train_masked=train_masked, run_dir=work_dir / "lungs_hidden",
-                                        n_boot=n_boot, seed=seed, verbose=verbose))
+                                        n_boot=n_boot, seed=seed, verbose=verbose, progress=progress))
         elif test == "loso":
             results.append(leave_one_source_out(data, spec, settings, work_dir / "loso", n_boot=n_boot, seed=seed,
-                                                verbose=verbose))
+                                                verbose=verbose, progress=progress))
         else:
             results.append(saliency_heat_share(data, loaded, split))
     return results
