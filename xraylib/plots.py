@@ -352,7 +352,10 @@ def top_mistakes(images: np.ndarray, predictions: pd.DataFrame, classes: Sequenc
         print(f"No mistakes at threshold {float(threshold):.3f} among {len(predictions)} images: nothing to show.")
         return None
     chosen = np.stack([np.asarray(images[i]) for i in top["position"]])
-    titles = [f"{Path(str(r.path)).name[:26]}\ntrue: {r.label} | pred: {r.predicted}\n"
+    def short(name: str, width: int = 26) -> str:
+        return name if len(name) <= width else name[:width - 1] + "…"
+
+    titles = [f"{short(Path(str(r.path)).name)}\ntrue: {r.label} | pred: {r.predicted}\n"
               f"P({positive})={r.prob:.2f}, loss {r.loss:.2f}" for r in top.itertuples()]
     if explain_with is not None:
         fig = gradcam_grid(chosen, np.asarray(explain_with(chosen)), titles, ncols=ncols, size=size)
