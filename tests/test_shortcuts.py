@@ -295,9 +295,12 @@ def test_the_shortcut_tests_detect_a_burned_in_marker(marked, clean, marked_mode
     plots.save_figure(figure, marked[0] / "heat.png")
 
 
-def test_source_prediction_finds_that_the_sample_sources_carry_the_labels(marked):
+def test_source_prediction_finds_that_the_sample_sources_carry_the_labels(marked, capsys):
     root, data = marked
     result = shortcuts.source_prediction(data, SPEC, SETTINGS, root / "shortcuts" / "source", n_boot=N_BOOT)
+    out, err = capsys.readouterr()
+    assert f"Source prediction: 1 training to run, 30 epochs each on {len(data['train'])} training images" in out
+    assert "Source prediction" in err and "1/1" in err  # the bar over the trainings (tqdm writes to stderr)
     print(result.verdict)
     assert result.sources == ("ieee8023", "kaggle", "nlm-montgomery", "nlm-shenzhen", "rsna")
     assert result.auc >= 0.9 and result.ci[0] <= result.auc <= result.ci[1]
@@ -309,8 +312,12 @@ def test_source_prediction_finds_that_the_sample_sources_carry_the_labels(marked
     saved = models.load_model(result.run_dir)
     assert saved.classes == result.sources
     # ... and asking again loads it instead of training again.
-    again = shortcuts.source_prediction(data, SPEC, SETTINGS, root / "shortcuts" / "source", n_boot=N_BOOT)
+    capsys.readouterr()
+    again = shortcuts.source_prediction(data, SPEC, SETTINGS, root / "shortcuts" / "source", n_boot=N_BOOT,
+                                        progress=False)
     assert again.auc == result.auc
+    out, err = capsys.readouterr()
+    assert "training" not in out and "Source prediction" not in err  # progress=False: silent
 
 
 def test_leave_one_source_out_runs_where_the_data_allow_and_says_why_not_elsewhere(marked):
@@ -327,22 +334,27 @@ def test_leave_one_source_out_runs_where_the_data_allow_and_says_why_not_elsewhe
     assert "not testable: ieee8023" in result.verdict and "specificity" in result.verdict
 
 
-def test_leave_one_source_out_on_chosen_rows(marked):
+def test_leave_one_source_out_on_chosen_rows(marked, capsys):
     """As the benchmark uses it: some rows of the cache only (here without Kaggle's children: every adult normal source)."""
     root, data = marked
     adults = data.manifest[~data.manifest["source"].isin([source.name for source in SOURCES if source.children])]
     result = shortcuts.leave_one_source_out(data, SPEC, TrainSettings(epochs=3, batch_size=16, seed=0),
                                             root / "shortcuts" / "loso_adults", rows=adults, n_boot=N_BOOT)
+    out, err = capsys.readouterr()
+    assert "Leave one source out: 3 trainings to run, 3 epochs each on" in out  # rsna, nlm-shenzhen, nlm-montgomery
+    assert "3/3" in err and "training" in err
     assert sorted(result.table.index) == ["nlm-montgomery", "nlm-shenzhen", "rsna"] and list(result.skipped) == ["ieee8023"]
     assert result.table.loc["rsna", "n_images"] == (adults["source"] == "rsna").sum()
     with pytest.raises(ConfigError, match="'row'"):
         shortcuts.leave_one_source_out(data, SPEC, SETTINGS, root / "unused", rows=adults.drop(columns="row"))
 
 
-def test_a_model_trained_with_the_lungs_hidden_still_reads_the_marker(marked, marked_model):
+def test_a_model_trained_with_the_lungs_hidden_still_reads_the_marker(marked, marked_model, capsys):
     root, data = marked
     result = shortcuts.lungs_hidden(data, marked_model, train_masked=True, run_dir=root / "shortcuts" / "lungs_hidden",
                                     n_boot=N_BOOT)
+    out, err = capsys.readouterr()
+    assert "Training with the lungs hidden: 1 training to run, 30 epochs each" in out and "1/1" in err
     assert result.auc_trained_hidden >= 0.9
     assert "these data let the labels be read outside the lungs" in result.verdict
     table = result.table()

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Sequence
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from .reporting import DISCLAIMER, REPORT_DISCLAIMER, Finding, format_number, markdown_table, warning_lines
 from .errors import ConfigError

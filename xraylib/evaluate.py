@@ -868,3 +868,51 @@ def _md_group_table(table: pd.DataFrame, title: str) -> list[str]:
 
 # --------------------------------------------------------------------------------------------
 # Evaluating a saved model on the preprocessed splits (notebook 04, `python -m xraylib evaluate`)
+
+
+# --------------------------------------------------------------------------------------------
+# Looking at single images: true labels for files, the most confident mistakes
+
+
+def _path_key(path: "str | os.PathLike") -> str:
+    return os.path.normcase(os.path.normpath(os.path.abspath(os.fspath(path))))
+
+
+def true_labels(paths: Sequence["str | os.PathLike"], frame: Any) -> list[str | None]:
+    """The true label of each of ``paths`` from a table with ``path`` and ``label`` columns (a manifest, a split's
+    ``manifest``, a prediction table) or anything with a ``.manifest`` (:class:`~xraylib.preprocess.PreprocessedData`);
+    None for a path the table does not hold (an image of your own: shown as "true: unknown")."""
+    table = frame.manifest if hasattr(frame, "manifest") and not isinstance(frame, pd.DataFrame) else frame
+    if not isinstance(table, pd.DataFrame) or not {"path", "label"} <= set(table.columns):
+        raise ConfigError("true_labels needs a table with 'path' and 'label' columns (a manifest or preprocessed data)")
+    lookup = {_path_key(p): str(label) for p, label in zip(table["path"], table["label"]) if isinstance(p, str)}
+    return [lookup.get(_path_key(p)) for p in paths]
+
+
+def top_losses(predictions: pd.DataFrame, classes: Sequence[str], threshold: float = 0.5,
+               positive_class: str | None = None, k: int = 8, mistakes_only: bool = True) -> pd.DataFrame:
+    """The ``k`` images with the highest loss (cross-entropy of the positive class vs the rest), mistakes at
+    ``threshold`` first: like fastai's ``plot_top_losses``. ``predictions``: a prediction table (e.g.
+    ``result.test_predictions`` of :func:`xraylib.runs.evaluate`), row for row with its split's images.
+
+    Returns a table of at most ``k`` rows, highest loss first, with ``position`` (the row in ``predictions``,
+    hence in ``data[split].images``), ``path``, ``label``, ``predicted``, ``prob`` (P(positive)), ``loss`` and
+    ``mistake``. ``mistakes_only``: only wrong decisions (an empty table when there is none).
+    """
+    positive = resolve_positive_class(classes, positive_class)
+    y_true, y_score, _ = binary_targets(predictions, classes, positive)
+    others = [c for c in classes if c != positive]
+    negative_name = others[0] if len(others) == 1 else f"not {positive}"
+    called = y_score >= float(threshold)
+    p = np.clip(y_score, 1e-7, 1 - 1e-7)
+    loss = np.where(y_true == 1, -np.log(p), -np.log(1 - p))
+    table = pd.DataFrame({
+        "position": np.arange(len(predictions)),
+        "path": predictions["path"].to_numpy(dtype=object) if "path" in predictions.columns else None,
+        "label": predictions["label"].to_numpy(dtype=object),
+        "predicted": np.where(called, positive, negative_name),
+        "prob": y_score, "loss": loss, "mistake": called != (y_true == 1)})
+    if mistakes_only:
+        table = table[table["mistake"]]
+    table = table.sort_values(["mistake", "loss"], ascending=[False, False], kind="mergesort")
+    return table.head(max(0, int(k))).reset_index(drop=True)

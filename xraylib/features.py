@@ -45,7 +45,7 @@ from typing import Any
 import keras
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from . import models
 from .batches import AugmentSettings, augment_image

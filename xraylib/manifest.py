@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import pandas as pd
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from . import images
 from .config import SOURCE_KEYS, DrivePaths

@@ -12,7 +12,7 @@ import seaborn as sns
 from sklearn import metrics as skm  # as a module: the figures below are named roc_curve, confusion_matrix, ...
 
 from .errors import BadFileError
-from .evaluate import METRIC_LABELS, binary_metrics, binary_targets
+from .evaluate import METRIC_LABELS, binary_metrics, binary_targets, top_losses
 from .images import read_image
 
 
@@ -143,15 +143,18 @@ def precision_recall_curve(y_true: np.ndarray, y_score: np.ndarray, title: str =
 
 
 def training_history(history: pd.DataFrame, title: str = "Training history") -> Figure:
-    """Loss and accuracy per epoch, training vs validation, from a table with columns ``epoch``,
-    ``loss``, ``val_loss``, ``accuracy``, ``val_accuracy`` (any may be absent). The epoch with the
-    lowest validation loss is marked."""
+    """Loss, accuracy and ROC-AUC per epoch, training vs validation, from a table with columns ``epoch``,
+    ``loss``, ``val_loss``, ``accuracy``, ``val_accuracy``, ``auc``, ``val_auc`` (any may be absent: the AUC
+    panel is left out when neither AUC column is there). The epoch with the lowest validation loss is marked."""
     epochs = history["epoch"].to_numpy() if "epoch" in history.columns else np.arange(1, len(history) + 1)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    panels = ["loss", "accuracy"]
+    if {"auc", "val_auc"} & set(history.columns):
+        panels.append("auc")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
     best_epoch = None
     if "val_loss" in history.columns and history["val_loss"].notna().any():
         best_epoch = epochs[int(np.nanargmin(history["val_loss"].to_numpy(dtype=float)))]
-    for ax, metric in zip(axes, ("loss", "accuracy")):
+    for ax, metric in zip(axes, panels):
         drawn = False
         for column, style, name in ((metric, "-o", "training"), (f"val_{metric}", "-s", "validation")):
             if column in history.columns and history[column].notna().any():
@@ -164,8 +167,9 @@ def training_history(history: pd.DataFrame, title: str = "Training history") -> 
         else:
             ax.legend(fontsize=8)
         ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
-        ax.set_title(metric)
+        name = "ROC-AUC" if metric == "auc" else metric
+        ax.set_ylabel(name)
+        ax.set_title(name)
         ax.grid(alpha=0.3)
     if len(epochs) and np.issubdtype(np.asarray(epochs).dtype, np.integer):
         for ax in axes:
@@ -249,11 +253,37 @@ def evaluation_figures(result, predictions: pd.DataFrame, classes: Sequence[str]
 # Grad-CAM: heatmaps from xraylib.explain.gradcam.
 
 
+def prediction_titles(predictions: pd.DataFrame, positive_class: str,
+                      true_labels: Sequence[str | None] | None = None, width: int = 28) -> list[str]:
+    """One title per row of ``predictions`` (``path``, ``decision``, ``prob_<positive_class>``): the file name, the
+    decision with P(positive) and, when ``true_labels`` is given, "true: LABEL" ("true: unknown" for None)."""
+    from pathlib import Path
+
+    if true_labels is not None and len(true_labels) != len(predictions):
+        raise ValueError(f"need one true label per prediction, got {len(true_labels)} for {len(predictions)}")
+    titles = []
+    for i, row in enumerate(predictions.itertuples(index=False)):
+        row = row._asdict()
+        name = Path(str(row.get("path", ""))).name
+        name = name if len(name) <= width else name[:width - 1] + "…"
+        title = f"{name}\n{row.get('decision', '?')}, P({positive_class})={float(row[f'prob_{positive_class}']):.2f}"
+        if true_labels is not None:
+            title += f"\ntrue: {true_labels[i] if true_labels[i] is not None else 'unknown'}"
+        titles.append(title)
+    return titles
+
+
 def gradcam_grid(images: Sequence[np.ndarray], heatmaps: Sequence[np.ndarray], titles: Sequence[str] | None = None,
                  ncols: int = 4, alpha: float = 0.4, outlines: Sequence[np.ndarray] | None = None,
-                 size: float = 2.6) -> Figure:
+                 size: float = 2.6, *, predictions: pd.DataFrame | None = None, positive_class: str | None = None,
+                 true_labels: Sequence[str | None] | None = None) -> Figure:
     """Grad-CAM overlays in a grid: each ``(S, S)`` uint8 image with its ``(S, S)`` heatmap in [0, 1]
-    (from :func:`xraylib.explain.gradcam`) in colour on top, one optional title each.
+    (from :func:`xraylib.explain.gradcam`) in colour on top, one optional title each, and one colour bar.
+
+    ``predictions`` (one row per image: ``path``, ``decision``, ``prob_<positive_class>``, e.g. the ok rows of
+    :func:`xraylib.predict.predict_files`) with ``positive_class``: titles from :func:`prediction_titles`
+    instead of ``titles``; ``true_labels`` (from :func:`xraylib.evaluate.true_labels`, None for unknown) adds
+    "true: LABEL" and colours the title red where the decision differs from a known label.
 
     ``outlines``: optional ``(S, S)`` bool masks, one per image, drawn as white contours (a lesion's
     ground truth, :func:`xraylib.views.lung_field_mask`), so the eye can judge where the heat is.
@@ -266,6 +296,15 @@ def gradcam_grid(images: Sequence[np.ndarray], heatmaps: Sequence[np.ndarray], t
 
     if len(images) != len(heatmaps):
         raise ValueError(f"need one heatmap per image, got {len(images)} images and {len(heatmaps)} heatmaps")
+    wrong = [False] * len(images)
+    if predictions is not None:
+        if positive_class is None:
+            raise ValueError("predictions= needs positive_class= (the class whose probability the titles show)")
+        if len(predictions) != len(images):
+            raise ValueError(f"need one prediction per image, got {len(predictions)} for {len(images)} images")
+        titles = prediction_titles(predictions, positive_class, true_labels)
+        if true_labels is not None and "decision" in predictions.columns:
+            wrong = [t is not None and str(d) != str(t) for d, t in zip(predictions["decision"], true_labels)]
     for name, extra in (("title", titles), ("outline", outlines)):
         if extra is not None and len(extra) != len(images):
             raise ValueError(f"need one {name} per image, got {len(extra)} for {len(images)} images")
@@ -282,10 +321,60 @@ def gradcam_grid(images: Sequence[np.ndarray], heatmaps: Sequence[np.ndarray], t
         if outlines is not None and np.asarray(outlines[i]).any():
             ax.contour(np.asarray(outlines[i], dtype=float), levels=[0.5], colors="white", linewidths=0.8)
         if titles is not None:
-            ax.set_title(titles[i], fontsize=8)
+            ax.set_title(titles[i], fontsize=8, color="tab:red" if wrong[i] else "black")
     # OpenCV's COLORMAP_JET (what overlay uses) and matplotlib's "jet" are the same map.
     mappable = cm.ScalarMappable(norm=colors.Normalize(0, 1), cmap="jet")
     fig.colorbar(mappable, ax=axes, shrink=0.8, label="relative heat (per image)")
+    return fig
+
+
+def top_mistakes(images: np.ndarray, predictions: pd.DataFrame, classes: Sequence[str], threshold: float = 0.5,
+                 positive_class: str | None = None, k: int = 8, ncols: int = 4, explain_with=None,
+                 size: float = 2.8, mistakes_only: bool = True) -> Figure | None:
+    """The ``k`` most confident mistakes (:func:`xraylib.evaluate.top_losses`) as a gallery, each image with its
+    file name, true label, decision, P(positive) and loss, like fastai's ``plot_top_losses``.
+
+    ``images``: the split's ``(N, S, S)`` uint8 images, row for row with ``predictions`` (``data["test"].images``
+    with ``result.test_predictions``). ``explain_with``: optionally a function from a ``(n, S, S)`` uint8 batch to
+    its heatmaps (e.g. ``lambda x: explain.gradcam(model, x)``): the panels become Grad-CAM overlays with a colour
+    bar. With no mistake at ``threshold`` it prints so and returns None instead of an empty figure.
+    """
+    from pathlib import Path
+
+    from .evaluate import resolve_positive_class
+
+    positive = resolve_positive_class(classes, positive_class)
+    if len(images) != len(predictions):
+        raise ValueError(f"images and predictions differ in length ({len(images)} vs {len(predictions)}): "
+                         "pass the images of the split the predictions were made on")
+    top = top_losses(predictions, classes, threshold, positive, k=k, mistakes_only=mistakes_only)
+    if top.empty:
+        print(f"No mistakes at threshold {float(threshold):.3f} among {len(predictions)} images: nothing to show.")
+        return None
+    chosen = np.stack([np.asarray(images[i]) for i in top["position"]])
+    def short(name: str, width: int = 26) -> str:
+        return name if len(name) <= width else name[:width - 1] + "…"
+
+    titles = [f"{short(Path(str(r.path)).name)}\ntrue: {r.label} | pred: {r.predicted}\n"
+              f"P({positive})={r.prob:.2f}, loss {r.loss:.2f}" for r in top.itertuples()]
+    if explain_with is not None:
+        fig = gradcam_grid(chosen, np.asarray(explain_with(chosen)), titles, ncols=ncols, size=size)
+    else:
+        n = len(chosen)
+        ncols = max(1, min(ncols, n))
+        nrows = int(np.ceil(n / ncols))
+        fig, axes = plt.subplots(nrows, ncols, figsize=(max(size * ncols, 5.0), size * nrows + 0.6), squeeze=False,
+                                 layout="constrained")
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, image, title in zip(axes.flat, chosen, titles):
+            ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+            ax.set_title(title, fontsize=8)
+    for ax, mistake in zip(fig.axes, top["mistake"]):
+        ax.title.set_color("tab:red" if mistake else "black")
+    n_mistakes = len(top_losses(predictions, classes, threshold, positive, k=len(predictions)))
+    fig.suptitle(f"Highest-loss {'mistakes' if mistakes_only else 'images'} (threshold {float(threshold):.3f})\n"
+                 f"{len(top)} shown; {n_mistakes} mistake(s) among {len(predictions)} images", fontsize=10)
     return fig
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from .errors import BadFileError, ConfigError, SourceError
 from .fileio import read_bytes, read_json, save_npy_atomic, write_csv_atomic, write_json_atomic

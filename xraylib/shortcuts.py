@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from . import evaluate
 from .reporting import DISCLAIMER, REPORT_DISCLAIMER, Finding, format_interval, format_number, markdown_table, probability_column
@@ -156,6 +157,20 @@ def _check_model_classes(loaded: "LoadedModel | None", data: PreprocessedData) -
         raise ConfigError(f"{loaded.path}: model classes {list(loaded.classes)} differ from the data's {list(data.classes)}")
 
 
+def _announce(what: str, n_trainings: int, settings: "TrainSettings", n_train_images: Sequence[int],
+              run_dir: Path, progress: bool) -> tqdm:
+    """Print one line saying how many trainings will run (epochs, training images) and return a bar over them
+    (:mod:`tqdm.auto`: a widget in a notebook, text in a terminal; silent without ``progress``)."""
+    if progress and n_trainings:
+        epochs = settings.epochs + settings.fine_tune_epochs
+        images = (f"{min(n_train_images)}-{max(n_train_images)}" if min(n_train_images) != max(n_train_images)
+                  else f"{n_train_images[0]}") if n_train_images else "?"
+        print(f"{what}: {n_trainings} training{'s' if n_trainings != 1 else ''} to run, {epochs} epochs each on "
+              f"{images} training images (about as long as your own model's training each; runs already saved "
+              f"under {run_dir} are loaded instead). The bar shows the time left after the first one.", flush=True)
+    return tqdm(total=n_trainings, desc=what, unit="training", disable=not progress or not n_trainings)
+
+
 def _train_same_pipeline(view: PreprocessedData, spec: "ModelSpec", settings: "TrainSettings", run_dir: Path,
                          verbose: int | str) -> "TrainResult":
     """:func:`xraylib.runs.train` on a view, with the model's classes set to the view's. A view of 3+ sources
@@ -259,6 +274,7 @@ def source_prediction(
     n_boot: int = 1000,
     seed: int = 0,
     verbose: int | str = 0,
+    progress: bool = True,
 ) -> SourcePredictionResult:
     """Train the same pipeline (``spec``, ``settings``, :func:`xraylib.train.train`) to predict each
     image's SOURCE instead of its label, and score it on ``split``.
@@ -282,7 +298,9 @@ def source_prediction(
                    "cannot be confounded here; nothing shows the model works on another hospital either")
         return SourcePredictionResult(view.classes, math.nan, (math.nan, math.nan), {}, 0, 0, {}, confounded, reasons,
                                       verdict, left_out=view.report.get("left_out", {}))
-    trained = _train_same_pipeline(view, spec, settings, Path(run_dir), verbose)
+    with _announce("Source prediction", 1, settings, [len(view["train"])], Path(run_dir), progress) as bar:
+        trained = _train_same_pipeline(view, spec, settings, Path(run_dir), verbose)
+        bar.update(1)
     predictions = predict_split(trained.model, view[split])
     auc, ci, per_source = macro_auc(predictions, view.classes, n_boot=n_boot, seed=seed)
     counts = predictions["label"].value_counts()
@@ -424,6 +442,7 @@ def lungs_hidden(
     n_boot: int = 1000,
     seed: int = 0,
     verbose: int | str = 0,
+    progress: bool = True,
 ) -> LungsHiddenResult:
     """Evaluate ``model`` on ``split`` with the lungs visible and with ``region`` blacked out.
 
@@ -431,7 +450,7 @@ def lungs_hidden(
     (then the threshold is 0.5). ``region``: see :func:`hidden_region` (default: the central
     rectangle of Maguolo and Nanni). With ``train_masked`` a model is also trained with the
     region hidden (the same pipeline: ``spec`` and ``settings``, by default those saved with
-    ``model``) into ``run_dir`` and tested with it hidden: a model that never sees the lungs
+    ``model``) into ``run_dir`` (announced with a bar unless ``progress=False``) and tested with it hidden: a model that never sees the lungs
     cannot read the disease, so what it scores comes from elsewhere. Returns a
     :class:`LungsHiddenResult` whose verdict rests on the AUC (threshold-free; the blacked-out
     images may shift the scores, so the validation threshold may not fit them).
@@ -458,7 +477,11 @@ def lungs_hidden(
         if run_dir is None:
             raise ConfigError("train_masked=True needs run_dir= (where the model trained with the lungs hidden is saved)")
         default_spec, default_settings = training_recipe(loaded) if loaded is not None else (spec, settings)
-        trained = _train_same_pipeline(hidden_data, spec or default_spec, settings or default_settings, Path(run_dir), verbose)
+        settings = settings or default_settings
+        with _announce("Training with the lungs hidden", 1, settings, [len(hidden_data["train"])], Path(run_dir),
+                       progress) as bar:
+            trained = _train_same_pipeline(hidden_data, spec or default_spec, settings, Path(run_dir), verbose)
+            bar.update(1)
         trained_dir = trained.paths.root
         masked_threshold = evaluate.Threshold(trained.threshold, "chosen on validation with the lungs hidden")
         trained_hidden = evaluate.evaluate(predict_split(trained.model, hidden_data[split]), data.classes,
@@ -600,6 +623,7 @@ def leave_one_source_out(
     n_boot: int = 1000,
     seed: int = 0,
     verbose: int | str = 0,
+    progress: bool = True,
 ) -> LeaveOneSourceOutResult:
     """For each source where the data allow, train on the other sources and test on the one left out.
 
@@ -629,11 +653,15 @@ def leave_one_source_out(
     folds = source_folds(data.manifest, data.classes, source_groups)
     positive = evaluate.resolve_positive_class(data.classes)
     records, evaluations, run_dirs = [], {}, {}
-    for fold in folds.itertuples():
-        if not fold.runnable:
-            continue
-        view = held_out_source_view(data, fold.source, source_groups)
+    runnable = [fold for fold in folds.itertuples() if fold.runnable]
+    views = {fold.source: held_out_source_view(data, fold.source, source_groups) for fold in runnable}
+    bar = _announce("Leave one source out", len(runnable), settings, [len(v["train"]) for v in views.values()],
+                    Path(run_dir), progress)
+    for fold in runnable:
+        view = views[fold.source]
+        bar.set_postfix_str(f"without {fold.source}")
         trained = _train_same_pipeline(view, spec, settings, Path(run_dir) / f"without_{_safe_name(fold.source)}", verbose)
+        bar.update(1)
         threshold = evaluate.Threshold(trained.threshold, "chosen on the other sources' validation images")
         ev = evaluate.evaluate(predict_split(trained.model, view["test"]), data.classes, threshold,
                                positive_class=positive, n_boot=n_boot, seed=seed)
@@ -646,6 +674,7 @@ def leave_one_source_out(
             record[f"{metric}_low"], record[f"{metric}_high"] = ev.ci[metric]
         record["note"] = fold.reason
         records.append(record)
+    bar.close()
     table = pd.DataFrame(records).set_index("source") if records else pd.DataFrame(
         columns=["n_images", "n_patients", "roc_auc", "roc_auc_low", "roc_auc_high"])
     return LeaveOneSourceOutResult(table, folds, evaluations, _loso_verdict(table, folds, positive), run_dirs)
@@ -917,6 +946,7 @@ def run_shortcut_tests(
     n_boot: int = 1000,
     seed: int = 0,
     verbose: int | str = 0,
+    progress: bool = True,
 ) -> list[Any]:
     """Run the shortcut tests for the model in ``model_dir`` on ``data`` (notebook 04, the CLI).
 
@@ -924,7 +954,8 @@ def run_shortcut_tests(
     uses the model's own spec and training settings, read from its ``model.json``, and writes
     run folders under ``work_dir`` (``source/``, ``lungs_hidden/``, ``loso/``): re-running
     loads them. ``tests``: any of "source", "lungs", "loso", "saliency". Returns the results in
-    that order (pass them to :func:`write_shortcut_report`).
+    that order (pass them to :func:`write_shortcut_report`). ``progress``: each retraining test prints how many
+    trainings it runs and shows a bar over them (False: silent).
     """
     from .models import load_model
 
@@ -938,13 +969,13 @@ def run_shortcut_tests(
     for test in tests:
         if test == "source":
             results.append(source_prediction(data, spec, settings, work_dir / "source", split=split, n_boot=n_boot,
-                                             seed=seed, verbose=verbose))
+                                             seed=seed, verbose=verbose, progress=progress))
         elif test == "lungs":
             results.append(lungs_hidden(data, loaded, split, train_masked=train_masked, run_dir=work_dir / "lungs_hidden",
-                                        n_boot=n_boot, seed=seed, verbose=verbose))
+                                        n_boot=n_boot, seed=seed, verbose=verbose, progress=progress))
         elif test == "loso":
             results.append(leave_one_source_out(data, spec, settings, work_dir / "loso", n_boot=n_boot, seed=seed,
-                                                verbose=verbose))
+                                                verbose=verbose, progress=progress))
         else:
             results.append(saliency_heat_share(data, loaded, split))
     return results

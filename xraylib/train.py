@@ -28,7 +28,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from . import features, models
+from . import config, features, models
 from .batches import AugmentSettings, FeatureBatches, ImageBatches, StartEpoch, as_dataset
 from .errors import ConfigError
 from .preprocess import PreprocessedData
@@ -117,6 +117,25 @@ def from_recipe(name: str, data: PreprocessedData, spec: dict[str, Any] | None =
     model_spec = models.ModelSpec(**{**recipe["spec"], **(spec or {}), "image_size": data.settings.image_size,
                                      "classes": tuple(data.classes)})
     return model_spec, TrainSettings(**{**recipe["settings"], **settings})
+
+
+def device_warning(gpus: "list | None" = None) -> str | None:
+    """A warning text when training would run without a GPU, else None (print it when it is not None).
+
+    In Colab (:func:`xraylib.config.in_colab`) without a GPU: how to get one first, then why. Outside Colab
+    without a GPU: a softer note. ``gpus``: the GPU list (default ``tf.config.list_physical_devices("GPU")``).
+    """
+    if gpus is None:
+        import tensorflow as tf
+        gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        return None
+    if config.in_colab():
+        return ("Choose a GPU: Runtime > Change runtime type > T4 GPU, then run all cells again.\n"
+                "This Colab runtime has only a CPU: training VGG16 or another pretrained backbone will take hours "
+                "instead of minutes.")
+    return ("Note: no GPU found, training runs on the CPU: the small CNN is fine, a pretrained backbone "
+            "(VGG16, ...) will be slow.")
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> dict[int, float]:
