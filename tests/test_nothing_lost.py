@@ -1,6 +1,6 @@
 """Nothing lost (issue 8): sources are never touched, outputs are never half-written, work is never redone.
 
-- The whole pipeline (notebooks 01 to 05, with the tiny parameters of tests/test_notebooks.py) on
+- The whole pipeline (notebooks 01 to 05, with the tiny parameters of tests/notebook_runner.py) on
   sample data kept in its own source folder changes, adds and removes nothing there.
 - Processes killed with SIGKILL at random moments (no exception, no cleanup: a Colab runtime taken
   away) while preprocessing, training, saving the manifest or writing the sample data: the next
@@ -33,7 +33,7 @@ import pandas as pd
 import pytest
 
 from conftest import gradient_image, write_dicom, write_raster
-from test_notebooks import COMMON, NOTEBOOKS, PARAMETERS, inject_parameters
+from notebook_runner import NOTEBOOKS, PARAMETERS, inject_parameters
 from xraylib import cli, config, manifest, phantoms, preprocess, synthetic
 from xraylib.fileio import sha1_file
 
@@ -109,7 +109,7 @@ def test_notebooks_01_to_05_change_nothing_in_the_source_folders(tmp_path, monke
     monkeypatch.setenv("PYTHONWARNINGS", "ignore")
     for path in NOTEBOOKS:
         notebook = nbformat.read(path, as_version=4)
-        inject_parameters(notebook, {**COMMON, **PARAMETERS[path.stem], "DATA": str(sources), "OUTPUT_DIR": str(outputs)})
+        inject_parameters(notebook, {**PARAMETERS[path.stem], "DATA": str(sources), "OUTPUT_DIR": str(outputs)})
         client = nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
                                          resources={"metadata": {"path": str(tmp_path)}})
         client.execute()

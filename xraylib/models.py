@@ -724,9 +724,16 @@ def rebuild_from_weights(spec: ModelSpec, weights_file: str | os.PathLike) -> ke
 
     Keras keys a ``.weights.h5`` file by each layer's class and position in the model (not by layer name), and raises
     when a layer's weights are missing or of another shape, so a spec that does not match the weights is an error.
+    Keras only *warns* where part of a file matches no layer ("Affected layers will retain their freshly-initialized
+    weights"): such a load is refused here too, so that a model is never used with some layers untrained.
     """
     model = build_model(dataclasses_replace(spec, weights=None), dtype_policy="float32")
-    model.load_weights(str(weights_file))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.load_weights(str(weights_file))
+    partial = [str(w.message) for w in caught if "freshly-initialized" in str(w.message) or "Skipping" in str(w.message)]
+    if partial:
+        raise ModelError(f"{weights_file}: the weights do not match this model's layers ({partial[0][:120]})")
     return model
 
 
