@@ -11,7 +11,7 @@ COLAB_VENV := .venv-colab
 COLAB_BIN := $(COLAB_VENV)/bin
 COLAB_STAMP := $(COLAB_VENV)/.installed-stamp
 
-.PHONY: demo test test-main test-colab setup clean notebooks
+.PHONY: demo test test-main test-colab setup clean notebooks wheel
 
 demo: $(STAMP)
 	$(BIN)/python -m xraylib demo --output-dir outputs/demo
@@ -52,3 +52,9 @@ clean:
 # outputs stored in notebooks/*.ipynb. `make notebooks NB="04 05"` stores only those (all run: each needs the last).
 notebooks: $(STAMP)
 	$(BIN)/python tests/notebook_runner.py $(NB)
+
+# A wheel of xraylib (dist/xraylib_cxr-VERSION-py3-none-any.whl): upload it to the top of My Drive and the
+# notebooks' setup cell installs it (README, "In Google Colab").
+wheel: $(STAMP)
+	$(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir dist .
+	@ls dist/xraylib_cxr-*.whl

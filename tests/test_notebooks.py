@@ -19,7 +19,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from notebook_runner import CHECK_MARK, NOTEBOOK_DIR, NOTEBOOKS, PARAMETERS, ColabStandIn, inject_parameters
+from notebook_runner import CHECK_MARK, NOTEBOOK_DIR, NOTEBOOKS, PARAMETERS, ROOT, ColabStandIn, inject_parameters
 
 #: Set to "0" where the stored outputs are not compared (the second test environment, with Colab's Keras: see Makefile).
 COMPARE_OUTPUTS = os.environ.get("XRAYLIB_COMPARE_NOTEBOOK_OUTPUTS", "1") != "0"
@@ -127,3 +127,24 @@ def test_notebook_01_on_the_real_data_matches_the_documented_counts(shared_data,
     normal = manifest[manifest["label"] == "normal"]
     assert normal.groupby("source").size().to_dict() == {"ieee8023": 19, "kaggle": 220, "nih": 110, "nlm-shenzhen": 326}
     assert manifest["site"].notna().all() and (manifest.loc[manifest["source"] == "nlm-shenzhen", "site"] == "nlm-shenzhen").all()
+
+
+def test_the_setup_cell_installs_a_wheel_uploaded_to_my_drive(tmp_path):
+    """The README's other way onto Drive: `make wheel`, upload the wheel to My Drive; the setup cell finds it."""
+    import shutil
+
+    colab = ColabStandIn(tmp_path)
+    shutil.rmtree(colab.clone)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                            "--wheel-dir", str(colab.my_drive), str(ROOT)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert [p.name for p in colab.my_drive.glob("*.whl")] == ["xraylib_cxr-0.1.0-py3-none-any.whl"]
+    python = colab.new_runtime()
+    setup = _setup_cell(nbformat.read(NOTEBOOKS[0], as_version=4))
+    result = subprocess.run([str(python), "-c", setup], capture_output=True, text=True, cwd=colab.content,
+                            env=colab.environment())
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "installing xraylib from " + str(colab.my_drive / "xraylib_cxr-0.1.0-py3-none-any.whl") in result.stdout
+    check = subprocess.run([str(python), "-c", "import xraylib; print(xraylib.DISTRIBUTION, xraylib.__file__)"],
+                           capture_output=True, text=True, cwd=colab.content, env=colab.environment())
+    assert check.stdout.startswith("xraylib-cxr " + str(python.parents[1])), check.stdout + check.stderr[-2000:]

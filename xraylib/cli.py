@@ -153,7 +153,7 @@ def _print_train_result(result) -> None:
     print(f"threshold {result.threshold:.4f}, chosen on the {threshold.get('chosen_on', 'validation split')}")
     if threshold.get("note"):
         print(f"note: {threshold['note']}")
-    print(f"saved: {result.paths.model_keras}, {result.paths.model_h5}, {result.paths.model_json}")
+    print(f"saved: {result.paths.model_keras}, {result.paths.model_h5}, {result.paths.model_weights}, {result.paths.model_json}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -283,7 +283,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print("predictions for a few sample files, preprocessed from the model's JSON:")
     _print_predictions(predict.predict_files(layout.models / args.run, examples))
     print("\nfiles:")
-    print(f"  model:   {trained.paths.model_keras}\n           {trained.paths.model_h5}\n           {trained.paths.model_json}")
+    print(f"  model:   {trained.paths.model_keras}\n           {trained.paths.model_h5}\n           {trained.paths.model_weights}"
+          f"\n           {trained.paths.model_json}")
     print(f"  report:  {evaluation.files['md']}\n           {evaluation.files['json']}")
     print("  plots:   " + "\n           ".join(str(p) for k, p in evaluation.files.items() if k.endswith(".png")))
     print("\nnext: open notebooks/01_dataset_creation.ipynb, try `python -m xraylib predict --model "
