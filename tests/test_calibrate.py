@@ -165,6 +165,9 @@ def test_predict_decides_at_a_named_site_profile(calibrated, run_dir, site):
     np.testing.assert_allclose(at_site["prob_covid"], own["prob_covid"], atol=1e-5)
     expected = np.where(at_site["prob_covid"] >= calibrated.threshold, "covid", "normal")
     assert list(at_site["decision"]) == list(expected)
+    # A model already made for the site (notebook 05: loaded.for_site(SITE)) keeps deciding at the site's threshold.
+    kept = predict_files(models.load_model(run_dir).for_site(SITE), files)
+    assert (kept["site"] == SITE).all() and list(kept["decision"]) == list(expected)
 
 
 def test_an_unknown_site_names_model_json_and_the_known_sites(calibrated, run_dir, site):

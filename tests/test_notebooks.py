@@ -41,7 +41,8 @@ def test_every_notebook_has_parameters_and_the_same_setup_cell():
     assert len(setups) == 1, "the notebooks' setup cells differ: keep them identical"
     setup = setups.pop()
     ast.parse(setup)  # plain Python: it runs before anything is installed
-    assert "pip install xraylib" not in setup and '"xraylib"]' not in setup  # never PyPI's xraylib (another project)
+    # Never PyPI's xraylib (another project): pip installs only XRAYLIB_SOURCE, never the bare name.
+    assert "pip install xraylib" not in setup and '"install", "-q", XRAYLIB_SOURCE]' in setup and '"xraylib"]' not in setup.replace('sys.modules["xraylib"]', "")
     assert "xraylib-cxr" in setup and "raise RuntimeError" in setup
 
 
@@ -111,13 +112,14 @@ def test_notebook_01_on_the_real_data_matches_the_documented_counts(shared_data,
     notebook = nbformat.read(NOTEBOOK_DIR / "01_dataset_creation.ipynb", as_version=4)  # locally, in this kernel
     out = tmp_path / "real"
     inject_parameters(notebook, {"DATA": str(shared_data), "OUTPUT_DIR": str(out), "VIEWS": None, "WORKERS": 4})
+    for cell in notebook.cells:  # the checked cells hold the sample data's numbers: not compared on the real data
+        cell.source = cell.source.replace(CHECK_MARK, "# (stored output not compared here)")
     target = tmp_path / "01_real.ipynb"
     nbformat.write(notebook, target)
     result = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "-p", "no:cacheprovider", "-q",
                              "--rootdir", str(tmp_path), str(target)], capture_output=True, text=True, cwd=NOTEBOOK_DIR,
                             timeout=900)
-    # The checked counts cell holds the sample data's numbers, so it differs here: only execution errors count.
-    assert "Traceback" not in result.stdout and (out / "manifest.csv").is_file(), result.stdout[-4000:]
+    assert result.returncode == 0 and (out / "manifest.csv").is_file(), result.stdout[-4000:]
     import pandas as pd
 
     manifest = pd.read_csv(out / "manifest.csv", dtype={"patient_id": str})

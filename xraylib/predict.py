@@ -87,11 +87,12 @@ def predict_files(model: LoadedModel | str | os.PathLike, target, batch_size: in
     Returns one row per file: ``path``, ``ok``, ``error`` (why a file was skipped), one
     ``prob_<class>`` column per class, ``decision``, ``threshold`` (the one decided at) and ``site``.
     ``site`` names a site profile of the model (:mod:`xraylib.calibrate`): decisions at its threshold;
-    None (default): at the model's own threshold (saved with it), and ``site`` is empty.
+    None (default): at ``model``'s threshold (a loaded model made for a site with :meth:`LoadedModel.for_site` keeps that
+    site's; otherwise the model's own, saved with it, and ``site`` is empty).
     A bad file is reported in its row, not fatal; an unknown site raises :class:`ModelError` naming the known ones.
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    loaded = loaded.for_site(site)
+    loaded = loaded.for_site(site) if site is not None else loaded  # a model already made for a site keeps its threshold
     classes = loaded.classes
     images, frame, _ = preprocess_files(loaded, collect_image_paths(target))
     columns = probability_columns(classes)
