@@ -16,9 +16,11 @@ import pytest
 import xraylib.images as images_module
 import xraylib.preprocess as preprocess_module
 from conftest import gradient_image, write_dicom, write_raster
+from test_sources import make_ieee8023
 from xraylib.errors import ConfigError, SourceError
 from xraylib.fileio import sha1_file
 from xraylib.images import read_image
+from xraylib.manifest import build_manifest
 from xraylib.preprocess import (
     CROP_MODES, INTENSITY_MODES, NORMALISATION, PIXELS_VERSION, PreprocessSettings, cache_key, find_body_box,
     load_preprocessed, normalise, one_hot, preprocess_dataset, preprocess_file, preprocess_pixels, resize_image,
@@ -367,6 +369,27 @@ def test_changed_image_rebuilds(tmp_path):
     np.testing.assert_array_equal(data["val"].images[row], preprocess_file(path, SETTINGS))
     assert not np.array_equal(data["val"].images[row], old["val"][row])
     assert_rows_match_files(data)
+
+
+def test_a_file_replaced_after_the_manifest_was_built_is_skipped_and_named(tmp_path):
+    """The manifest's SHA-1 is compared with the bytes read: a PNG replaced by another real PNG is not used silently."""
+    root = make_ieee8023(tmp_path / "covid-chestxray-dataset")
+    frame = build_manifest({"covid_chestxray_dataset": root}, progress=False, workers=1).frame.assign(split="train")
+    replaced = Path(frame.loc[frame["path"].str.endswith(".png"), "path"].iloc[0])
+    write_raster(replaced, gradient_image(80, 70, seed=4321))  # another real PNG under the same name
+    assert sha1_file(replaced) != frame.loc[frame["path"] == str(replaced), "sha1"].item()
+
+    data = run(frame, tmp_path / "cache")
+    [problem] = data.report["problems"]
+    assert problem["path"] == str(replaced) and data.report["skipped"] == 1
+    assert problem["reason"].startswith("changed since the manifest was built (content differs: SHA-1 ")
+    assert f"{replaced.stat().st_size} bytes); rebuild the manifest" in problem["reason"]
+    assert sorted(data.manifest["path"]) == sorted(set(frame["path"]) - {str(replaced)})
+    assert_rows_match_files(data)
+
+    # A manifest without hashes (made by hand) is still preprocessed, every file used as it is now.
+    unhashed = run(frame.drop(columns=["sha1"]), tmp_path / "cache-unhashed")
+    assert unhashed.report["skipped"] == 0 and sorted(unhashed.manifest["path"]) == sorted(frame["path"])
 
 
 def _done_before_interrupt(sizes: list[int], calls_ok: int, chunk: int) -> int:

@@ -24,7 +24,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .errors import BadFileError, ConfigError, SourceError
-from .fileio import read_bytes, read_json, save_npy_atomic, write_csv_atomic, write_json_atomic
+from .fileio import read_bytes, read_json, save_npy_atomic, sha1_bytes, write_csv_atomic, write_json_atomic
 from .images import decode_bytes
 from .manifest import read_manifest_csv
 from .split import SPLITS, assert_patient_disjoint, split_by_patient
@@ -424,15 +424,23 @@ def cache_key(split_manifest: pd.DataFrame, classes: tuple[str, ...], settings: 
     h = hashlib.sha1()
     h.update(json.dumps({"settings": settings.to_dict(), "classes": list(classes), "pixels_version": PIXELS_VERSION},
                         sort_keys=True).encode())
-    for row in split_manifest[["path", "sha1", "label", "split"]].itertuples(index=False):
+    for row in split_manifest.reindex(columns=["path", "sha1", "label", "split"]).itertuples(index=False):
         h.update("\t".join(map(str, row)).encode() + b"\n")
     return h.hexdigest()
 
 
-def _work(job: tuple[str, PreprocessSettings, Callable[[str, str], Any]]) -> tuple[bool, np.ndarray | str]:
-    path, settings, opener = job
+def _work(job: tuple[str, PreprocessSettings, Callable[[str, str], Any], str | None]) -> tuple[bool, np.ndarray | str]:
+    path, settings, opener, sha1 = job
     try:
-        return True, preprocess_file(path, settings, opener)
+        if sha1 is None:  # a manifest without hashes (made by hand): nothing to compare
+            return True, preprocess_file(path, settings, opener)
+        data = read_bytes(path, opener=opener)
+        # The manifest's sha1 is of the file's bytes (images.inspect_file): hashing them again here costs about a
+        # millisecond per MB beside the decoding, and tells a file replaced since the manifest was built.
+        if (now := sha1_bytes(data)) != sha1:
+            return False, (f"changed since the manifest was built (content differs: SHA-1 {sha1[:12]}... in the "
+                           f"manifest, {now[:12]}... now, {len(data)} bytes); rebuild the manifest")
+        return True, preprocess_bytes(data, str(path), settings)
     except BadFileError as exc:
         return False, exc.reason
     except Exception as exc:  # a decoder bug must not kill a run of thousands of files
@@ -561,10 +569,12 @@ def _fill_split(rows: pd.DataFrame, out_dir: Path, split: str, settings: Preproc
     todo_start = int(np.argmin(status > 0)) if (status == 0).any() else n
     new = 0
     paths = rows["path"].tolist()
+    # The content hash each file had when the manifest was built; None where the manifest holds none.
+    hashes = [h if isinstance(h, str) and h else None for h in rows["sha1"]] if "sha1" in rows.columns else [None] * n
     bar = tqdm(total=n, initial=todo_start, desc=f"preprocessing {split}", unit="img", disable=not progress or n == 0)
     try:
         for begin, end in _chunks(n, chunk_size, todo_start):
-            jobs = [(path, settings, opener) for path in paths[begin:end]]
+            jobs = [(path, settings, opener, sha1) for path, sha1 in zip(paths[begin:end], hashes[begin:end])]
             results = pool.map(_work, jobs) if pool else map(_work, jobs)
             for offset, (ok, value) in enumerate(results):
                 i = begin + offset
