@@ -552,9 +552,10 @@ def _unallocated(out_dir: Path, split: str, n: int, size: int) -> int:
 
 def _check_free_space(out_dir: Path, needed: int, what: str) -> None:
     """:class:`WriteError` naming ``out_dir`` when it has less than ``needed`` bytes (and :data:`FREE_SPACE_MARGIN`) free."""
-    if needed <= 0:
+    usage = shutil.disk_usage(out_dir)
+    if needed <= 0 or usage.total == 0:  # a file system that reports no sizes (some FUSE mounts): nothing to compare
         return
-    free = shutil.disk_usage(out_dir).free
+    free = usage.free
     if needed + FREE_SPACE_MARGIN > free:
         raise WriteError(out_dir, f"not enough free space for the preprocessed {what}: needs {_megabytes(needed)} "
                                   f"(and {_megabytes(FREE_SPACE_MARGIN)} to spare), {_megabytes(free)} free; free some "
