@@ -24,8 +24,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .errors import BadFileError, ConfigError, SourceError
-from .fileio import read_bytes, read_json, save_npy_atomic, write_csv_atomic, write_json_atomic
-from .images import decode_bytes
+from .fileio import read_json, save_npy_atomic, write_csv_atomic, write_json_atomic
+from .images import decode_bytes, read_image_bytes
 from .manifest import read_manifest_csv
 from .split import SPLITS, assert_patient_disjoint, split_by_patient
 
@@ -324,12 +324,17 @@ def preprocess_bytes(data: bytes, path: str, settings: PreprocessSettings) -> np
     on average (a few at sharp edges); any other file gives exactly that. Padding keeps the full
     decode: its placement depends on the exact aspect ratio.
     """
+    return preprocess_pixels(decode_for_model(data, path, settings), settings)
+
+
+def decode_for_model(data: bytes, path: str, settings: PreprocessSettings) -> np.ndarray:
+    """The decoded ``(H, W) uint8`` pixels (possibly read-only) that :func:`preprocess_bytes` preprocesses:
+    reduced while decoding where the settings allow it (see there)."""
     at_least = None
     if settings.resize == "stretch":
         kept = BODY_MIN_AREA_FRACTION if settings.crop == "body" else 1  # the least of a side a crop keeps
         at_least = math.ceil(JPEG_REDUCING_GAP * settings.image_size / kept)
-    pixels = decode_bytes(data, path, at_least=at_least, writable=False)
-    return preprocess_pixels(pixels, settings)
+    return decode_bytes(data, path, at_least=at_least, writable=False)
 
 
 def preprocess_file(path: str | os.PathLike, settings: PreprocessSettings,
@@ -338,7 +343,7 @@ def preprocess_file(path: str | os.PathLike, settings: PreprocessSettings,
 
     ``opener`` opens the file (default :func:`open`; see :func:`xraylib.fileio.read_bytes`).
     """
-    return preprocess_bytes(read_bytes(path, opener=opener), str(path), settings)
+    return preprocess_bytes(read_image_bytes(path, opener=opener), str(path), settings)
 
 
 def to_rgb_float(images_uint8: np.ndarray) -> np.ndarray:
