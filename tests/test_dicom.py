@@ -588,3 +588,29 @@ def test_manifest_and_preprocessing_report_a_deflate_bomb_and_go_on(tmp_path):
     assert preprocess.preprocess_file(good, settings).shape == (32, 32)
     with pytest.raises(BadFileError, match="inflates past"):
         preprocess.preprocess_file(bomb, settings)
+
+
+def test_a_16bit_rgb_dicom_is_made_gray_without_float64_copies_of_the_whole_image(tmp_path):
+    """1024x1024 16-bit RGB is 6 MB as stored (parsing and pydicom's decoding take about 4 times that); whole-image
+    float64 copies took about 40 MB more."""
+    import tracemalloc
+
+    rng = np.random.default_rng(13)
+    rgb = rng.integers(0, 65536, size=(1024, 1024, 3), dtype=np.uint16)
+
+    def make_rgb(ds):
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.BitsStored, ds.HighBit = 16, 15
+        ds.PixelData = rgb.tobytes()
+
+    data = _resave(write_dicom(tmp_path / "rgb16.dcm", rgb[..., 0], bits=16), make_rgb).read_bytes()
+    tracemalloc.start()
+    try:
+        gray = images.decode_bytes(data, "rgb16.dcm")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    luma = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+    expected = np.clip(np.rint((luma - luma.min()) * (255.0 / (luma.max() - luma.min()))), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(gray, expected)  # the same arithmetic as converting the whole image at once
+    assert peak < 6 * rgb.nbytes, f"peak {peak:,} bytes for a {rgb.nbytes:,}-byte image"
