@@ -468,3 +468,149 @@ def test_fake_monochrome1_reads_as_the_exact_inverse(real_dicoms):
     assert as_fake.shape == (1024, 1024)
     np.testing.assert_array_equal(as_fake.astype(int), 255 - as_real.astype(int))
     assert (fake_header.age, fake_header.view) == (62.0, "PA")
+
+
+# --- hardening round 2: deflated files, pixel data length, frames ---------------------------
+
+
+def _deflated(path: Path, pixel_data: bytes | None = None, rows_cols: tuple[int, int] | None = None) -> Path:
+    """Resave a write_dicom file as Deflated Explicit VR Little Endian (pydicom deflates it), optionally with
+    other pixel data or another declared size."""
+    def change(ds):
+        ds.file_meta.TransferSyntaxUID = uid.DeflatedExplicitVRLittleEndian
+        if pixel_data is not None:
+            ds.PixelData = pixel_data
+        if rows_cols is not None:
+            ds.Rows, ds.Columns = rows_cols
+    return _resave(path, change)
+
+
+def test_a_deflated_dicom_reads_as_its_pixels(tmp_path):
+    pixels = _full_range_8bit(96, 80, seed=11)
+    path = _deflated(write_dicom(tmp_path / "deflated.dcm", pixels))
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == uid.DeflatedExplicitVRLittleEndian
+    np.testing.assert_array_equal(images.read_image(path), pixels)
+    info = images.inspect_file(path)
+    assert (info.width, info.height) == (80, 96)
+    assert info.dicom_header.transfer_syntax_uid == uid.DeflatedExplicitVRLittleEndian
+
+
+def test_a_deflated_dicom_bomb_is_refused_without_inflating_it(tmp_path):
+    """512x512 declared, 64 MB of zeros deflated to about 64 KB: refused after inflating a few MB, not 64 MB."""
+    import tracemalloc
+
+    path = _deflated(write_dicom(tmp_path / "bomb.dcm", np.zeros((512, 512), np.uint8)), pixel_data=bytes(64 * 1024**2))
+    data = path.read_bytes()
+    assert len(data) < 200_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadFileError, match="inflates past the 4,456,448 bytes that its header's image size needs"):
+            images.inspect_bytes(data, "bomb.dcm")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 1024**2, f"peak {peak:,} bytes while refusing a deflate bomb"
+
+
+def test_a_deflated_dicom_is_never_inflated_past_the_pixel_limit(tmp_path, monkeypatch):
+    """A header that does not fit the first inflated block leaves the general bound: MAX_PIXELS 16-bit RGB pixels."""
+    monkeypatch.setattr(dicom, "_INFLATE_FIRST", 64)  # the header no longer fits: only the general bound applies
+    monkeypatch.setattr(dicom, "INFLATE_SLACK_BYTES", 1024)
+    monkeypatch.setattr(images, "MAX_PIXELS", 500_000)  # so the bound is 3 MB, not 360 MB
+    path = _deflated(write_dicom(tmp_path / "bomb.dcm", np.zeros((512, 512), np.uint8)), pixel_data=bytes(8 * 1024**2))
+    with pytest.raises(BadFileError, match=r"inflates past the 3,001,024-byte limit for an image of at most 500,000 pix"):
+        images.read_image(path)
+    ok = _deflated(write_dicom(tmp_path / "ok.dcm", _full_range_8bit(64, 64)))
+    np.testing.assert_array_equal(images.read_image(ok), _full_range_8bit(64, 64))
+
+
+def _dataset_offset(data: bytes) -> int:
+    """Where the (deflated) dataset starts: after the preamble and the file meta."""
+    import io
+
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    fp = io.BytesIO(data)
+    read_preamble(fp, False)
+    _read_file_meta_info(fp)
+    return fp.tell()
+
+
+def test_a_damaged_deflated_stream_is_reported(tmp_path):
+    path = _deflated(write_dicom(tmp_path / "d.dcm", _full_range_8bit(64, 64)))
+    data = path.read_bytes()
+    start = _dataset_offset(data)
+    with pytest.raises(BadFileError, match="damaged deflated DICOM file .zlib: .*invalid block type"):
+        images.inspect_bytes(data[:start] + b"\xff" * 8 + data[start + 8:], "d.dcm")
+    with pytest.raises(BadFileError, match="DICOM pixel data is .* bytes, but the header declares 4,096"):  # cut short
+        images.inspect_bytes(data[:-1500], "d.dcm")
+
+
+@pytest.mark.parametrize("deflate", [False, True])
+def test_pixel_data_that_is_not_the_declared_size_is_refused_naming_both(tmp_path, deflate):
+    pixels = np.zeros((64, 64), np.uint16)
+    path = write_dicom(tmp_path / "short.dcm", pixels, bits=16)
+    path = _resave(path, lambda ds: setattr(ds, "PixelData", bytes(64 * 64 * 2 - 100)))
+    if deflate:
+        path = _deflated(path)
+    message = (r"DICOM pixel data is 8,092 bytes, but the header declares 8,192 \(64x64 pixels x 1 samples x 16 bits "
+               r"x 1 frame\(s\)\)")
+    with pytest.raises(BadFileError, match=message):
+        images.inspect_file(path)
+    with pytest.raises(BadFileError, match=message):
+        images.read_image(path)
+
+
+def test_odd_length_pixel_data_with_its_padding_byte_is_read(tmp_path):
+    pixels = _full_range_8bit(33, 33, seed=12)  # 1,089 bytes, stored padded to 1,090
+    path = write_dicom(tmp_path / "odd.dcm", pixels)
+    assert len(pydicom.dcmread(path).PixelData) in (1089, 1090)
+    np.testing.assert_array_equal(images.read_image(path), pixels)
+
+
+def test_frames_without_number_of_frames_are_refused_saying_so(tmp_path):
+    """Was: "image is 512x20 pixels, smaller than 32x32". xraylib refuses the file (it does not guess a frame)."""
+    frames = np.zeros((20, 512, 512), np.uint8)
+    path = _resave(write_dicom(tmp_path / "frames.dcm", frames[0]), lambda ds: setattr(ds, "PixelData", frames.tobytes()))
+    with pytest.raises(BadFileError, match="pixel data holds 20 frames of 512x512 pixels but NumberOfFrames is missing"):
+        images.read_image(path)
+
+
+def test_manifest_and_preprocessing_report_a_deflate_bomb_and_go_on(tmp_path):
+    from xraylib import manifest, preprocess
+
+    good = write_dicom(tmp_path / "good.dcm", _full_range_8bit(64, 64))
+    bomb = _deflated(write_dicom(tmp_path / "bomb.dcm", np.zeros((64, 64), np.uint8)), pixel_data=bytes(32 * 1024**2))
+    found = manifest.inspect_files([str(good), str(bomb)], workers=1, progress=False)
+    assert isinstance(found[str(good)], images.ImageInfo)
+    assert "inflates past" in found[str(bomb)]
+    settings = preprocess.PreprocessSettings(image_size=32)
+    assert preprocess.preprocess_file(good, settings).shape == (32, 32)
+    with pytest.raises(BadFileError, match="inflates past"):
+        preprocess.preprocess_file(bomb, settings)
+
+
+def test_a_16bit_rgb_dicom_is_made_gray_without_float64_copies_of_the_whole_image(tmp_path):
+    """1024x1024 16-bit RGB is 6 MB as stored (parsing and pydicom's decoding take about 4 times that); whole-image
+    float64 copies took about 40 MB more."""
+    import tracemalloc
+
+    rng = np.random.default_rng(13)
+    rgb = rng.integers(0, 65536, size=(1024, 1024, 3), dtype=np.uint16)
+
+    def make_rgb(ds):
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.BitsStored, ds.HighBit = 16, 15
+        ds.PixelData = rgb.tobytes()
+
+    data = _resave(write_dicom(tmp_path / "rgb16.dcm", rgb[..., 0], bits=16), make_rgb).read_bytes()
+    tracemalloc.start()
+    try:
+        gray = images.decode_bytes(data, "rgb16.dcm")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    luma = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+    expected = np.clip(np.rint((luma - luma.min()) * (255.0 / (luma.max() - luma.min()))), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(gray, expected)  # the same arithmetic as converting the whole image at once
+    assert peak < 6 * rgb.nbytes, f"peak {peak:,} bytes for a {rgb.nbytes:,}-byte image"

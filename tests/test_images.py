@@ -405,3 +405,113 @@ def test_real_pngs_named_jpg_read_like_pillow(shared_data):
         result = images.read_image(path)
         assert result.shape == expected.shape, path
         assert np.abs(result.astype(int) - expected).max() <= 1, path
+
+
+# --- hardening round 2: what a path names is checked before it is read -----------------------
+
+
+def _in_thread(call, timeout_s: float = 20.0, unblock: Path | None = None):
+    """``call()`` in a daemon thread: its result or exception, or a test failure (not a hung CI) when it blocks.
+
+    ``unblock``: a named pipe to open for writing (and close) if the call hangs, so the blocked reader ends.
+    """
+    import os
+    import threading
+
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # handed to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        if unblock is not None:
+            os.close(os.open(unblock, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail(f"the call was still blocked after {timeout_s} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _preprocess_as_predict(paths):
+    """What ``predict_files`` does with its target before the model runs (no model needed)."""
+    from types import SimpleNamespace
+
+    from xraylib.predict import collect_image_paths, preprocess_files
+    from xraylib.preprocess import PreprocessSettings
+
+    loaded = SimpleNamespace(metadata={"preprocessing": PreprocessSettings(image_size=32).to_dict()})
+    images_, frame, _ = preprocess_files(loaded, collect_image_paths(paths))
+    return images_, frame
+
+
+def test_a_named_pipe_is_refused_without_waiting_for_a_writer(tmp_path):
+    import os
+
+    folder = tmp_path / "xrays"
+    folder.mkdir()
+    write_raster(folder / "a.png", gradient_image(48, 40))
+    fifo = folder / "b.png"
+    os.mkfifo(fifo)
+    for read in (images.read_image, images.inspect_file):
+        with pytest.raises(BadFileError, match=r"b.png: is a named pipe \(FIFO\), not a regular file"):
+            _in_thread(lambda: read(fifo), unblock=fifo)
+    # As predict_files' single target, and inside a folder: reported in its row, the other file read.
+    for target in (fifo, folder):
+        stacked, frame = _in_thread(lambda: _preprocess_as_predict(target), unblock=fifo)
+        row = frame.set_index("path").loc[str(fifo)]
+        assert not row["ok"] and "named pipe" in row["error"]
+    assert len(stacked) == 1 and frame["ok"].sum() == 1
+
+
+def test_dev_zero_is_refused_without_reading_it():
+    with pytest.raises(BadFileError, match=r"/dev/zero: is a character device, not a regular file"):
+        _in_thread(lambda: images.read_image("/dev/zero"))
+    _, frame = _in_thread(lambda: _preprocess_as_predict("/dev/zero"))
+    assert frame["error"].tolist() == ["is a character device, not a regular file; it is not read"]
+
+
+class _CountingOpener:
+    """``open`` that counts the bytes read through it."""
+
+    def __init__(self):
+        self.read = 0
+        self.opened = 0
+
+    def __call__(self, path, mode):
+        self.opened += 1
+        f = open(path, mode)
+        original = f.read
+
+        def read(size=-1):
+            data = original(size)
+            self.read += len(data)
+            return data
+
+        f.read = read
+        return f
+
+
+def test_a_2gb_file_of_another_kind_is_refused_from_its_first_bytes(tmp_path, monkeypatch):
+    big = tmp_path / "notes.png"
+    with open(big, "wb") as f:  # sparse: 2 GB that take no disk
+        f.write(b"minutes of the meeting\n" * 4)
+        f.truncate(2 * 1024**3)
+    monkeypatch.setattr(images, "MAX_FILE_BYTES", 4 * 1024**3)  # so the type check, not the size, refuses it
+    opener = _CountingOpener()
+    with pytest.raises(BadFileError, match=r"notes.png: not a PNG, JPEG or DICOM file \(unrecognised content\)"):
+        images.read_image(big, opener=opener)
+    assert opener.read <= 4096
+    # Over the size limit, it is not even opened.
+    monkeypatch.undo()
+    opener = _CountingOpener()
+    with pytest.raises(BadFileError, match=r"notes.png: file is 2,147,483,648 bytes, over the 536,870,912-byte limit"):
+        images.inspect_file(big, opener=opener)
+    assert opener.opened == 0
+    _, frame = _preprocess_as_predict(big)
+    assert "over the 536,870,912-byte limit" in frame["error"][0]

@@ -490,3 +490,91 @@ def test_the_command_line_defaults_are_safe_and_errors_are_one_line(tmp_path, ca
         serve.ServeSettings(max_files=0)
     with pytest.raises(ConfigError, match="max_upload_mb"):
         serve.ServeSettings(max_upload_mb=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Hardening round 2: decoded-pixel budgets per request and per server, one full-size image at a time
+
+
+def _budgeted(analyser: serve.Analyser, request_pixels: int | None = None, server_pixels: int | None = None,
+              pixel_wait_s: float | None = None) -> serve.Analyser:
+    """The test analyser (same model, guard and lock) with other pixel budgets."""
+    import copy
+
+    other = copy.copy(analyser)
+    if request_pixels is not None:
+        other.request_pixels = request_pixels
+    if server_pixels is not None:
+        other.decoding = serve.PixelBudget(server_pixels)
+    if pixel_wait_s is not None:
+        other.pixel_wait_s = pixel_wait_s
+    return other
+
+
+def _chest_png(seed: int, side: int) -> bytes:
+    return encode(cv2.resize(frontal_phantom(seed, "normal"), (side, side), interpolation=cv2.INTER_LINEAR), ".png")
+
+
+def test_the_default_budgets_hold_two_of_the_largest_images_per_request_and_three_per_server():
+    settings = serve.ServeSettings()
+    assert (settings.request_pixels, settings.server_pixels) == (2 * serve.images.MAX_PIXELS, 3 * serve.images.MAX_PIXELS)
+    with pytest.raises(ConfigError, match="request_pixels must be a whole number of at least 60,000,000"):
+        serve.ServeSettings(request_pixels=1000)
+
+
+def test_a_file_over_the_requests_pixel_budget_is_refused_in_its_result_naming_the_limit(analyser):
+    budgeted = _budgeted(analyser, request_pixels=200_000)  # two 300x300 images fit, not three
+    uploads = [(f"chest-{k}.png", _chest_png(8100 + k, 300)) for k in range(3)]
+    results = budgeted.analyse(uploads, with_images=False)
+    assert [r["ok"] for r in results] == [True, True, False]
+    assert results[2]["error"] == ("not decoded: its 300x300 pixels would take this request's files to 270,000 pixels, "
+                                   "over the server's budget of 200,000 decoded pixels per request; send it in another request")
+    # Nothing could be analysed: the API's 422, naming the file and the limit.
+    app = serve.create_app(_budgeted(analyser, request_pixels=50_000), serve.ServeSettings(max_upload_mb=MAX_MB))
+    body = assert_json_error(upload(app.test_client(), uploads[0]), 422, "chest-0.png", "budget of 50,000 decoded pixels")
+    assert body["results"][0]["ok"] is False
+
+
+def test_a_file_that_finds_no_room_in_the_servers_pixel_budget_is_refused_after_a_wait(analyser):
+    budgeted = _budgeted(analyser, server_pixels=100_000, pixel_wait_s=0.05)
+    with budgeted.decoding.hold(100_000, timeout_s=1):  # another request decoding a large image
+        busy = budgeted.analyse([("chest.png", _chest_png(8200, 200))], with_images=False)[0]
+    assert busy["ok"] is False and busy["error"] == (
+        "not decoded: the server was decoding other large images (at most 100,000 pixels at once) for 0.05 s; "
+        "try again in a minute")
+    assert budgeted.decoding.held == 0
+    assert budgeted.analyse([("chest.png", _chest_png(8200, 200))], with_images=False)[0]["ok"]
+    assert budgeted.decoding.held == 0
+
+
+def test_a_request_decodes_one_full_size_image_at_a_time(analyser, monkeypatch):
+    """Four 2000x2000 PNGs: when each is decoded no earlier full-size array is still alive, and the peak of
+    traced memory stays near one image (4 MB), not four; the results keep every image reduced to display_px."""
+    import tracemalloc
+    import weakref
+
+    from xraylib import preprocess
+
+    side = 2000
+    uploads = [(f"big-{k}.png", _chest_png(8300 + k, side)) for k in range(4)]
+    decode, alive, live_at_decode = preprocess.decode_for_model, [], []
+
+    def counting(data, path, settings):
+        live_at_decode.append(sum(ref() is not None for ref in alive))
+        pixels = decode(data, path, settings)
+        assert pixels.shape == (side, side)
+        alive.append(weakref.ref(pixels))
+        return pixels
+
+    monkeypatch.setattr(preprocess, "decode_for_model", counting)
+    tracemalloc.start()
+    try:
+        results = analyser.analyse(uploads, with_images=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [r["ok"] for r in results] == [True] * 4 and live_at_decode == [0, 0, 0, 0]
+    assert all(max(decode_data_uri(r["images"]["original"]).shape) == 320 for r in results)
+    one_image = side * side
+    assert peak < 2.5 * one_image, f"peak {peak:,} bytes for four {side}x{side} images"
+    assert analyser.decoding.held == 0 and analyser.decoding.peak <= one_image

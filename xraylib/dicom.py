@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import io
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import pydicom
 from pydicom.encaps import generate_frames
+from pydicom.dataset import FileDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _at_pixel_data, _read_file_meta_info, read_preamble
+from pydicom.filereader import read_dataset as read_dataset_body
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 
 from .errors import BadFileError
@@ -29,6 +34,10 @@ _PLUGIN_HINTS = {
     "HTJ2K": "pip install pylibjpeg pylibjpeg-openjpeg",
 }
 
+
+#: The pixel-count limit a deflated dataset is inflated for, unless the caller gives its own
+#: (:data:`xraylib.images.MAX_PIXELS`, passed down by :mod:`xraylib.images`).
+DEFAULT_MAX_PIXELS = 60_000_000
 
 #: JPEG Baseline (Process 1): the compression of the RSNA challenge's DICOMs.
 JPEG_BASELINE_UID = "1.2.840.10008.1.2.4.50"
@@ -81,13 +90,95 @@ def parse_age(value: object) -> float | None:
 warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
 
 
-def _read_dataset(data: bytes, path: str) -> pydicom.Dataset:
+def _read_dataset(data: bytes, path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> pydicom.Dataset:
     try:
+        fp = io.BytesIO(data)
+        preamble = read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+        if meta.get("TransferSyntaxUID") == DEFLATED_UID:
+            return _read_deflated(data[fp.tell():], preamble, meta, path, max_pixels)
         return pydicom.dcmread(io.BytesIO(data), force=False)
     except InvalidDicomError:
         raise BadFileError(path, "not a DICOM file (no 'DICM' marker)") from None
+    except BadFileError:
+        raise
     except Exception as exc:  # pydicom raises many types for damaged files
         raise BadFileError(path, f"damaged DICOM file ({type(exc).__name__}: {exc})") from None
+
+
+#: The Deflated Explicit VR Little Endian transfer syntax: the whole dataset after the file meta is zlib-deflated.
+DEFLATED_UID = "1.2.840.10008.1.2.1.99"
+#: Room for the elements other than the pixel data when a deflated dataset is inflated (4 MiB).
+INFLATE_SLACK_BYTES = 4 * 1024**2
+#: How much of a deflated dataset is inflated first to read its image size (256 KiB).
+_INFLATE_FIRST = 256 * 1024
+
+
+def max_inflated_bytes(max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """The most a deflated DICOM dataset may inflate to: one frame of ``max_pixels`` 16-bit RGB pixels and slack."""
+    return max_pixels * 3 * 2 + INFLATE_SLACK_BYTES
+
+
+def _read_deflated(zipped: bytes, preamble: bytes | None, meta, path: str, max_pixels: int) -> pydicom.Dataset:
+    """A Deflated Explicit VR Little Endian dataset, inflated with a bound (pydicom inflates it whole, unbounded).
+
+    The first :data:`_INFLATE_FIRST` bytes are inflated and their header read: the dataset may then inflate to
+    what its Rows, Columns, SamplesPerPixel, BitsAllocated and NumberOfFrames declare plus
+    :data:`INFLATE_SLACK_BYTES`, and never past :func:`max_inflated_bytes`. A file that inflates past its
+    bound is refused without inflating the rest (a zlib bomb: 300 MB of zeros deflate to 300 KB).
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    limit = max_inflated_bytes(max_pixels)
+    what = f"the {limit:,}-byte limit for an image of at most {max_pixels:,} pixels"
+    try:
+        parts = [inflater.decompress(zipped, _INFLATE_FIRST)]
+        size = len(parts[0])
+        declared = _declared_size(parts[0])
+        if declared is not None and declared + INFLATE_SLACK_BYTES < limit:
+            limit = declared + INFLATE_SLACK_BYTES
+            what = f"the {limit:,} bytes that its header's image size needs (with slack)"
+        while not inflater.eof and size <= limit:
+            part = inflater.decompress(inflater.unconsumed_tail, min(1024**2, limit + 1 - size))
+            if not part:  # a stream cut short: pydicom reports what is missing
+                break
+            parts.append(part)
+            size += len(part)
+    except zlib.error as exc:
+        raise BadFileError(path, f"damaged deflated DICOM file (zlib: {exc})") from None
+    if size > limit:
+        raise BadFileError(path, f"deflated DICOM data inflates past {what}; refused (a decompression bomb?)")
+    inflated = b"".join(parts)
+    del parts
+    buffer = DicomBytesIO(inflated)
+    dataset = read_dataset_body(buffer, False, True)
+    ds = FileDataset(buffer, dataset, preamble, meta, False, True)
+    ds.set_original_encoding(False, True, dataset._character_set)
+    return ds
+
+
+def _declared_size(head: bytes) -> int | None:
+    """The pixel data's bytes that the header at the start of an inflated dataset declares; None when not all there."""
+    try:
+        ds = read_dataset_body(DicomBytesIO(head), False, True, stop_when=_at_pixel_data)
+        return expected_pixel_bytes(ds)
+    except Exception:  # the header goes on past `head` (or is damaged): the general bound applies
+        return None
+
+
+def expected_pixel_bytes(ds: pydicom.Dataset, frames: int | None = None) -> int | None:
+    """Rows x Columns x SamplesPerPixel x BitsAllocated/8 x frames (``NumberOfFrames`` unless given), in bytes.
+
+    None when Rows, Columns or BitsAllocated is missing or not a positive number. 1-bit pixels are packed.
+    """
+    try:
+        rows, cols, bits = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0), int(ds.get("BitsAllocated") or 0)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        frames = int(ds.get("NumberOfFrames") or 1) if frames is None else frames
+    except (TypeError, ValueError):
+        return None
+    if min(rows, cols, bits, samples, frames) <= 0:
+        return None
+    return -(-rows * cols * samples * frames * bits // 8)
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
@@ -136,13 +227,50 @@ def _header(ds: pydicom.Dataset) -> DicomHeader:
     )
 
 
-def read_dataset(data: bytes, path: str = "<bytes>") -> tuple[pydicom.Dataset, DicomHeader]:
+def read_dataset(data: bytes, path: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS
+                 ) -> tuple[pydicom.Dataset, DicomHeader]:
     """Parse a DICOM file's bytes once: the dataset (pixels not yet decoded) and its header.
 
-    Raises :class:`BadFileError` for a file that is not DICOM or whose header is damaged.
+    Raises :class:`BadFileError` for a file that is not DICOM or whose header is damaged, whose uncompressed
+    pixel data is not as long as its header declares (Rows x Columns x SamplesPerPixel x BitsAllocated/8 x
+    NumberOfFrames), or that is deflated and inflates past what ``max_pixels`` pixels need (see :func:`_read_deflated`).
     """
-    ds = _read_dataset(data, path)
-    return ds, _checked_header(ds, path)
+    ds = _read_dataset(data, path, max_pixels)
+    header = _checked_header(ds, path)
+    _check_pixel_length(ds, header, path, max_pixels)
+    return ds, header
+
+
+def _check_pixel_length(ds: pydicom.Dataset, header: DicomHeader, path: str, max_pixels: int) -> None:
+    """Refuse uncompressed pixel data whose length is not what the header declares (one padding byte allowed).
+
+    Checked before any pixel is decoded: a header that declares fewer pixels than the data holds is how a
+    small-looking file carries a large payload, and more frames than ``NumberOfFrames`` (or frames with no
+    ``NumberOfFrames``) would otherwise be decoded as one tall image of garbage.
+    """
+    if "PixelData" not in ds or (header.rows or 0) * (header.columns or 0) > max_pixels:
+        return  # (over the pixel limit: the caller refuses it as a decompression bomb, which says more)
+    syntax = getattr(getattr(ds, "file_meta", None), "get", lambda _: None)("TransferSyntaxUID")
+    if syntax is not None and syntax != DEFLATED_UID and (not syntax.is_transfer_syntax or syntax.is_compressed):
+        return  # encapsulated (compressed) frames: their decoder checks them
+    element = ds.get_item("PixelData")
+    if element is None or element.value is None or element.length == 0xFFFFFFFF:
+        return
+    actual = len(element.value)
+    expected = expected_pixel_bytes(ds)
+    if expected is None or actual in (expected, expected + 1):
+        return
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    per_frame = expected_pixel_bytes(ds, frames=1)
+    if "NumberOfFrames" not in ds and per_frame and actual // per_frame > 1 and actual - (actual // per_frame) * per_frame <= 1:
+        raise BadFileError(path, f"DICOM pixel data holds {actual // per_frame} frames of {cols}x{rows} pixels but "
+                                 "NumberOfFrames is missing; refused (the header does not say which frame to read)")
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    bits = int(ds.BitsAllocated)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    raise BadFileError(path, f"DICOM pixel data is {actual:,} bytes, but the header declares {expected:,} "
+                             f"({cols}x{rows} pixels x {samples} samples x {bits} bits x {frames} frame(s)); "
+                             "refused (a damaged file or a wrong header)")
 
 
 def decode_dicom(data: bytes, path: str = "<bytes>") -> tuple[np.ndarray, DicomHeader]:
@@ -196,9 +324,7 @@ def _display_pixels(pixels: np.ndarray, header: DicomHeader, ds: pydicom.Dataset
     if header.frames > 1 and pixels.ndim >= 3 and pixels.shape[0] == header.frames:
         pixels = pixels[0]
     if pixels.ndim == 3:  # colour DICOM (e.g. a secondary capture in RGB)
-        rgb = np.asarray(pixels, dtype=np.float64)
-        gray = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
-        return _to_uint8(gray)
+        return _rgb_to_uint8(pixels)
     if pixels.ndim != 2:
         return pixels  # refused by the caller, which knows the path
     if pixels.dtype == np.uint8 and not _has_luts(ds):
@@ -299,6 +425,33 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
     if high <= low:
         return np.zeros(values.shape, dtype=np.uint8)
     return _scale(values, low, high)
+
+
+#: Rows converted at a time by :func:`_rgb_to_uint8`.
+_RGB_CHUNK_ROWS = 256
+
+
+def _rgb_to_uint8(rgb: np.ndarray) -> np.ndarray:
+    """``(H, W, 3)`` colour to ``(H, W) uint8`` gray: luma (0.299 R + 0.587 G + 0.114 B), min-max scaled as by :func:`_to_uint8`.
+
+    The same float64 arithmetic as converting the whole image at once, a band of rows at a time: a
+    7745x7745 16-bit RGB image needs its uint8 result and a few MB, not 1.4 GB of float64 copies.
+    """
+    def gray(band: np.ndarray) -> np.ndarray:
+        band = np.asarray(band, dtype=np.float64)
+        return band[..., 0] * 0.299 + band[..., 1] * 0.587 + band[..., 2] * 0.114
+
+    bands = range(0, rgb.shape[0], _RGB_CHUNK_ROWS)
+    low, high = np.inf, -np.inf
+    for top in bands:
+        values = gray(rgb[top:top + _RGB_CHUNK_ROWS])
+        low, high = min(low, float(np.min(values))), max(high, float(np.max(values)))
+    out = np.zeros(rgb.shape[:2], dtype=np.uint8)
+    if not high > low:  # constant (or empty) image
+        return out
+    for top in bands:
+        out[top:top + _RGB_CHUNK_ROWS] = _scale(gray(rgb[top:top + _RGB_CHUNK_ROWS]), low, high)
+    return out
 
 
 def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:

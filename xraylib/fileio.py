@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +27,9 @@ from .errors import BadFileError, ConfigError
 
 #: Errors that Google Drive's FUSE mount raises transiently; reads are retried on these.
 TRANSIENT_ERRNOS = {5, 11, 16, 110, 116}  # EIO, EAGAIN, EBUSY, ETIMEDOUT, ESTALE
+#: :func:`read_bytes` refuses a larger file before reading it (2 GiB: far above any file xraylib reads whole;
+#: image readers pass :data:`xraylib.images.MAX_FILE_BYTES`, which is smaller).
+MAX_FILE_BYTES = 2 * 1024**3
 
 
 def _umask() -> int:
@@ -251,11 +255,47 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
+#: How much of a file :func:`read_bytes` reads first when the caller checks its type from the header.
+HEAD_BYTES = 4096
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    for test, what in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def _check_file(path: str, max_bytes: int | None) -> None:
+    """Refuse, before opening it, what is not a regular file or is larger than ``max_bytes``.
+
+    Opening a named pipe would wait for a writer forever, and a device (``/dev/zero``) never ends, so
+    neither is opened. A path that cannot be looked at (missing, or a transient error) is left to the
+    opener, which says what is wrong (and retries what is transient).
+    """
+    try:
+        info = os.stat(path)
+    except OSError:
+        return
+    if stat.S_ISDIR(info.st_mode):
+        raise BadFileError(path, "is a folder, not a file")
+    if not stat.S_ISREG(info.st_mode):
+        raise BadFileError(path, f"is {_kind(info.st_mode)}, not a regular file; it is not read")
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise BadFileError(path, f"file is {info.st_size:,} bytes, over the {max_bytes:,}-byte limit for one file "
+                                 "(xraylib.fileio.MAX_FILE_BYTES or xraylib.images.MAX_FILE_BYTES)")
+
+
 def read_bytes(
     path: str | os.PathLike,
     retries: int = 3,
     backoff_s: float = 0.2,
     opener: Callable[[str, str], Any] = open,
+    *,
+    max_bytes: int | None = None,
+    check_head: Callable[[bytes], None] | None = None,
 ) -> bytes:
     """Read a whole file, retrying transient I/O errors (as Drive's mount gives) with backoff.
 
@@ -267,12 +307,30 @@ def read_bytes(
     (``images.read_image``, ``images.inspect_file``, ``manifest.build_manifest``,
     ``preprocess.preprocess_dataset``), so tests can inject faults. Those call it from several
     threads at once (their parallel readers), so it must be safe to call concurrently.
+
+    Before opening, the path must be a regular file (a named pipe, ``/dev/zero`` or another device is
+    refused: opening or reading it would never end) of at most ``max_bytes`` bytes (default
+    :data:`MAX_FILE_BYTES`; also enforced while reading, for a file that grows). ``check_head``, when
+    given, is called with the first :data:`HEAD_BYTES` bytes (fewer for a shorter file) before the rest
+    is read, and raises :class:`BadFileError` to refuse the file without reading it whole.
     """
     path = str(path)
+    limit = MAX_FILE_BYTES if max_bytes is None else int(max_bytes)
+    _check_file(path, limit)
     for attempt in range(retries + 1):
         try:
             with opener(path, "rb") as f:
-                return f.read()
+                if check_head is None:
+                    data = f.read(limit + 1)
+                else:
+                    data = f.read(HEAD_BYTES)
+                    check_head(data)
+                    if len(data) == HEAD_BYTES:
+                        data += f.read(limit + 1 - HEAD_BYTES)
+            if len(data) > limit:
+                raise BadFileError(path, f"file is over the {limit:,}-byte limit for one file (it grew while it was "
+                                         "read, or is not a regular file)")
+            return data
         except FileNotFoundError:
             raise BadFileError(path, "file not found") from None
         except IsADirectoryError:

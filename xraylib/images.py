@@ -21,6 +21,9 @@ from .fileio import read_bytes, sha1_bytes
 
 #: Images larger than this many pixels are refused before decoding (decompression-bomb guard).
 MAX_PIXELS = 60_000_000
+#: Image files larger than this are refused before they are read (the largest legitimate one, an uncompressed
+#: 16-bit RGB DICOM of MAX_PIXELS pixels, is 360 MB).
+MAX_FILE_BYTES = 512 * 1024**2
 #: Images smaller than this on either side are refused: nothing can be judged at that size.
 MIN_SIDE = 32
 
@@ -95,7 +98,7 @@ def _check_bytes(data: bytes, path: str) -> _Checked:
     elif fmt == "jpeg":
         checked = _Checked("jpeg", *_jpeg_header(data, path))
     else:
-        dataset, header = dicom.read_dataset(data, path)
+        dataset, header = dicom.read_dataset(data, path, MAX_PIXELS)
         if not header.has_pixels:
             raise BadFileError(path, "DICOM file has no pixel data (no PixelData element)")
         if (missing := dicom.missing_decoder_message(header)) is not None:
@@ -117,13 +120,23 @@ def inspect_bytes(data: bytes, path: str = "<bytes>") -> ImageInfo:
                      sha1_bytes(data), checked.dicom_header)
 
 
+def read_image_bytes(path: str | os.PathLike, opener: Callable[[str, str], Any] = open) -> bytes:
+    """The bytes of an image file, checked before they are read: a regular file (not a named pipe or a
+    device) of at most :data:`MAX_FILE_BYTES`, whose first bytes are a PNG, JPEG or DICOM header
+    (:func:`detect_format`), so a large file of another kind is refused without being read whole.
+    Read with retries on transient I/O errors; ``opener``: as for :func:`inspect_file`.
+    """
+    path = str(path)
+    return read_bytes(path, opener=opener, max_bytes=MAX_FILE_BYTES, check_head=lambda head: detect_format(head, path))
+
+
 def inspect_file(path: str | os.PathLike, opener: Callable[[str, str], Any] = open) -> ImageInfo:
-    """:func:`inspect_bytes` of a file (read with retries on transient I/O errors).
+    """:func:`inspect_bytes` of a file (read with :func:`read_image_bytes`: retries on transient I/O errors).
 
     ``opener`` opens the file (``opener(path, "rb")``, default :func:`open`), as in
     :func:`xraylib.fileio.read_bytes`: tests pass a fault-injecting one.
     """
-    return inspect_bytes(read_bytes(path, opener=opener), str(path))
+    return inspect_bytes(read_image_bytes(path, opener=opener), str(path))
 
 
 #: OpenCV's flags for a JPEG decoded by libjpeg straight to gray (its luma) at 1/2, 1/4 and 1/8 of its size.
@@ -203,7 +216,7 @@ def read_image(path: str | os.PathLike, opener: Callable[[str, str], Any] = open
 
     ``opener``: as for :func:`inspect_file`.
     """
-    return decode_bytes(read_bytes(path, opener=opener), str(path))
+    return decode_bytes(read_image_bytes(path, opener=opener), str(path))
 
 
 def _decode_raster(data: bytes, path: str,

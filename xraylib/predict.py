@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import BadFileError, ConfigError
-from .fileio import read_bytes
+from .images import read_image_bytes
 from .models import LoadedModel, load_model, predict_images
 from .preprocess import PreprocessSettings, preprocess_bytes, preprocess_file
 from .reporting import probability_columns
@@ -41,7 +41,8 @@ def collect_image_paths(target: str | os.PathLike | Iterable[str | os.PathLike])
         path = Path(target)
         if path.is_dir():
             # Hidden files and folders (macOS "._x.png", .ipynb_checkpoints, .Trash) are never the user's images.
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            # Not only regular files: a named pipe or device with an image's name is reported when read, not skipped.
+            found = sorted(p for p in path.rglob("*") if not p.is_dir() and p.suffix.lower() in IMAGE_SUFFIXES
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not found:
                 raise ConfigError(f"{path}: no .png, .jpg, .jpeg or .dcm files in this folder")
@@ -66,7 +67,7 @@ def preprocess_files(loaded: LoadedModel, paths: Iterable[str | os.PathLike], wi
     images, rows, facts = [], [], []
     for path in paths:
         try:
-            data = read_bytes(path)
+            data = read_image_bytes(path)  # a FIFO, a device or a large file of another kind: refused unread
             fact = ood.image_facts(data, str(path)) if with_facts else None
             images.append(preprocess_bytes(data, str(path), settings))
         except BadFileError as exc:

@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 
 from .errors import BadFileError, ConfigError, SourceError
 from .fileio import (
-    WriteError, read_bytes, read_json, save_npy_atomic, sha1_bytes, write_csv_atomic, write_error, write_json_atomic,
+    WriteError, read_json, save_npy_atomic, sha1_bytes, write_csv_atomic, write_error, write_json_atomic,
 )
-from .images import decode_bytes
+from .images import decode_bytes, read_image_bytes
 from .manifest import read_manifest_csv
 from .split import SPLITS, assert_patient_disjoint, split_by_patient
 
@@ -328,12 +328,17 @@ def preprocess_bytes(data: bytes, path: str, settings: PreprocessSettings) -> np
     on average (a few at sharp edges); any other file gives exactly that. Padding keeps the full
     decode: its placement depends on the exact aspect ratio.
     """
+    return preprocess_pixels(decode_for_model(data, path, settings), settings)
+
+
+def decode_for_model(data: bytes, path: str, settings: PreprocessSettings) -> np.ndarray:
+    """The decoded ``(H, W) uint8`` pixels (possibly read-only) that :func:`preprocess_bytes` preprocesses:
+    reduced while decoding where the settings allow it (see there)."""
     at_least = None
     if settings.resize == "stretch":
         kept = BODY_MIN_AREA_FRACTION if settings.crop == "body" else 1  # the least of a side a crop keeps
         at_least = math.ceil(JPEG_REDUCING_GAP * settings.image_size / kept)
-    pixels = decode_bytes(data, path, at_least=at_least, writable=False)
-    return preprocess_pixels(pixels, settings)
+    return decode_bytes(data, path, at_least=at_least, writable=False)
 
 
 def preprocess_file(path: str | os.PathLike, settings: PreprocessSettings,
@@ -342,7 +347,7 @@ def preprocess_file(path: str | os.PathLike, settings: PreprocessSettings,
 
     ``opener`` opens the file (default :func:`open`; see :func:`xraylib.fileio.read_bytes`).
     """
-    return preprocess_bytes(read_bytes(path, opener=opener), str(path), settings)
+    return preprocess_bytes(read_image_bytes(path, opener=opener), str(path), settings)
 
 
 def to_rgb_float(images_uint8: np.ndarray) -> np.ndarray:
@@ -438,7 +443,7 @@ def _work(job: tuple[str, PreprocessSettings, Callable[[str, str], Any], str | N
     try:
         if sha1 is None:  # a manifest without hashes (made by hand): nothing to compare
             return True, preprocess_file(path, settings, opener)
-        data = read_bytes(path, opener=opener)
+        data = read_image_bytes(path, opener=opener)
         # The manifest's sha1 is of the file's bytes (images.inspect_file): hashing them again here costs about a
         # millisecond per MB beside the decoding, and tells a file replaced since the manifest was built.
         if (now := sha1_bytes(data)) != sha1:

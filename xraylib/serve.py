@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import ipaddress
 import logging
@@ -82,6 +83,12 @@ class ServeSettings:
     max_concurrent: int = 4
     queue_timeout_s: float = 120.0
     display_px: int = 320
+    #: Decoded pixels one request may hold, summed over its files from their headers before decoding
+    #: (a file that would go past it is refused in its result).
+    request_pixels: int = 2 * images.MAX_PIXELS
+    #: Pixels being decoded at once across all requests (a file waits up to ``pixel_wait_s`` for room, then is refused).
+    server_pixels: int = 3 * images.MAX_PIXELS
+    pixel_wait_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 < float(self.max_upload_mb) <= 1024:
@@ -90,6 +97,11 @@ class ServeSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
                 raise ConfigError(f"{name} must be a whole number from 1 to 1000, got {value!r}")
+        for name in ("request_pixels", "server_pixels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < images.MAX_PIXELS:
+                raise ConfigError(f"{name} must be a whole number of at least {images.MAX_PIXELS:,} (the largest "
+                                  f"image's pixels), got {value!r}")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535 (0: any free port), got {self.port!r}")
 
@@ -131,15 +143,53 @@ def _fit_within(image: np.ndarray, side: int) -> np.ndarray:
 # Analysis: what the page, the JSON API and notebook 05's upload widget call
 
 
+class PixelBudget:
+    """How many decoded pixels may be held at once, shared by the threads of one server.
+
+    :meth:`hold` waits (up to a timeout) until the pixels fit, and gives them back when its block ends.
+    ``peak`` is the most ever held at once (for tests and measurements).
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = int(capacity)
+        self.held = 0
+        self.peak = 0
+        self._room = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int, timeout_s: float):
+        """Hold ``pixels`` (at most the capacity) for the block; :class:`TimeoutError` when they do not fit in time."""
+        pixels = min(int(pixels), self.capacity)
+        with self._room:
+            if not self._room.wait_for(lambda: self.held + pixels <= self.capacity, timeout=timeout_s):
+                raise TimeoutError
+            self.held += pixels
+            self.peak = max(self.peak, self.held)
+        try:
+            yield
+        finally:
+            with self._room:
+                self.held -= pixels
+                self._room.notify_all()
+
+
 class Analyser:
     """A loaded model with its preprocessing (from ``model.json``), its out-of-distribution guard and a lock.
 
     ``analyse([(name, bytes), ...])`` returns one JSON-ready dict per file. Safe to call from
     several threads: decoding runs in parallel, the model calls one at a time.
+
+    Memory is bounded by pixel budgets: a request's files may hold at most ``request_pixels`` pixels
+    together (from their headers, before decoding), and at most ``server_pixels`` are decoded at once
+    across all the threads using this analyser (a file waits up to ``pixel_wait_s`` s for room). A file
+    past either is refused in its result, naming the limit. Files are decoded one at a time, and each
+    is reduced at once to the model's input and the ``display_px`` image shown, so a request never
+    holds more than one full-size image. Defaults: :class:`ServeSettings`'.
     """
 
     def __init__(self, loaded: "LoadedModel", reference: "OODReference | None" = None, ood_note: str | None = None,
-                 display_px: int = 320):
+                 display_px: int = 320, *, request_pixels: int | None = None, server_pixels: int | None = None,
+                 pixel_wait_s: float | None = None):
         from .ood import OODGuard
 
         self.loaded = loaded
@@ -147,6 +197,10 @@ class Analyser:
         self.guard = OODGuard.for_model(loaded, reference)
         self.ood_note = ood_note
         self.display_px = int(display_px)
+        defaults = ServeSettings()
+        self.request_pixels = int(request_pixels if request_pixels is not None else defaults.request_pixels)
+        self.pixel_wait_s = float(pixel_wait_s if pixel_wait_s is not None else defaults.pixel_wait_s)
+        self.decoding = PixelBudget(server_pixels if server_pixels is not None else defaults.server_pixels)
         self._lock = threading.Lock()
         self._gradcam_layer = None
         if loaded.has_layers:
@@ -187,18 +241,25 @@ class Analyser:
 
         results: list[dict[str, Any]] = []
         inputs, facts, originals, where = [], [], [], []
+        held = 0  # pixels of this request's files taken so far
         for index, (name, data) in enumerate(uploads):
             shown = display_name(name, index)
             try:
                 # Facts first: its inspect_bytes refuses decompression bombs before any pixel is decoded.
                 fact = ood.image_facts(data, shown)
-                inputs.append(preprocess.preprocess_bytes(data, shown, self.settings))
-                pixels = images.decode_bytes(data, shown) if with_images else None  # full size, for the page
+                pixels = fact.width * fact.height
+                if held + pixels > self.request_pixels:
+                    raise BadFileError(shown, f"not decoded: its {fact.width}x{fact.height} pixels would take this "
+                                              f"request's files to {held + pixels:,} pixels, over the server's budget of "
+                                              f"{self.request_pixels:,} decoded pixels per request; send it in another request")
+                held += pixels
+                model_input, shown_image = self._reduce(data, shown, pixels, with_images)
             except BadFileError as exc:
                 results.append({"name": shown, "ok": False, "error": exc.reason})
                 continue
+            inputs.append(model_input)
             facts.append(fact)
-            originals.append(pixels)
+            originals.append(shown_image)
             where.append(len(results))
             results.append({"name": shown, "ok": True, "error": None})
         if not inputs:
@@ -224,6 +285,22 @@ class Analyser:
                                               None if heatmaps is None or not judgeable[k] else heatmaps[k], with_images))
         return results
 
+    def _reduce(self, data: bytes, shown: str, pixels: int, with_images: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """One file decoded once (holding its ``pixels`` in the server's budget) and reduced at once: the model's
+        input (as :func:`xraylib.preprocess.preprocess_bytes` makes it) and the image shown (``display_px`` at most).
+        The full-size pixels are dropped before this returns."""
+        try:
+            with self.decoding.hold(pixels, self.pixel_wait_s):
+                decoded = preprocess.decode_for_model(data, shown, self.settings)
+                model_input = preprocess.preprocess_pixels(decoded, self.settings)
+                shown_image = _fit_within(decoded, self.display_px) if with_images else None
+                del decoded
+        except TimeoutError:
+            raise BadFileError(shown, f"not decoded: the server was decoding other large images (at most "
+                                      f"{self.decoding.capacity:,} pixels at once) for {self.pixel_wait_s:g} s; "
+                                      "try again in a minute") from None
+        return model_input, shown_image
+
     def _result(self, model_input, original, fact, probs, decision, verdict, heatmap, with_images) -> dict[str, Any]:
         from .explain import overlay
 
@@ -246,7 +323,7 @@ class Analyser:
             side = self.display_px
             shown_input = cv2.resize(model_input, (side, side), interpolation=cv2.INTER_LINEAR)
             out["images"] = {
-                "original": _png_data_uri(_fit_within(original, side)),
+                "original": _png_data_uri(original),  # already fitted within display_px by _reduce
                 "model_input": _png_data_uri(shown_input),
                 "overlay": None if heatmap is None else _png_data_uri(overlay(shown_input, heatmap)),
             }
