@@ -460,6 +460,8 @@ BAD_MODEL_JSON = {
     "three classes": ({"classes": ["normal", "covid", "other"]}, "'model' describes classes"),
     "positive class unknown": ({"threshold": {"value": 0.5, "positive_class": "pneumonia"}},
                                "'threshold.positive_class' must be one of"),
+    "NaN site threshold": ({"site_profiles": {"ward-3": {"threshold": float("nan")}}},
+                           "'site_profiles.ward-3.threshold' must be a number from 0 to 1, got nan"),
     "unknown resize": ({"preprocessing": {"image_size": SIZE, "resize": "squash"}}, "'preprocessing'"),
     "unknown backbone": ({"model": {"backbone": "vgg99", "image_size": SIZE, "classes": ["normal", "covid"]}},
                          "'model'"),

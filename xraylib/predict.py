@@ -3,6 +3,8 @@
 Files are preprocessed exactly as in training: the settings come from the JSON saved with
 the model, never re-typed. The decision uses the model's own threshold (saved with it: chosen on the
 validation split or on out-of-site predictions), or a site profile's (``site=``, made by :mod:`xraylib.calibrate`).
+Every image also goes through the web page's out-of-distribution guard (:mod:`xraylib.ood`): one it flags keeps its
+probabilities but gets no decision, and its row says why.
 """
 from __future__ import annotations
 
