@@ -518,6 +518,17 @@ class TableCase:
     raw_csv: bytes | None = None
     not_compared: tuple[str, ...] = ()  # manifest columns that legitimately differ from the plain table's
     modality: str | None = None  # written in every row instead of "X-ray"
+    edit: Callable[[bytes], bytes] | None = None  # applied to the written metadata.csv
+    outside: tuple[tuple[str, str], ...] = ()  # (folder, filename) of rows naming a file outside the source folder
+
+
+def _extra_field(line: int) -> Callable[[bytes], bytes]:
+    """An edit giving line ``line`` (1: the header) of metadata.csv one field too many."""
+    def edit(data: bytes) -> bytes:
+        lines = data.split(b"\n")
+        lines[line - 1] += b",Ho Chi Minh City"
+        return b"\n".join(lines)
+    return edit
 
 
 TABLE_CASES = [
@@ -549,7 +560,21 @@ TABLE_CASES = [
               duplicates=1),
     TableCase("empty-metadata-file", raw_csv=b"", refused_words=("metadata.csv", "cannot be read as CSV")),
     TableCase("not-a-csv", raw_csv=b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)),
-              refused_words=("metadata.csv", "cannot be read as CSV")),
+              refused_words=("metadata.csv", "cannot be read as CSV", "NUL bytes", "save it as CSV in UTF-8")),
+    # Before the fix pandas made column 1 the index, every column shifted by one: "no images left after filtering".
+    TableCase("extra-field-in-first-row", edit=_extra_field(2),
+              refused_words=("metadata.csv", "line 2 has 30 fields, the header has 29", "ieee8023 metadata", "quotes")),
+    TableCase("extra-field-in-a-later-row", edit=_extra_field(4),
+              refused_words=("metadata.csv", "line 4 has 30 fields, the header has 29", "fix that line")),
+    TableCase("duplicate-finding-column", csv_options={"extra_columns": {"finding": "COVID-19"}},
+              refused_words=("metadata.csv", "['finding'] appear more than once", "keep one of each")),
+    TableCase("path-outside-the-source-folder",  # {base}: the folder that holds the source folder, an absolute path
+              extra_rows=(IeeeRow("12", "COVID-19", "PA", "../../secret.png", write_image=False),
+                          IeeeRow("13", "No Finding", "PA", "{base}/secret.png", write_image=False),
+                          IeeeRow("14", "COVID-19", "PA", "secret.png", folder="images/../..", write_image=False)),
+              outside=(("images", "../../secret.png"), ("images", "{base}/secret.png"), ("images/../..", "secret.png"))),
+    TableCase("utf-16-with-bom", csv_options={"encoding": "utf-16"}),  # Excel's and Notepad's "Unicode"
+    TableCase("utf-16-without-bom", csv_options={"encoding": "utf-16-be"}),
 ]
 
 
@@ -560,9 +585,14 @@ def _ieee_root(case: TableCase, base: Path) -> Path:
     rows = BASE_ROWS + list(case.extra_rows)
     if case.modality is not None:
         rows = [dataclasses.replace(row, modality=case.modality) for row in rows]
+    if case.outside:
+        rows = [dataclasses.replace(row, filename=row.filename.format(base=base)) for row in rows]
+        write_raster(base / "secret.png", gradient_image(72, 64, seed=7))  # a real image, where the rows point
     make_ieee8023(root, rows, drop_columns=drop, **options)
     if case.raw_csv is not None:
         (root / "metadata.csv").write_bytes(case.raw_csv)
+    if case.edit is not None:
+        (root / "metadata.csv").write_bytes(case.edit((root / "metadata.csv").read_bytes()))
     return root
 
 
@@ -576,7 +606,14 @@ def _base_rows(frame: pd.DataFrame, not_compared: tuple[str, ...] = ()) -> pd.Da
 @pytest.mark.parametrize("case", TABLE_CASES, ids=_case_ids(TABLE_CASES))
 def test_metadata_csv_catalogue(case: TableCase, tmp_path):
     root = _ieee_root(case, tmp_path / "drive")
-    build = lambda: manifest.build_manifest({"covid_chestxray_dataset": root}, progress=False, workers=2)  # noqa: E731
+    opened = []
+
+    def opener(path, mode):
+        opened.append(path)
+        return open(path, mode)
+
+    build = lambda: manifest.build_manifest({"covid_chestxray_dataset": root}, progress=False, workers=2,  # noqa: E731
+                                            opener=opener)
     if case.refused_words:
         with pytest.raises(SourceError) as info:
             build()
@@ -600,11 +637,17 @@ def test_metadata_csv_catalogue(case: TableCase, tmp_path):
     for reason, count in case.excluded.items():
         assert f"left out {count}: {reason}" in summary
     missing = [str(root / "images" / name) for name in case.missing_files]
-    assert [p for p, _ in result.report.problems] == missing
-    assert all(r == "image file named in metadata.csv is missing" for _, r in result.report.problems)
-    if missing:
-        assert f"skipped {len(missing)} unreadable or missing file(s)" in summary
-        assert all(p in summary for p in missing)
+    outside = [str(root / folder / name.format(base=tmp_path / "drive")) for folder, name in case.outside]
+    assert [p for p, _ in result.report.problems] == missing + outside
+    reasons = [r for _, r in result.report.problems]
+    assert all(r == "image file named in metadata.csv is missing" for r in reasons[:len(missing)])
+    for (path, reason), row in zip(result.report.problems[len(missing):], case.extra_rows):
+        assert f"row {len(BASE_ROWS) + case.extra_rows.index(row) + 1} of metadata.csv names a file outside {root}" in reason
+        assert reason.endswith("row left out, the file not read") and "\n" not in reason
+    assert all(Path(p).resolve().is_relative_to(root.resolve()) for p in opened)  # nothing outside is ever opened
+    if missing or outside:
+        assert f"skipped {len(missing) + len(outside)} unreadable or missing file(s)" in summary
+        assert all(p in summary for p in missing + outside)
     assert len(result.report.duplicates) == case.duplicates
     if case.duplicates:
         assert f"dropped {case.duplicates} duplicate image(s)" in summary

@@ -252,6 +252,42 @@ def test_predict_a_folder_with_a_bad_file(trained, tmp_path):
     assert frame.loc[frame["ok"] & ~judged, "ood_reason"].notna().all()
 
 
+def _one_sample_image(trained) -> Path:
+    return sorted((trained["out"] / "sample_data" / "chest-xray-pneumonia").rglob("*.jpeg"))[0]
+
+
+def test_predict_csv_naming_a_folder_is_refused_before_predicting(tmp_path, capsys):
+    """Checked first (in-process: no model is needed, as none is loaded), not after printing the predictions."""
+    from xraylib.cli import main
+
+    (tmp_path / "out").mkdir()
+    assert main(["predict", "--model", str(tmp_path / "model"), str(tmp_path / "a.png"), "--csv", str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"error: {tmp_path / 'out'}: --csv names a folder; name a file, such as "
+                            f"{tmp_path / 'out' / 'predictions.csv'}\n")
+    assert captured.out == "" and list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="needs Linux's /dev/full (every write: ENOSPC)")
+def test_predict_csv_onto_a_full_disk_is_one_error_after_the_predictions(trained, tmp_path):
+    """``/dev/full``: a real ENOSPC on writing (before the fix: a traceback after the predictions)."""
+    image = _one_sample_image(trained)
+    result = run_cli("predict", "--model", trained["run"], image, "--csv", "/dev/full", cwd=tmp_path)
+    assert_user_error(result, "error: /dev/full: cannot be written (No space left on device); free some space, or write "
+                              "elsewhere; the predictions above were not saved")
+    assert "decisions at threshold" in result.stdout and f"{image}: " in result.stdout
+    assert Path("/dev/full").is_char_device()  # written to, never replaced by a file (run as root, a rename would)
+
+
+def test_predictions_csv_onto_dev_stdout_is_written_there_not_replaced(capfd):
+    """``--csv /dev/stdout`` (a link to the terminal, a pipe or a redirected file) gets the CSV; the link stays."""
+    from xraylib.cli import _write_predictions_csv
+
+    _write_predictions_csv(Path("/dev/stdout"), pd.DataFrame({"path": ["a.png"], "decision": ["normal"]}))
+    assert capfd.readouterr().out == "path,decision\na.png,normal\n"
+    assert Path("/dev/stdout").is_symlink() or Path("/dev/stdout").is_char_device()
+
+
 def test_predict_with_a_missing_model(tmp_path):
     assert_user_error(run_cli("predict", "--model", tmp_path / "nope", tmp_path, cwd=tmp_path), "nope")
 

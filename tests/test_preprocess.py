@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,9 +21,11 @@ import pytest
 import xraylib.images as images_module
 import xraylib.preprocess as preprocess_module
 from conftest import gradient_image, write_dicom, write_raster
+from test_sources import make_ieee8023
 from xraylib.errors import ConfigError, SourceError
-from xraylib.fileio import sha1_file
+from xraylib.fileio import WriteError, sha1_file, write_csv_atomic
 from xraylib.images import read_image
+from xraylib.manifest import build_manifest
 from xraylib.preprocess import (
     CROP_MODES, INTENSITY_MODES, NORMALISATION, PIXELS_VERSION, PreprocessSettings, cache_key, find_body_box,
     load_preprocessed, normalise, one_hot, preprocess_dataset, preprocess_file, preprocess_pixels, resize_image,
@@ -369,6 +376,27 @@ def test_changed_image_rebuilds(tmp_path):
     assert_rows_match_files(data)
 
 
+def test_a_file_replaced_after_the_manifest_was_built_is_skipped_and_named(tmp_path):
+    """The manifest's SHA-1 is compared with the bytes read: a PNG replaced by another real PNG is not used silently."""
+    root = make_ieee8023(tmp_path / "covid-chestxray-dataset")
+    frame = build_manifest({"covid_chestxray_dataset": root}, progress=False, workers=1).frame.assign(split="train")
+    replaced = Path(frame.loc[frame["path"].str.endswith(".png"), "path"].iloc[0])
+    write_raster(replaced, gradient_image(80, 70, seed=4321))  # another real PNG under the same name
+    assert sha1_file(replaced) != frame.loc[frame["path"] == str(replaced), "sha1"].item()
+
+    data = run(frame, tmp_path / "cache")
+    [problem] = data.report["problems"]
+    assert problem["path"] == str(replaced) and data.report["skipped"] == 1
+    assert problem["reason"].startswith("changed since the manifest was built (content differs: SHA-1 ")
+    assert f"{replaced.stat().st_size} bytes); rebuild the manifest" in problem["reason"]
+    assert sorted(data.manifest["path"]) == sorted(set(frame["path"]) - {str(replaced)})
+    assert_rows_match_files(data)
+
+    # A manifest without hashes (made by hand) is still preprocessed, every file used as it is now.
+    unhashed = run(frame.drop(columns=["sha1"]), tmp_path / "cache-unhashed")
+    assert unhashed.report["skipped"] == 0 and sorted(unhashed.manifest["path"]) == sorted(frame["path"])
+
+
 def _done_before_interrupt(sizes: list[int], calls_ok: int, chunk: int) -> int:
     """Rows whose chunk was finished (and saved) before the call after ``calls_ok`` raised."""
     done, remaining = 0, calls_ok
@@ -574,3 +602,143 @@ def test_body_crop_on_real_images_cuts_only_background(shared_data):
         for intensity in INTENSITY_MODES:
             out = preprocess_file(path, PreprocessSettings(image_size=64, intensity=intensity, crop="body"))
             assert out.shape == (64, 64) and np.ptp(out) > 100
+
+
+# ============================================================================================
+# A full disk: the memory-mapped cache is checked before it is allocated
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 2 MB file system (tmpfs) mounted for the test and unmounted after it, even when the test fails;
+    the test is skipped where mounting is not permitted (not root, or a container without the capability)."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    try:
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"cannot mount a tmpfs to fill up here ({exc})")
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill up here (needs root): {result.stderr.strip() or result.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
+
+
+# Run in a child process: should the check fail, writing the array on the full disk kills with SIGBUS, and that
+# must not be the test process. Exit 3 and one line on a WriteError.
+_PREPROCESS_CHILD = """
+import sys
+import pandas as pd
+from xraylib import preprocess
+from xraylib.fileio import WriteError
+manifest, out, mode, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+opened = []
+def opener(path, how):  # "fill-during": another program fills the disk while the second image is read
+    opened.append(path)
+    if mode == "fill-during" and len(opened) == 2:
+        with open(sys.argv[5], "wb") as filler:
+            try:
+                while True:
+                    filler.write(bytes(65536))
+                    filler.flush()
+            except OSError:
+                pass
+    return open(path, how)
+if mode != "checked":
+    preprocess._check_free_space = lambda *args: None
+try:
+    preprocess.preprocess_dataset(pd.read_csv(manifest, dtype=str), out, ("normal", "pneumonia", "covid"),
+                                  preprocess.PreprocessSettings(image_size=size), workers=1, progress=False,
+                                  opener=opener)
+except WriteError as exc:
+    print(exc)
+    sys.exit(3)
+print("finished")
+"""
+
+
+def _preprocess_in_child(manifest_csv: Path, out: Path, mode: str = "checked", size: int = 512,
+                         filler: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-c", _PREPROCESS_CHILD, str(manifest_csv), str(out), mode, str(size),
+                           str(filler)], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_a_cache_larger_than_the_free_space_is_refused_before_anything_is_allocated(tmp_path):
+    """On any disk: more images than fit (rows only; no file is read before the check) is one clear error."""
+    free = shutil.disk_usage(tmp_path).free
+    size = 2048
+    n = free // (size * size) + 2
+    rows = pd.DataFrame({"path": [str(tmp_path / f"{i}.png") for i in range(n)], "label": "normal", "source": "mine",
+                         "patient_id": [f"mine:{i}" for i in range(n)], "sha1": "0" * 40, "split": "train"})
+    with pytest.raises(WriteError) as info:
+        run(rows, tmp_path / "out", PreprocessSettings(image_size=size))
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'out'}: not enough free space for the preprocessed {n} images of 2048x2048: ")
+    assert f"needs {(128 + n * size * size) / 2**20:.1f} MB" in message and " MB free; free some space" in message
+    assert isinstance(info.value, ConfigError) and "\n" not in message
+    assert not any((tmp_path / "out").glob("*.npy"))
+
+
+def test_a_full_disk_is_refused_before_the_memory_mapped_cache_gets_sigbus(tmp_path, small_tmpfs):
+    """On a real 2 MB tmpfs, 12 images of 512x512 (3 MB): refused up front with the folder, the space needed and
+    free, no partial file left; without the check the same run dies of SIGBUS (exit 135 in a shell), no message."""
+    manifest = make_split_manifest(tmp_path / "src", {"train": 12, "val": 0, "test": 0})
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    out = small_tmpfs / "cache"
+
+    checked = _preprocess_in_child(tmp_path / "manifest.csv", out)
+    assert checked.returncode == 3, checked.stdout + checked.stderr
+    message = checked.stdout.strip()
+    assert message.startswith(f"{out}: not enough free space for the preprocessed 12 images of 512x512: needs 3.0 MB")
+    assert "MB free; free some space or choose another output folder" in message and "\n" not in message
+    assert not list(out.glob("*.npy"))
+
+    unchecked = _preprocess_in_child(tmp_path / "manifest.csv", small_tmpfs / "unchecked", "unchecked")
+    assert unchecked.returncode == -signal.SIGBUS, unchecked.stdout + unchecked.stderr[-2000:]
+
+
+def test_a_disk_filled_after_the_check_is_one_clear_error_and_leaves_no_partial_file(tmp_path, small_tmpfs, monkeypatch):
+    """The disk fills up between the space check and the writes (another program): ENOSPC on the first file written
+    is one clear error naming it, and no partial file is left; so is an atomic CSV write on the full disk."""
+    monkeypatch.setattr(preprocess_module, "_check_free_space", lambda *args: None)  # passed, then the disk filled up
+    manifest = make_split_manifest(tmp_path / "src", {"train": 2, "val": 0, "test": 0})
+    out = small_tmpfs / "cache"
+    out.mkdir()
+    with open(small_tmpfs / "filler", "wb") as filler:  # fill the file system to the last byte
+        block = b"\xff" * 65536
+        try:
+            while True:
+                filler.write(block)
+                filler.flush()
+        except OSError:
+            pass
+    with pytest.raises(WriteError) as info:
+        run(manifest, out, PreprocessSettings(image_size=32))
+    assert "No space left on device" in str(info.value) and "free some space" in str(info.value)
+    assert str(info.value).startswith(str(out / "preprocess.json")) and info.value.errno == 28
+    assert not [p.name for p in out.iterdir() if p.name.endswith((".npy", ".tmp"))]
+
+    with pytest.raises(WriteError) as info:
+        write_csv_atomic(small_tmpfs / "predictions.csv", manifest)
+    assert str(info.value) == (f"{small_tmpfs / 'predictions.csv'}: cannot be written (No space left on device); "
+                               "free some space, or write elsewhere")
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == ["cache", "filler"]
+
+
+def test_a_disk_filling_up_during_preprocessing_removes_the_partial_files(tmp_path, small_tmpfs):
+    """The disk fills up while the train images are decoded (the array's one page is already allocated, so no
+    SIGBUS): the next write fails with ENOSPC, and the partial array and status, which hold space, are removed."""
+    manifest = make_split_manifest(tmp_path / "src", {"train": 2, "val": 0, "test": 0})
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    out = small_tmpfs / "cache"
+    result = _preprocess_in_child(tmp_path / "manifest.csv", out, "fill-during", 32, small_tmpfs / "filler")
+    assert result.returncode == 3, result.stdout + result.stderr[-2000:]
+    assert result.stdout.strip() == (f"{out}: the disk filled up while preprocessing the train images (No space left on "
+                                     "device); their partial files were removed: free some space or choose another "
+                                     "output folder")
+    assert sorted(p.name for p in out.iterdir()) == ["preprocess.json"]  # says "not complete": the next run starts again

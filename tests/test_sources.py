@@ -525,6 +525,28 @@ def test_nih_rows(tmp_path):
     assert table.problems == []
 
 
+def test_nih_rows_naming_a_file_outside_the_folder_or_none_are_left_out_unread(tmp_path):
+    """An ``Image Index`` of ``../x.png`` or an absolute path is reported, and the real image there never read."""
+    secret = write_raster(tmp_path / "secret.png", image_pixels("secret.png", 64, 64))
+    root = make_nih(tmp_path / "nih", DEFAULT_NIH + [NihRow("../../secret.png", "No Finding", "7", "40", "M", "PA", False),
+                                                     NihRow(str(secret), "Pneumonia", "8", "41", "F", "PA", False),
+                                                     NihRow("", "No Finding", "9", "42", "F", "PA", False)])
+    table = read_nih_chestxray14(root)
+    assert sorted(by_image(table).index) == ["00000001_000.png", "00000002_000.png", "00000003_001.png", "00000004_000.png"]
+    assert [p for p, _ in table.problems] == [str(root / "images" / "../../secret.png"), str(secret)]
+    assert all(f"names a file outside {root}; row left out, the file not read" in r for _, r in table.problems)
+    assert table.excluded["NIH row without Image Index"] == 1
+
+
+def test_rsna_label_tables_in_utf16_are_read(tmp_path):
+    """Saved as "Unicode text" by Excel or Notepad (UTF-16 with a byte-order mark): read as the UTF-8 files are."""
+    root = make_rsna(tmp_path / "rsna")
+    expected = read_rsna_labels(root)
+    for name in ("stage_2_train_labels.csv", "stage_2_detailed_class_info.csv"):
+        (root / name).write_bytes((root / name).read_text().encode("utf-16"))
+    pd.testing.assert_frame_equal(read_rsna_labels(root), expected)
+
+
 # ============================================================================================
 # NLM tuberculosis sets (Shenzhen, Montgomery County)
 

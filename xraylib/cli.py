@@ -191,8 +191,9 @@ def cmd_shortcuts(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from . import predict
-    from .fileio import write_csv_atomic
 
+    if args.csv:
+        _check_csv_target(Path(args.csv))  # before the predictions are printed, not after
     frame = predict.predict_files(args.model, args.images if len(args.images) > 1 else args.images[0], site=args.site,
                                   data_dir=args.data)
     if len(frame):
@@ -200,8 +201,56 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(f"decisions at threshold {frame['threshold'].iloc[0]:.4f} ({whose})")
     _print_predictions(frame)
     if args.csv:
-        write_csv_atomic(args.csv, frame)
+        _write_predictions_csv(Path(args.csv), frame)
         print(f"wrote {args.csv}")
+
+
+def _is_stream(path: Path) -> bool:
+    """Whether ``path`` is a character device, a FIFO or under ``/dev`` (``/dev/stdout``, a pipe): written straight
+    (appended: ``/dev/stdout`` may be a file the shell redirected to), never replaced by a new file."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode) or path.absolute().parts[:2] == ("/", "dev")
+
+
+def _check_csv_target(path: Path) -> None:
+    """:class:`WriteError` when ``--csv`` cannot be written: a folder, another non-file, a parent that is a file or
+    not writable. A full disk shows only when writing (:func:`_write_predictions_csv`)."""
+    import os
+
+    from .fileio import WriteError
+
+    if path.is_dir():
+        raise WriteError(path, f"--csv names a folder; name a file, such as {path / 'predictions.csv'}")
+    if path.exists() and not path.is_file() and not _is_stream(path):
+        raise WriteError(path, "--csv names something that is not a file (a socket?); name a file")
+    parent = next((p for p in (path.absolute().parent, *path.absolute().parent.parents) if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise WriteError(path, f"{parent} is a file, not a folder")
+    if parent is not None and not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise WriteError(path, f"no permission to write in {parent}: write elsewhere")
+
+
+def _write_predictions_csv(path: Path, frame) -> None:
+    """The predictions as CSV at ``path``: a file written atomically, a device or FIFO straight; one
+    :class:`WriteError` naming ``path`` on a full disk or any other write failure."""
+    from .fileio import WriteError, write_csv_atomic, write_error
+
+    try:
+        if _is_stream(path):
+            with open(path, "a", newline="") as f:
+                frame.to_csv(f, index=False)
+        else:
+            write_csv_atomic(path, frame)
+    except OSError as exc:
+        error = write_error(path, exc)
+        if not isinstance(error, WriteError):
+            error = WriteError(path, f"cannot be written ({exc.strerror or exc})", exc.errno)
+        raise WriteError(error.path, f"{error.reason}; the predictions above were not saved", error.errno) from None
 
 
 def _print_predictions(frame) -> None:

@@ -8,6 +8,7 @@ one, never half of one; a whole folder is built beside its destination and swapp
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from typing import Any, Callable, Collection, Iterator
 import numpy as np
 import pandas as pd
 
-from .errors import BadFileError
+from .errors import BadFileError, ConfigError
 
 #: Errors that Google Drive's FUSE mount raises transiently; reads are retried on these.
 TRANSIENT_ERRNOS = {5, 11, 16, 110, 116}  # EIO, EAGAIN, EBUSY, ETIMEDOUT, ESTALE
@@ -38,12 +39,64 @@ def _umask() -> int:
 _NEW_FILE_MODE = 0o666 & ~_umask()
 
 
+class WriteError(ConfigError, OSError):
+    """An output cannot be written: a full disk, a folder or a device where the file should go, no permission.
+
+    One line naming the file (``path``) and what to do, instead of a traceback; still an :class:`OSError` (with
+    the ``errno`` of the failure, None for a refusal up front), so callers that carry on without an optional
+    output (``except OSError``) go on doing so.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str, error_number: int | None = None):
+        super().__init__(error_number, reason)
+        self.path = str(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+#: What to do about each write failure the user can fix; any other OSError is left as it is.
+WRITE_ERRNO_HINTS = {
+    errno.ENOSPC: "free some space, or write elsewhere",
+    errno.EDQUOT: "free some space, or write elsewhere",
+    errno.EISDIR: "a folder is in the way: name a file",
+    errno.ENOTDIR: "part of the path is a file, not a folder",
+    errno.EEXIST: "part of the path is a file, not a folder",
+    errno.EACCES: "no permission to write there: write elsewhere",
+    errno.EPERM: "no permission to write there: write elsewhere",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+}
+
+
+def write_error(path: str | os.PathLike, exc: OSError) -> OSError:
+    """``exc`` as a :class:`WriteError` naming ``path`` when it is a failure in :data:`WRITE_ERRNO_HINTS`, else ``exc``."""
+    if isinstance(exc, WriteError) or exc.errno not in WRITE_ERRNO_HINTS:
+        return exc
+    return WriteError(path, f"cannot be written ({exc.strerror or exc}); {WRITE_ERRNO_HINTS[exc.errno]}", exc.errno)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it onto ``path``.
 
-    On an exception the temporary file is removed and ``path`` is left as it was.
+    On an exception the temporary file is removed and ``path`` is left as it was. A full disk, a folder in the
+    way or a missing permission is one :class:`WriteError` naming ``path``. A ``path`` that exists and is not a
+    regular file (a folder, ``/dev/null``, a FIFO) is refused before anything is written: the rename would
+    replace it (run as root, as on Colab, even a device; through a symbolic link, the link).
     """
+    if os.path.exists(path) and not os.path.isfile(path):
+        what = "a folder" if os.path.isdir(path) else "not a regular file (a device, a FIFO or a socket)"
+        raise WriteError(path, f"is {what}; name a file to write")
+    try:
+        with _atomic_path(path) as tmp:
+            yield tmp
+    except OSError as exc:
+        raise write_error(path, exc) from None
+
+
+@contextlib.contextmanager
+def _atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

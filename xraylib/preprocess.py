@@ -9,10 +9,12 @@ on unchanged data does no work, and an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +26,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .errors import BadFileError, ConfigError, SourceError
-from .fileio import read_bytes, read_json, save_npy_atomic, write_csv_atomic, write_json_atomic
+from .fileio import (
+    WriteError, read_bytes, read_json, save_npy_atomic, sha1_bytes, write_csv_atomic, write_error, write_json_atomic,
+)
 from .images import decode_bytes
 from .manifest import read_manifest_csv
 from .split import SPLITS, assert_patient_disjoint, split_by_patient
@@ -424,15 +428,23 @@ def cache_key(split_manifest: pd.DataFrame, classes: tuple[str, ...], settings: 
     h = hashlib.sha1()
     h.update(json.dumps({"settings": settings.to_dict(), "classes": list(classes), "pixels_version": PIXELS_VERSION},
                         sort_keys=True).encode())
-    for row in split_manifest[["path", "sha1", "label", "split"]].itertuples(index=False):
+    for row in split_manifest.reindex(columns=["path", "sha1", "label", "split"]).itertuples(index=False):
         h.update("\t".join(map(str, row)).encode() + b"\n")
     return h.hexdigest()
 
 
-def _work(job: tuple[str, PreprocessSettings, Callable[[str, str], Any]]) -> tuple[bool, np.ndarray | str]:
-    path, settings, opener = job
+def _work(job: tuple[str, PreprocessSettings, Callable[[str, str], Any], str | None]) -> tuple[bool, np.ndarray | str]:
+    path, settings, opener, sha1 = job
     try:
-        return True, preprocess_file(path, settings, opener)
+        if sha1 is None:  # a manifest without hashes (made by hand): nothing to compare
+            return True, preprocess_file(path, settings, opener)
+        data = read_bytes(path, opener=opener)
+        # The manifest's sha1 is of the file's bytes (images.inspect_file): hashing them again here costs about a
+        # millisecond per MB beside the decoding, and tells a file replaced since the manifest was built.
+        if (now := sha1_bytes(data)) != sha1:
+            return False, (f"changed since the manifest was built (content differs: SHA-1 {sha1[:12]}... in the "
+                           f"manifest, {now[:12]}... now, {len(data)} bytes); rebuild the manifest")
+        return True, preprocess_bytes(data, str(path), settings)
     except BadFileError as exc:
         return False, exc.reason
     except Exception as exc:  # a decoder bug must not kill a run of thousands of files
@@ -484,6 +496,11 @@ def preprocess_dataset(
     if not existing or existing.get("key") != key:
         # Without preprocess.json nothing says what the arrays here were built from: start again.
         _clear(out_dir)
+    # The arrays are memory-mapped files: writing pages of one on a full disk kills the process with SIGBUS,
+    # with no message. So the space they need is checked before any is allocated.
+    sizes = {split: int((split_manifest["split"] == split).sum()) for split in SPLITS}
+    _check_free_space(out_dir, sum(_unallocated(out_dir, split, n, settings.image_size) for split, n in sizes.items()),
+                      f"{sum(sizes.values())} images of {settings.image_size}x{settings.image_size}")
     write_json_atomic(out_dir / "preprocess.json", {"key": key, "complete": False, "settings": settings.to_dict(),
                                                     "classes": list(classes)})
     workers = workers or os.cpu_count() or 1
@@ -510,6 +527,55 @@ def preprocess_dataset(
     data = load_preprocessed(out_dir)
     data.report = report
     return data
+
+
+#: Space kept free beside the arrays for the small files written with them (status, labels, manifest, JSON).
+FREE_SPACE_MARGIN = 8 * 2**20
+
+
+def _array_bytes(n: int, size: int) -> int:
+    """The size of an ``(n, size, size) uint8`` ``.npy`` file: its header (at most 128 bytes here) and the pixels."""
+    return 128 + n * size * size
+
+
+def _unallocated(out_dir: Path, split: str, n: int, size: int) -> int:
+    """Bytes still to allocate for ``split``'s array: all of it, none when finished, the unwritten (sparse) part of
+    a partial array an interrupted run left."""
+    if (out_dir / f"{split}_images.npy").exists() and not (out_dir / f"{split}_images.partial.npy").exists():
+        return 0
+    try:
+        allocated = (out_dir / f"{split}_images.partial.npy").stat().st_blocks * 512
+    except OSError:
+        allocated = 0
+    return max(0, _array_bytes(n, size) - allocated)
+
+
+def _check_free_space(out_dir: Path, needed: int, what: str) -> None:
+    """:class:`WriteError` naming ``out_dir`` when it has less than ``needed`` bytes (and :data:`FREE_SPACE_MARGIN`) free."""
+    usage = shutil.disk_usage(out_dir)
+    if needed <= 0 or usage.total == 0:  # a file system that reports no sizes (some FUSE mounts): nothing to compare
+        return
+    free = usage.free
+    if needed + FREE_SPACE_MARGIN > free:
+        raise WriteError(out_dir, f"not enough free space for the preprocessed {what}: needs {_megabytes(needed)} "
+                                  f"(and {_megabytes(FREE_SPACE_MARGIN)} to spare), {_megabytes(free)} free; free some "
+                                  "space or choose another output folder", errno.ENOSPC)
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{math.ceil(n / 1024)} KB"
+
+
+def _disk_full(out_dir: Path, split: str, exc: OSError) -> OSError:
+    """A write of ``split``'s cache that failed: on a full disk its partial array and status are removed (they hold
+    the space the disk lacks) and one :class:`WriteError` says so; any other failure is returned as it is."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return write_error(out_dir, exc)
+    for name in (f"{split}_images.partial.npy", f"{split}_status.npy", f"{split}_problems.json"):
+        (out_dir / name).unlink(missing_ok=True)
+    return WriteError(out_dir, f"the disk filled up while preprocessing the {split} images ({os.strerror(exc.errno)}); "
+                               f"their partial files were removed: free some space or choose another output folder",
+                      exc.errno)
 
 
 def split_and_preprocess(
@@ -554,17 +620,23 @@ def _fill_split(rows: pd.DataFrame, out_dir: Path, split: str, settings: Preproc
         images = np.load(partial, mmap_mode="r+")
         status = np.load(status_path)
     else:
-        images = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(n, size, size))
-        status = np.zeros(n, dtype=np.int8)
-        save_npy_atomic(status_path, status)
+        _check_free_space(out_dir, _array_bytes(n, size), f"{split} images ({n} of {size}x{size})")
+        try:
+            images = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(n, size, size))
+            status = np.zeros(n, dtype=np.int8)
+            save_npy_atomic(status_path, status)
+        except OSError as exc:
+            raise _disk_full(out_dir, split, exc) from None
     reasons = _load_reasons(out_dir, split)
     todo_start = int(np.argmin(status > 0)) if (status == 0).any() else n
     new = 0
     paths = rows["path"].tolist()
+    # The content hash each file had when the manifest was built; None where the manifest holds none.
+    hashes = [h if isinstance(h, str) and h else None for h in rows["sha1"]] if "sha1" in rows.columns else [None] * n
     bar = tqdm(total=n, initial=todo_start, desc=f"preprocessing {split}", unit="img", disable=not progress or n == 0)
     try:
         for begin, end in _chunks(n, chunk_size, todo_start):
-            jobs = [(path, settings, opener) for path in paths[begin:end]]
+            jobs = [(path, settings, opener, sha1) for path, sha1 in zip(paths[begin:end], hashes[begin:end])]
             results = pool.map(_work, jobs) if pool else map(_work, jobs)
             for offset, (ok, value) in enumerate(results):
                 i = begin + offset
@@ -583,6 +655,9 @@ def _fill_split(rows: pd.DataFrame, out_dir: Path, split: str, settings: Preproc
             # page cache), so memory stays flat in the number of images instead of growing to the file's size.
             del images
             images = np.load(partial, mmap_mode="r+")
+    except OSError as exc:
+        images = None  # unmapped before its file is removed
+        raise _disk_full(out_dir, split, exc) from None
     finally:
         bar.close()
     del images
@@ -615,6 +690,9 @@ def _finalise_split(out_dir: Path, split: str, ok_mask: np.ndarray) -> None:
         return
     source = np.load(partial, mmap_mode="r")
     tmp = out_dir / f".{split}_images.npy.tmp"
+    # The copy is a second memory-mapped array beside the partial one: checked as they are (SIGBUS on a full disk).
+    _check_free_space(out_dir, _array_bytes(int(ok_mask.sum()), source.shape[1]),
+                      f"{split} images (the copy without the unreadable ones)")
     target = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(int(ok_mask.sum()),) + source.shape[1:])
     keep = np.flatnonzero(ok_mask)
     for begin, end in _chunks(len(keep), 512):

@@ -43,6 +43,7 @@ import functools
 import os
 import re
 import unicodedata
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -100,21 +101,82 @@ def _require_dir(path: Path, what: str) -> None:
 def _read_csv(path: Path, what: str, required: tuple[str, ...]) -> pd.DataFrame:
     if not path.is_file():
         raise SourceError(f"{path}: file not found ({what})")
+    encoding = _csv_encoding(path, what)
     try:
-        # utf-8-sig drops a BOM; the real metadata.csv has a few cp1252 bytes in free-text columns.
-        frame = pd.read_csv(path, dtype=str, encoding="utf-8-sig", encoding_errors="replace", keep_default_na=False)
+        with warnings.catch_warnings():
+            # index_col=False: a first row with a field too many must not make column 1 the index (every column
+            # would shift by one); pandas then drops the extra field with a ParserWarning, made an error here.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            # utf-8-sig drops a BOM; the real metadata.csv has a few cp1252 bytes in free-text columns.
+            frame = pd.read_csv(path, dtype=str, encoding=encoding, encoding_errors="replace", keep_default_na=False,
+                                index_col=False)
+    except pd.errors.ParserWarning:
+        raise SourceError(_too_many_fields(path, encoding, what)) from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeError) as exc:
         detail = " ".join(str(exc).split())  # pandas' tokenizer messages end in a newline; errors are one line
+        if fields := re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", detail):
+            header, line, saw = fields.groups()
+            raise SourceError(f"{path}: line {line} has {saw} fields, the header has {header} ({what}); "
+                              "a value with a comma needs quotes: fix that line") from None
         raise SourceError(f"{path}: cannot be read as CSV ({detail})") from None
     frame.columns = [str(c).strip() for c in frame.columns]
     # "patientid" and "patientid " are two columns to pandas but one once stripped: the later would win silently.
-    twice = sorted({c for c in required if list(frame.columns).count(c) > 1})
+    # Two exact "finding" columns pandas renames "finding", "finding.1": the same mistake.
+    mangled = {re.sub(r"\.\d+$", "", c) for c in frame.columns if re.fullmatch(r".+\.\d+", c)}
+    twice = sorted({c for c in required if list(frame.columns).count(c) > 1 or (c in mangled and c in frame.columns)})
     if twice:
         raise SourceError(f"{path}: column(s) {twice} appear more than once ({what}); keep one of each")
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise SourceError(f"{path}: missing column(s) {missing} ({what}); found {list(frame.columns)[:12]}")
     return frame.replace({"": np.nan})
+
+
+def _csv_encoding(path: Path, what: str) -> str:
+    """The encoding to read a label table in: UTF-8 (a BOM dropped), or UTF-16/32 as its byte-order mark (or,
+    for UTF-16 without one, its NUL bytes) says: Excel and Notepad save "Unicode" text so. Other NUL bytes
+    (not a text file) are refused, naming the file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot be read ({exc.strerror or exc}) ({what})") from None
+    if head.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return "utf-32"
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"
+    if b"\x00" not in head:
+        return "utf-8-sig"
+    pairs = head[:len(head) // 2 * 2]
+    even, odd = pairs[0::2], pairs[1::2]
+    if even and odd.count(0) > 0.9 * len(odd) and even.count(0) < 0.1 * len(even):
+        return "utf-16-le"
+    if even and even.count(0) > 0.9 * len(even) and odd.count(0) < 0.1 * len(odd):
+        return "utf-16-be"
+    raise SourceError(f"{path}: cannot be read as CSV (it holds NUL bytes: not a text file, or UTF-32 without a "
+                      f"byte-order mark) ({what}); save it as CSV in UTF-8")
+
+
+def _too_many_fields(path: Path, encoding: str, what: str) -> str:
+    """The message for a row with more fields than the header (pandas' ParserWarning does not say which)."""
+    with open(path, encoding=encoding, errors="replace", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        for record in reader:
+            if len(record) > len(header):
+                return (f"{path}: line {reader.line_num} has {len(record)} fields, the header has {len(header)} "
+                        f"({what}); a value with a comma needs quotes: fix that line")
+    return f"{path}: cannot be read as CSV (a row has more fields than the header) ({what})"
+
+
+def _inside(root: Path, *parts: str) -> Path | None:
+    """``root / parts``, or None when the parts leave ``root`` (``..``, an absolute path): a label table names
+    files of its own folder only, and nothing outside it is ever opened. Checked on the names as written
+    (not through symbolic links, which the folder's owner may have made on purpose)."""
+    relative = os.path.normpath(os.path.join(*parts))
+    if os.path.isabs(relative) or relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        return None
+    return root.joinpath(*parts)
 
 
 def _finish(rows: list[dict] | dict[str, list], source: str) -> pd.DataFrame:
@@ -166,7 +228,7 @@ def read_covid_chestxray(root: str | os.PathLike) -> SourceTable:
     meta = _read_csv(root / "metadata.csv", "ieee8023 metadata", IEEE8023_REQUIRED)
     table = SourceTable("ieee8023", pd.DataFrame(columns=SOURCE_COLUMNS))
     rows = []
-    for record in meta.to_dict("records"):
+    for number, record in enumerate(meta.to_dict("records"), start=1):
         finding = record.get("finding")
         label = ieee8023_label(finding)
         if label is None:
@@ -178,7 +240,12 @@ def read_covid_chestxray(root: str | os.PathLike) -> SourceTable:
         if not isinstance(filename, str):
             table.exclude("no filename", 1)
             continue
-        path = root / folder / filename
+        path = _inside(root, folder, filename)
+        if path is None:
+            table.problems.append((str(root / folder / filename),
+                                   f"row {number} of metadata.csv names a file outside {root} (folder {folder!r}, "
+                                   f"filename {filename!r}); row left out, the file not read"))
+            continue
         if not path.is_file():
             table.problems.append((str(path), "image file named in metadata.csv is missing"))
             continue
@@ -392,7 +459,15 @@ def read_nih_chestxray14(root: str | os.PathLike) -> SourceTable:
         if label is None:
             table.exclude("NIH finding not used", 1)
             continue
-        path = root / "images" / record["Image Index"]
+        name = record["Image Index"]
+        if not isinstance(name, str):
+            table.exclude("NIH row without Image Index", 1)
+            continue
+        path = _inside(root, "images", name)
+        if path is None:
+            table.problems.append((str(root / "images" / name), f"Image Index in Data_Entry_2017.csv names a file "
+                                                                f"outside {root}; row left out, the file not read"))
+            continue
         if not path.is_file():
             table.exclude("NIH row without image file (subset on disk)", 1)
             continue
