@@ -164,6 +164,9 @@ def test_predict_decides_at_a_named_site_profile(calibrated, run_dir, site):
     assert at_site["threshold"].iloc[0] == pytest.approx(calibrated.threshold)
     np.testing.assert_allclose(at_site["prob_covid"], own["prob_covid"], atol=1e-5)
     expected = np.where(at_site["prob_covid"] >= calibrated.threshold, "covid", "normal")
+    # The shifted site's films the out-of-distribution guard flags (as the web page would) get no decision.
+    expected = [d if judged else None for d, judged in zip(expected, own["judgeable"])]
+    assert list(at_site["judgeable"]) == list(own["judgeable"]) and any(own["judgeable"])
     assert list(at_site["decision"]) == list(expected)
     # A model already made for the site (notebook 05: loaded.for_site(SITE)) keeps deciding at the site's threshold.
     kept = predict_files(models.load_model(run_dir).for_site(SITE), files)

@@ -244,7 +244,12 @@ def test_predict_a_folder_with_a_bad_file(trained, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "notes.png: skipped (a text file" in result.stdout
     frame = pd.read_csv(tmp_path / "out.csv")
-    assert frame["ok"].tolist().count(True) == 2 and frame.loc[frame["ok"], "decision"].isin(["normal", "covid"]).all()
+    assert frame["ok"].tolist().count(True) == 2
+    # A decision for each image the out-of-distribution guard judges (its reference: this tiny sample), a reason for
+    # each it does not (the sample's viral pneumonia films are no class of this covid-vs-normal model).
+    judged = frame["ok"] & frame["judgeable"].astype(bool)
+    assert judged.any() and frame.loc[judged, "decision"].isin(["normal", "covid"]).all()
+    assert frame.loc[frame["ok"] & ~judged, "ood_reason"].notna().all()
 
 
 def _one_sample_image(trained) -> Path:
@@ -298,3 +303,104 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
                    "evaluation.md", "roc.png", "predictions for a few sample files"):
         assert needle in text, needle
     assert (out / "models" / "run" / "model.keras").is_file() and (out / "reports" / "run" / "evaluation.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# Model files checked before they are trusted, and predict's out-of-distribution check (in-process: xraylib.cli.main)
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> Path:
+    """An untrained small CNN (32 px) saved the way training saves it, with no training data beside it."""
+    import keras
+
+    from xraylib import models, runs
+    from xraylib.preprocess import PreprocessSettings
+
+    folder = tmp_path_factory.mktemp("cli_model") / "run"
+    spec = models.ModelSpec(backbone="small_cnn", weights=None, image_size=32, classes=("normal", "covid"))
+    keras.utils.set_random_seed(2)
+    runs.RunFolder(folder).save_model(models.build_model(spec), {
+        "classes": ["normal", "covid"], "model": spec.to_dict(), "input_size": [32, 32, 1],
+        "preprocessing": PreprocessSettings(image_size=32).to_dict(),
+        "threshold": {"value": 0.5, "positive_class": "covid"}})
+    return folder
+
+
+def one_error_line(capsys, code: int) -> str:
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert "Traceback" not in captured.err
+    lines = [line for line in captured.err.strip().splitlines() if not _is_tensorflow_startup_log(line)]
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    return lines[0]
+
+
+@pytest.mark.parametrize("case, content, words", [
+    ("empty", "", "empty"),
+    ("a list", "[1, 2]", "expected a JSON object, got list"),
+    ("threshold 'high'", {"threshold": {"value": "high", "positive_class": "covid"}},
+     "field 'threshold.value' must be a number in [0, 1], got 'high'"),
+    ("NaN threshold", {"threshold": {"value": float("nan"), "positive_class": "covid"}}, "got nan"),
+    ("no threshold", {"threshold": None}, "field 'threshold' is missing"),
+])
+@pytest.mark.parametrize("command", ["predict", "serve"])
+def test_predict_and_serve_refuse_a_bad_model_json_in_one_line(small_model, tmp_path, capsys, command, case,
+                                                               content, words):
+    from xraylib.cli import main
+
+    folder = tmp_path / "run"
+    shutil.copytree(small_model, folder)
+    if not isinstance(content, str):
+        meta = json.loads((folder / "model.json").read_text())
+        meta.update(content)
+        content = json.dumps({k: v for k, v in meta.items() if v is not None})
+    (folder / "model.json").write_text(content)
+    args = ["predict", "--model", str(folder), str(tmp_path)] if command == "predict" else [
+        "serve", "--model", str(folder), "--port", "0"]
+    line = one_error_line(capsys, main(args))
+    assert f"{folder / 'model.json'}: " in line and words in line, line
+
+
+@pytest.mark.parametrize("case", ["truncated .keras", "truncated .h5", "PNG named .keras"])
+def test_predict_says_a_damaged_model_file_is_damaged_in_one_line(small_model, tmp_path, capsys, case):
+    import cv2
+
+    from xraylib.cli import main
+
+    name = "model.h5" if case.endswith(".h5") else "model.keras"
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "model.json").write_bytes((small_model / "model.json").read_bytes())
+    data = (small_model / name).read_bytes()
+    (folder / name).write_bytes(cv2.imencode(".png", np.zeros((16, 16), np.uint8))[1].tobytes()
+                                if case.startswith("PNG") else data[: len(data) // 2])
+    line = one_error_line(capsys, main(["predict", "--model", str(folder / name), str(tmp_path)]))
+    assert f"{folder / name}: damaged or not a model file" in line and "keras==" not in line, line
+
+
+def test_predict_on_the_command_line_gives_no_decision_to_a_black_image_or_a_photo(small_model, tmp_path, capsys):
+    import cv2
+
+    from xraylib.cli import main
+    from xraylib.phantoms import make_phantom
+
+    images = tmp_path / "mine"
+    images.mkdir()
+    cv2.imwrite(str(images / "black.png"), np.zeros((7745, 7745), np.uint8))
+    photo = np.zeros((200, 260, 3), np.uint8)
+    photo[..., 1] = 220
+    cv2.circle(photo, (130, 100), 50, (0, 0, 255), -1)
+    cv2.imwrite(str(images / "photo.jpg"), photo)
+    cv2.imwrite(str(images / "film.png"), make_phantom("normal", np.random.default_rng(3), 90, 80).image)
+    assert main(["predict", "--model", str(small_model), str(images), "--csv", str(tmp_path / "out.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "black.png: no decision, not a chest X-ray this model can judge (A blank image" in out
+    assert "photo.jpg: no decision, not a chest X-ray this model can judge (A colour image" in out
+    assert "2 of 3 images got no decision" in out
+    frame = pd.read_csv(tmp_path / "out.csv").set_index(pd.Series(["black", "film", "photo"]))
+    assert frame.loc["film", "decision"] in ("normal", "covid") and bool(frame.loc["film", "judgeable"])
+    for name in ("black", "photo"):
+        assert pd.isna(frame.loc[name, "decision"]) and not frame.loc[name, "judgeable"]
+        assert frame.loc[name, "ood_reason"] and 0 <= frame.loc[name, "prob_covid"] <= 1
+    assert set(frame["ood_check"]) == {"basic"}

@@ -144,12 +144,31 @@ def test_weights_of_another_architecture_fall_back_to_the_full_file(saved, tmp_p
     np.testing.assert_allclose(loaded.model.predict(saved["x"], verbose=0), saved["probs"]["small_cnn"], atol=1e-6)
 
 
+def as_from_another_keras(folder: Path, other_weights: Path) -> None:
+    """Whole files that this Keras cannot read, as a Keras of another version writes them: ``model.keras`` and
+    ``model.h5`` describe the model with a class this Keras does not know, ``model.weights.h5`` holds another
+    architecture's weights (damaged files are another case: they are "damaged or not a model file", test_models)."""
+    import zipfile
+
+    import h5py
+
+    future = json.dumps({"class_name": "FutureFunctional", "module": "keras.src.models.future", "config": {}})
+    with zipfile.ZipFile(folder / "model.keras") as old:
+        members = {name: old.read(name) for name in old.namelist()}
+    members["config.json"] = future.encode()
+    with zipfile.ZipFile(folder / "model.keras", "w") as new:
+        for name, data in members.items():
+            new.writestr(name, data)
+    with h5py.File(folder / "model.h5", "r+") as h5:
+        h5.attrs["model_config"] = future
+    shutil.copy(other_weights, folder / "model.weights.h5")
+
+
 @pytest.mark.parametrize("saved_with", ["3.4.1", "same", "unknown"])
 def test_when_nothing_loads_the_error_is_short_and_starts_with_the_fix(saved, tmp_path, saved_with):
     folder = tmp_path / ("a_rather_long_folder_name_" * 4) / "run"
     shutil.copytree(saved["root"] / "small_cnn", folder)
-    for name in ("model.keras", "model.h5", "model.weights.h5"):
-        (folder / name).write_bytes(b"PK\x03\x04 " + b"damaged " * 50)
+    as_from_another_keras(folder, saved["root"] / "mobilenet" / "model.weights.h5")
     meta = json.loads((folder / "model.json").read_text())
     if saved_with == "unknown":
         del meta["versions"]["keras"]

@@ -344,12 +344,42 @@ def test_load_model_of_a_folder_without_a_model_is_a_model_error(tmp_path):
         models.load_model(tmp_path / "missing.keras")
 
 
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> Path:
+    """A small CNN (2 classes, 32 px) saved by the run folder: model.keras, model.h5, model.weights.h5, model.json."""
+    folder = tmp_path_factory.mktemp("small") / "run"
+    spec = models.ModelSpec(backbone="small_cnn", weights=None, image_size=SIZE, classes=("normal", "covid"))
+    keras.utils.set_random_seed(8)
+    runs.RunFolder(folder).save_model(models.build_model(spec), {
+        "classes": ["normal", "covid"], "model": spec.to_dict(), "input_size": [SIZE, SIZE, 1],
+        "preprocessing": PreprocessSettings(image_size=SIZE).to_dict(),
+        "threshold": {"value": 0.4, "positive_class": "covid"}})
+    return folder
+
+
+def from_another_keras(source: Path, target: Path) -> None:
+    """A whole model file (``source``'s, copied to ``target``) that describes the model with a class this Keras does
+    not know, as a Keras of another version may write it."""
+    import zipfile
+
+    future = json.dumps({"class_name": "FutureFunctional", "module": "keras.src.models.future", "config": {}})
+    if source.suffix == ".keras":
+        with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+            for name in old.namelist():
+                new.writestr(name, future.encode() if name == "config.json" else old.read(name))
+    else:
+        target.write_bytes(source.read_bytes())
+        with h5py.File(target, "r+") as h5:
+            h5.attrs["model_config"] = future
+
+
 @pytest.mark.parametrize("name, fmt", [("model.keras", "Keras v3 (.keras)"), ("model.h5", "HDF5 (.h5)")])
-def test_corrupt_model_file_names_the_format_and_the_keras_version_it_was_saved_with(tmp_path, saved, name, fmt):
-    meta = json.loads((saved["folder"] / "model.json").read_text())
+def test_a_model_file_of_another_keras_names_the_format_and_the_keras_version_it_was_saved_with(tmp_path, small_run,
+                                                                                               name, fmt):
+    meta = json.loads((small_run / "model.json").read_text())
     meta["versions"]["keras"] = "3.4.1"  # as if saved elsewhere: the message must quote the JSON, not this Keras
     (tmp_path / "model.json").write_text(json.dumps(meta))
-    (tmp_path / name).write_bytes(b"PK\x03\x04 this is not a whole model file")
+    from_another_keras(small_run / name, tmp_path / name)
     with pytest.raises(ModelError) as caught:
         models.load_model(tmp_path / name)
     message = str(caught.value)
@@ -357,3 +387,129 @@ def test_corrupt_model_file_names_the_format_and_the_keras_version_it_was_saved_
     assert fmt in message
     assert "saved with Keras 3.4.1" in message
     assert "keras==3.4.1" in message
+
+
+def truncated(path: Path, target: Path) -> None:
+    data = path.read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("case", ["truncated .keras", "truncated .h5", "PNG named .keras"])
+def test_a_damaged_or_renamed_model_file_says_so_and_blames_no_keras_version(tmp_path, small_run, case):
+    import cv2
+
+    meta = json.loads((small_run / "model.json").read_text())
+    meta["versions"]["keras"] = "3.4.1"  # another Keras saved it: still, a damaged file is not a version problem
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    name = "model.h5" if case.endswith(".h5") else "model.keras"
+    if case.startswith("PNG"):
+        ok, png = cv2.imencode(".png", np.full((64, 64), 128, np.uint8))
+        (tmp_path / name).write_bytes(png.tobytes())
+    else:
+        truncated(small_run / name, tmp_path / name)
+    for target in (tmp_path / name, tmp_path):
+        with pytest.raises(ModelError) as caught:
+            models.load_model(target)
+        message = str(caught.value)
+        assert message.startswith(f"{tmp_path / name}: damaged or not a model file ("), message
+        assert "keras==" not in message and "Install" not in message
+        assert len(message) <= models.MAX_LOAD_ERROR_CHARS
+
+
+def test_when_every_file_of_a_run_is_truncated_each_is_named_as_damaged(tmp_path, small_run):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "model.json").write_bytes((small_run / "model.json").read_bytes())
+    for name in ("model.keras", "model.h5", "model.weights.h5"):
+        truncated(small_run / name, folder / name)
+    with pytest.raises(ModelError) as caught:
+        models.load_model(folder)
+    message = str(caught.value)
+    assert message.startswith(f"{folder}: each file is damaged or not a model file ("), message
+    assert all(name in message for name in ("model.keras", "model.h5", "model.weights.h5"))
+    assert "keras==" not in message and len(caught.value.details) == 3
+
+
+def test_a_truncated_keras_file_beside_whole_weights_still_loads(tmp_path, small_run):
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(small_run, folder)
+    truncated(small_run / "model.keras", folder / "model.keras")
+    assert models.load_model(folder).loaded_from == folder / "model.weights.h5"
+
+
+# --------------------------------------------------------------------------------------------
+# model.json checked on load
+
+#: model.json contents that must be refused, and the words the one-line message must hold (the file is always named).
+BAD_MODEL_JSON = {
+    "empty": ("", "empty"),
+    "invalid JSON": ('{"classes": ["normal", "covid"],', "not valid JSON"),
+    "a list": ('["normal", "covid"]', "expected a JSON object, got list"),
+    "no classes": ({"classes": None}, "'classes'"),
+    "no preprocessing": ({"preprocessing": None}, "'preprocessing'"),
+    "threshold 'high'": ({"threshold": {"value": "high", "positive_class": "covid"}},
+                         "'threshold.value' must be a number in [0, 1], got 'high'"),
+    "threshold is a word": ({"threshold": "high"}, "'threshold' must be a mapping"),
+    "no threshold": ({"threshold": None}, "'threshold' is missing"),
+    "NaN threshold": ({"threshold": {"value": float("nan"), "positive_class": "covid"}},
+                      "'threshold.value' must be a number in [0, 1], got nan"),
+    "infinite threshold": ({"threshold": {"value": float("inf"), "positive_class": "covid"}}, "got inf"),
+    "one class": ({"classes": ["covid"]}, "'classes' must list two or more"),
+    "three classes": ({"classes": ["normal", "covid", "other"]}, "'model' describes classes"),
+    "positive class unknown": ({"threshold": {"value": 0.5, "positive_class": "pneumonia"}},
+                               "'threshold.positive_class' must be one of"),
+    "NaN site threshold": ({"site_profiles": {"ward-3": {"threshold": float("nan")}}},
+                           "'site_profiles.ward-3.threshold' must be a number from 0 to 1, got nan"),
+    "unknown resize": ({"preprocessing": {"image_size": SIZE, "resize": "squash"}}, "'preprocessing'"),
+    "unknown backbone": ({"model": {"backbone": "vgg99", "image_size": SIZE, "classes": ["normal", "covid"]}},
+                         "'model'"),
+}
+
+
+def bad_model_json(small_run: Path, change) -> str:
+    if isinstance(change, str):
+        return change
+    meta = json.loads((small_run / "model.json").read_text())
+    for key, value in change.items():
+        if value is None:
+            del meta[key]
+        else:
+            meta[key] = value
+    return json.dumps(meta)  # NaN and Infinity as Python's json writes them (not valid strict JSON)
+
+
+@pytest.mark.parametrize("case", list(BAD_MODEL_JSON))
+def test_a_bad_model_json_is_refused_with_one_line_naming_the_file_and_the_field(tmp_path, small_run, case):
+    change, words = BAD_MODEL_JSON[case]
+    (tmp_path / "model.json").write_text(bad_model_json(small_run, change))
+    (tmp_path / "model.keras").write_bytes((small_run / "model.keras").read_bytes())
+    with pytest.raises(ModelError) as caught:
+        models.load_model(tmp_path)
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'model.json'}: "), message
+    assert words in message, message
+    assert "\n" not in message and "Traceback" not in message
+
+
+def test_model_json_must_name_as_many_classes_as_the_model_gives_probabilities(tmp_path, small_run):
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(small_run, folder)
+    meta = json.loads((folder / "model.json").read_text())
+    classes = ["normal", "covid", "other"]  # edited in both places: the JSON agrees with itself, not with the model
+    meta.update(classes=classes, model={**meta["model"], "classes": classes})
+    (folder / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match=r"model.json: field 'classes' lists 3 classes .* the model gives 2 probabilities"):
+        models.load_model(folder)
+
+
+def test_check_metadata_is_what_the_run_folder_checks_before_writing(tmp_path, small_run):
+    """The same schema guards writing: a NaN threshold is never written into model.json."""
+    meta = json.loads((small_run / "model.json").read_text())
+    meta["threshold"] = {**meta["threshold"], "value": float("nan")}
+    with pytest.raises(ModelError, match="threshold.value"):
+        runs.RunFolder(tmp_path / "run").save_model(keras.Sequential([keras.Input((1,))]), meta)
+    assert not (tmp_path / "run" / "model.json").exists()

@@ -318,3 +318,98 @@ def test_a_saved_model_gets_the_statistics_checks_without_features(run, tmp_path
         import shutil
 
         shutil.rmtree(run_dir / "saved_model")
+
+
+# --------------------------------------------------------------------------------------------
+# The same guard in predict_files (the command line's predict and notebook 05)
+
+
+def copy_model(run_dir: Path, folder: Path) -> Path:
+    """The model's files (no ood.json/ood.npz) in a folder of its own, so what predict_files writes is the test's."""
+    folder.mkdir(parents=True)
+    for name in ("model.keras", "model.h5", "model.weights.h5", "model.json"):
+        if (run_dir / name).is_file():
+            (folder / name).write_bytes((run_dir / name).read_bytes())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def user_files(run, tmp_path_factory) -> dict[str, Path]:
+    """As a user would give them: a black 7745 x 7745 PNG, a colour photo (JPEG) and held-out frontal films."""
+    _, data = run
+    root = tmp_path_factory.mktemp("user_files")
+    files = {"black": write_raster(root / "black.png", np.zeros((7745, 7745), np.uint8)),
+             "photo": write_raster(root / "photo.jpg", cv2.cvtColor(colour_photo(4), cv2.COLOR_RGB2BGR))}
+    for i, path in enumerate(list(data["test"].manifest["path"])[:5]):
+        files[f"film{i}"] = Path(path)
+    return files
+
+
+def test_predict_files_gives_no_decision_to_what_the_web_page_refuses_and_says_why(run, user_files, tmp_path):
+    from xraylib.predict import decide, predict_files
+    from xraylib.serve import Analyser
+
+    folder = copy_model(run[0], tmp_path / "run")
+    said: list[str] = []
+    table = predict_files(folder, list(user_files.values()), say=said.append)
+    rows = dict(zip(user_files, table.to_dict("records")))
+    assert table["ok"].all() and set(table["ood_check"]) == {"full"}
+    for name, words in (("black", "blank image"), ("photo", "colour image")):
+        row = rows[name]
+        assert not row["judgeable"]
+        assert row["decision"] is None and words in row["ood_reason"], row
+        assert 0.0 <= row["prob_covid"] <= 1.0  # the probabilities are kept
+    films = [rows[name] for name in user_files if name.startswith("film")]
+    assert sum(bool(r["judgeable"]) for r in films) >= 4  # held-out frontal films: at most 1 in 5 flagged
+    for row in films:
+        if row["judgeable"]:
+            assert row["ood_reason"] is None
+            assert row["decision"] == decide(np.array([row["prob_normal"], row["prob_covid"]]), CLASSES, "covid",
+                                             row["threshold"])[0]
+    assert any("got no decision" in line and "not a chest X-ray this model can judge" in line for line in said)
+
+    # The same verdicts as the web page's analyser, with the same reference.
+    loaded = models.load_model(folder)
+    reference = ood.load_ood(folder, loaded)
+    results = Analyser(loaded, reference).analyse([(p.name, p.read_bytes()) for p in user_files.values()],
+                       with_images=False)
+    assert [r["judgeable"] for r in results] == [bool(v) for v in table["judgeable"]]
+
+
+def test_predict_files_saves_the_reference_beside_the_model_says_so_and_reuses_it(run, user_files, tmp_path):
+    from xraylib.predict import predict_files
+
+    folder = copy_model(run[0], tmp_path / "run")
+    said: list[str] = []
+    predict_files(folder, user_files["film0"], say=said.append)
+    assert any(line.startswith(f"saved the out-of-distribution reference beside the model: {folder / 'ood.json'}")
+               for line in said), said
+    assert (folder / "ood.json").is_file() and (folder / "ood.npz").is_file()
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # written atomically: no temp files left
+    said.clear()
+    predict_files(folder, user_files["film0"], say=said.append)
+    assert said == [f"out-of-distribution reference: {folder / 'ood.json'}"]  # reused, not rebuilt
+
+
+def test_a_read_only_model_folder_still_gets_the_full_check_in_memory(run, user_files, tmp_path, monkeypatch):
+    import os
+
+    from xraylib.predict import predict_files
+
+    folder = copy_model(run[0], tmp_path / "run")
+    if os.geteuid() == 0:  # root writes into a read-only folder: make the write fail as it would for a user
+        def refuse(self, reference):
+            raise PermissionError(13, "Permission denied", str(self.root / "ood.npz"))
+
+        monkeypatch.setattr(runs.RunFolder, "save_ood", refuse)
+    else:
+        folder.chmod(0o555)
+    try:
+        said: list[str] = []
+        table = predict_files(folder, [user_files["photo"], user_files["film0"]], say=said.append)
+    finally:
+        folder.chmod(0o755)
+    assert set(table["ood_check"]) == {"full"} and not table["judgeable"].iloc[0]
+    assert any("could not save the out-of-distribution reference beside the model" in line
+               and "kept in memory" in line for line in said), said
+    assert not (folder / "ood.json").exists()

@@ -49,11 +49,18 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(data, tmp_path_factory) -> Path:
-    """An (untrained) small CNN saved the way training saves it: model.keras, model.h5 and its JSON."""
+    """An (untrained) small CNN saved the way training saves it: model.keras, model.h5 and its JSON.
+
+    Its JSON names no training folder: an out-of-distribution reference of 6 training images would flag most new
+    phantoms, and these tests are about decisions, so the guard runs its colour, shape and blank-image checks only
+    (the guard with a reference of a real size is tested on predict_files in test_ood.py)."""
     folder = tmp_path_factory.mktemp("model") / "run"
     spec = models.ModelSpec(backbone="small_cnn", weights=None, image_size=SIZE, classes=CLASSES)
     keras.utils.set_random_seed(5)
     runs.finish(models.build_model(spec), data, spec, TrainSettings(), runs.RunFolder(folder))
+    meta = json.loads((folder / "model.json").read_text())
+    meta["training_data"]["folder"] = str(folder.parent / "training data not here")
+    (folder / "model.json").write_text(json.dumps(meta))
     return folder
 
 
@@ -235,3 +242,50 @@ def test_a_model_saved_with_clahe_and_body_crop_predicts_on_images_preprocessed_
     assert not np.array_equal(as_trained, preprocess_file(path, PreprocessSettings(image_size=48)))
     probs = predict_files(loaded, path)[["prob_normal", "prob_covid"]].to_numpy(dtype=np.float32)
     np.testing.assert_allclose(probs, predict_images(model, as_trained[None]), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# The out-of-distribution guard without a reference, and strict JSON
+
+
+def test_without_a_reference_a_black_large_png_and_a_colour_photo_get_no_decision_and_say_why(model_dir, tmp_path):
+    import cv2
+
+    black = write_raster(tmp_path / "black.png", np.zeros((7745, 7745), np.uint8))  # 60 million pixels, one grey
+    photo = np.zeros((240, 320, 3), np.uint8)
+    photo[..., 0] = np.linspace(0, 255, 320, dtype=np.uint8)[None]
+    photo[..., 2] = np.linspace(255, 0, 240, dtype=np.uint8)[:, None]
+    cv2.circle(photo, (160, 120), 60, (0, 200, 0), -1)
+    photo_path = write_raster(tmp_path / "photo.jpg", photo)
+    film = write_raster(tmp_path / "film.png", phantom(21))
+    said: list[str] = []
+    table = predict_files(model_dir, [black, photo_path, film], say=said.append)
+    assert table["ok"].all() and set(table["ood_check"]) == {"basic"}
+    assert list(table["judgeable"]) == [False, False, True]
+    assert table["decision"].iloc[0] is None and "blank image" in table["ood_reason"].iloc[0]
+    assert table["decision"].iloc[1] is None and "colour image" in table["ood_reason"].iloc[1]
+    assert table["decision"].iloc[2] in CLASSES and table["ood_reason"].iloc[2] is None
+    assert table[["prob_normal", "prob_covid"]].notna().all().all()  # probabilities kept for every read image
+    assert any("no reference" in line or "colour and shape" in line for line in said), said
+    assert any("2 of 3 images got no decision" in line for line in said), said
+
+
+def test_the_api_answers_strict_json_even_with_a_nan_in_memory(loaded):
+    """model.json cannot hold a NaN threshold any more (test_models), and the API's JSON provider never writes NaN."""
+    from xraylib import serve
+
+    nan_model = dataclasses.replace(loaded, metadata={**loaded.metadata,
+                                                      "threshold": {**loaded.metadata["threshold"], "value": float("nan")}})
+    import flask
+
+    app = serve.create_app(serve.Analyser(nan_model))
+    with app.app_context():  # what every answer of the API goes through (flask.jsonify -> app.json)
+        text = flask.jsonify({"threshold": nan_model.threshold, "info": serve.Analyser(nan_model).info(),
+                              "probabilities": np.array([np.nan, np.inf, 0.25])}).get_data(as_text=True)
+
+    def refuse(token):
+        raise AssertionError(f"invalid JSON token {token} in {text[:200]}")
+
+    body = json.loads(text, parse_constant=refuse)
+    assert body["threshold"] is None and body["info"]["threshold"] is None
+    assert body["probabilities"] == [None, None, 0.25]

@@ -194,7 +194,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     if args.csv:
         _check_csv_target(Path(args.csv))  # before the predictions are printed, not after
-    frame = predict.predict_files(args.model, args.images if len(args.images) > 1 else args.images[0], site=args.site)
+    frame = predict.predict_files(args.model, args.images if len(args.images) > 1 else args.images[0], site=args.site,
+                                  data_dir=args.data)
     if len(frame):
         whose = f"site profile {args.site!r}" if args.site else "the model's own"
         print(f"decisions at threshold {frame['threshold'].iloc[0]:.4f} ({whose})")
@@ -260,6 +261,10 @@ def _print_predictions(frame) -> None:
             print(f"  {row['path']}: skipped ({row['error']})")
             continue
         probs = ", ".join(f"{c[5:]} {row[c]:.3f}" for c in prob_columns)
+        if not row.get("judgeable", True):  # the out-of-distribution guard flagged it: no decision
+            print(f"  {row['path']}: no decision, not a chest X-ray this model can judge ({row['ood_reason']})  "
+                  f"({probs})")
+            continue
         print(f"  {row['path']}: {row['decision']}  ({probs}; threshold {row['threshold']:.3f})")
 
 
@@ -486,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="also write the predictions to this CSV file")
     p.add_argument("--site", metavar="NAME", default=None,
                    help="decide at this site profile's threshold (made by `calibrate`) instead of the model's own")
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help="the preprocessed data the model was trained on (OUTPUT_DIR/preprocessed), for the "
+                        "out-of-distribution check when the model has no reference beside it")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("calibrate", help="set a threshold for your own site from its images known to be normal "

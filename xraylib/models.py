@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ConfigError, ModelError
-from .preprocess import NORMALISATION, PIXELS_VERSION, PreprocessedSplit
+from .preprocess import NORMALISATION, PIXELS_VERSION, PreprocessedSplit, PreprocessSettings
 from .reporting import probability_columns
 
 #: backbone name -> (keras.applications constructor name, last conv layer, top-block layer prefixes)
@@ -473,22 +473,50 @@ def check_metadata(metadata: Any, where: str | os.PathLike = "model.json") -> di
     if metadata.get("input_size") != [size, size, 1]:
         raise bad("input_size", f"must be [{size}, {size}, 1] (the preprocessed size), got {metadata.get('input_size')!r}")
     try:
+        PreprocessSettings.from_dict(preprocessing)
+    except (ConfigError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise bad("preprocessing", f"is not a preprocessing description ({exc})") from None
+    try:
         spec = ModelSpec.from_dict(metadata.get("model"))
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+    except (ModelError, TypeError, ValueError, KeyError, AttributeError) as exc:
         raise bad("model", f"is not a model description ({type(exc).__name__}: {exc})") from None
     if list(spec.classes) != classes or spec.image_size != size:
         raise bad("model", f"describes classes {list(spec.classes)} at {spec.image_size} px, not {classes} at {size} px")
     threshold = metadata.get("threshold")
+    if threshold is None:
+        # xraylib has always saved the threshold it decides at: a model.json without one was not written by it.
+        raise bad("threshold", "is missing: xraylib saves the decision threshold with every model and does not guess "
+                               "one (train or save the model again)")
     if not isinstance(threshold, dict):
         raise bad("threshold", f"must be a mapping with value and positive_class, got {threshold!r}")
     value = threshold.get("value")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) <= 1.0):
-        raise bad("threshold.value", f"must be a number from 0 to 1, got {value!r}")
+        raise bad("threshold.value", f"must be a number in [0, 1], got {value!r}")
     if threshold.get("positive_class") not in classes:
         raise bad("threshold.positive_class", f"must be one of {classes}, got {threshold.get('positive_class')!r}")
     if "site_profiles" in metadata:
         check_site_profiles(metadata["site_profiles"], where)
     return metadata
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``model.json`` at ``path``, parsed and checked by :func:`check_metadata`; :class:`ModelError` naming the file
+    and what is wrong when it is empty, not JSON, or misses or mangles a field (never a traceback from ``json``)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ModelError(f"{path}: not UTF-8 text, so not the JSON xraylib saves with a model") from None
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not text.strip():
+        raise ModelError(f"{path}: empty; xraylib needs the model's JSON (classes, preprocessing, threshold) saved "
+                         "with it by training")
+    try:
+        metadata = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    return check_metadata(metadata, path)
 
 
 #: What a site profile's name may hold: it is typed on command lines and shown on the web page.
@@ -684,7 +712,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     if not meta_path.is_file():
         raise ModelError(f"{meta_path}: missing; xraylib needs the model's JSON (classes, preprocessing, threshold) "
                          "saved next to it by training")
-    metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+    metadata = read_metadata(meta_path)
     trained_on = metadata.get("preprocessing", {}).get("pixels_version")
     if trained_on is not None and trained_on != PIXELS_VERSION:
         warnings.warn(f"{meta_path}: the model was trained on images decoded by xraylib's pixel code version "
@@ -692,29 +720,91 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
                       "fraction of a grey level on average. Retrain (or use the xraylib it was trained with) for "
                       "exact agreement.", UserWarning, stacklevel=2)
     if saved_model:
-        return _load_saved_model(model_file, metadata)
+        return _check_outputs(_load_saved_model(model_file, metadata), meta_path)
     saved_with = metadata.get("versions", {}).get("keras", "unknown")
     failures: list[tuple[Path, Exception]] = []
     weights_file = model_file if model_file.name.endswith(".weights.h5") else model_file.parent / WEIGHTS_FILE
     if weights_file.is_file() and isinstance(metadata.get("model"), dict):
         try:
+            damage = not_a_model_file(weights_file)
+            if damage:
+                raise DamagedModelFile(damage)
             model = rebuild_from_weights(ModelSpec.from_dict(metadata["model"]), weights_file)
             fmt = "weights" if model_file == weights_file else ("h5" if model_file.suffix == ".h5" else "keras")
-            return LoadedModel(model, metadata, model_file, fmt, loaded_from=weights_file)
+            return _check_outputs(LoadedModel(model, metadata, model_file, fmt, loaded_from=weights_file), meta_path)
         except Exception as exc:  # fall back to the full files, and say why if they fail too
             failures.append((weights_file, exc))
     if model_file != weights_file:
         # The file asked for, then the other of the pair beside it (model.keras / model.h5), in Keras' safe mode.
         others = [model_file.parent / n for n in ("model.keras", "model.h5") if model_file.name in ("model.keras", "model.h5")]
         for candidate in [model_file] + [p for p in others if p != model_file and p.is_file()]:
+            damage = not_a_model_file(candidate)
+            if damage:  # never handed to Keras, whose errors would then read like a version mismatch
+                failures.append((candidate, DamagedModelFile(damage)))
+                continue
             try:
                 model = keras.models.load_model(candidate, compile=False, safe_mode=True)
             except Exception as exc:
                 failures.append((candidate, exc))
                 continue
-            return LoadedModel(model, metadata, candidate, "h5" if candidate.suffix == ".h5" else "keras",
-                               loaded_from=candidate)
+            return _check_outputs(LoadedModel(model, metadata, candidate, "h5" if candidate.suffix == ".h5" else "keras",
+                                              loaded_from=candidate), meta_path)
     raise load_error(failures, saved_with)
+
+
+class DamagedModelFile(Exception):
+    """A model file that is not what its name says (truncated, damaged, or another kind of file): no Keras could load it."""
+
+
+def not_a_model_file(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be a model file of its kind, checked before Keras reads it, or None when it looks whole.
+
+    A ``.keras`` file is a zip archive with ``config.json`` (its directory is at the end, so a truncated file has
+    none); a ``.h5`` file is HDF5 (the library refuses a truncated one), and a full model's holds ``model_config``.
+    A file that fails these is damaged or not a model file, whatever Keras version reads it.
+    """
+    import zipfile
+
+    path = Path(path)
+    name = path.name
+    try:
+        if name.endswith(".keras"):
+            if not zipfile.is_zipfile(path):
+                return "not a zip archive, as a .keras file is: truncated, or another kind of file renamed"
+            with zipfile.ZipFile(path) as archive:
+                if "config.json" not in archive.namelist():
+                    return "a zip archive without the config.json of a .keras model"
+            return None
+        if name.endswith(".h5"):
+            import h5py
+
+            with open(path, "rb") as f:
+                head = f.read(8)
+            if head != b"\x89HDF\r\n\x1a\n":
+                return "not an HDF5 file, as a .h5 model is: another kind of file renamed, or damaged"
+            try:
+                with h5py.File(path, "r") as h5:
+                    if not name.endswith(".weights.h5") and "model_config" not in h5.attrs:
+                        return "an HDF5 file without a model in it (no model_config)"
+            except OSError as exc:
+                return ("a truncated HDF5 file" if "truncated" in str(exc).lower()
+                        else "an HDF5 file that cannot be opened: damaged")
+            return None
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    return "not a .keras or .h5 file (xraylib loads those, or a SavedModel folder)"
+
+
+def _check_outputs(loaded: "LoadedModel", meta_path: Path) -> "LoadedModel":
+    """The model's output must give one probability per class that ``model.json`` names."""
+    try:
+        outputs = int(loaded.model.output_shape[-1])
+    except (AttributeError, TypeError, IndexError, ValueError):
+        return loaded  # a model that does not say its output size: predict_images finds out
+    if outputs != len(loaded.classes):
+        raise ModelError(f"{meta_path}: field 'classes' lists {len(loaded.classes)} classes {list(loaded.classes)}, "
+                         f"but the model gives {outputs} probabilities")
+    return loaded
 
 
 def rebuild_from_weights(spec: ModelSpec, weights_file: str | os.PathLike) -> keras.Model:
@@ -742,6 +832,20 @@ def load_error(failures: list[tuple[Path, Exception]], saved_with: str) -> Model
     the fix first (install the Keras that saved it, or save it again when this is that Keras), then the files tried,
     their formats and the errors, cut short. The full errors are in the exception's ``details``."""
     here = keras.__version__
+    if failures and all(isinstance(exc, DamagedModelFile) for _, exc in failures):
+        # Every file is truncated or not a model file: no Keras version would load them, so none is blamed.
+        fix = "; copy the model folder again from where it was saved, or train again"
+        if len(failures) == 1:
+            file, exc = failures[0]
+            message = f"{file}: damaged or not a model file ({exc}){fix}"
+        else:
+            where = failures[0][0].parent
+            message = f"{where}: each file is damaged or not a model file ({'; '.join(f'{f.name}: {e}' for f, e in failures)}){fix}"
+            if len(message) > MAX_LOAD_ERROR_CHARS:
+                message = f"{where}: each file is damaged or not a model file ({', '.join(f.name for f, _ in failures)}){fix}"
+        error = ModelError(message)
+        error.details = [f"{file}: damaged or not a model file: {exc}" for file, exc in failures]
+        return error
     if saved_with in (None, "", "unknown"):
         fix = f"Install the Keras version that saved it (model.json does not say; this is {here}) and load again: "
     elif saved_with != here:
@@ -758,6 +862,9 @@ def load_error(failures: list[tuple[Path, Exception]], saved_with: str) -> Model
     def say(name_of, detail: int) -> str:
         said = []
         for file, fmt, kind, text in parts:
+            if kind == DamagedModelFile.__name__:
+                said.append(f"{name_of(file)}, {fmt}, is damaged or not a model file")
+                continue
             said.append(f"{name_of(file)}, {fmt}, did not load here ({kind}"
                         + (f": {text[:detail]}{'...' if len(text) > detail else ''}" if detail and text else "") + ")")
         return fix + "; ".join(said) + "."

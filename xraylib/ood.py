@@ -42,7 +42,7 @@ every colour photo, page, CT slice, lateral view and noise image the tests make 
 :func:`fit_ood` computes the reference from the preprocessed data; the run folder writes it
 beside the model (``ood.npz`` + ``ood.json``, :meth:`xraylib.runs.RunFolder.save_ood`), :func:`load_ood` reads it back.
 :class:`OODGuard` checks images. A guard without a reference runs the colour and shape checks
-only, and says so in every result.
+only (and flags blank images, :data:`FLAT_STD`), and says so in every result.
 
 These checks catch inputs that are plainly not what the model saw. They cannot tell a frontal
 chest X-ray from another hospital, scanner or age group from the training ones: passing them is
@@ -73,6 +73,9 @@ COLOUR_CHROMA = 48
 COLOUR_FRACTION = 0.10
 #: Width / height of the original image that a chest film can have.
 ASPECT_RANGE = (0.5, 2.0)
+#: A model input whose grey levels vary less than this (standard deviation, 0-255) is blank: flagged with or without a
+#: reference (a black 7745 x 7745 PNG must not get a decision). A chest film varies by tens of grey levels.
+FLAT_STD = 2.0
 #: The intensity statistics of the model input compared with the training range.
 STAT_NAMES = ("mean", "std", "white_share", "black_share", "roughness")
 STAT_LABELS = {
@@ -478,8 +481,14 @@ def check(reference: OODReference | None, images_uint8: np.ndarray, facts: Seque
             if not low <= fact.aspect_ratio <= high:
                 reasons.append(f"Its shape ({fact.width} x {fact.height} pixels, width/height {fact.aspect_ratio:.2f}) "
                                f"is outside the {low:g} to {high:g} of chest films.")
+        flat = float(images[i].std())
+        if flat < FLAT_STD:  # needs no reference: a blank (black, white, one grey) image has nothing to judge
+            measures["pixel_std"] = flat
+            reasons.append(f"A blank image (its grey levels vary by {flat:.1f} of 255, under {FLAT_STD:g}): "
+                           "there is no film in it to judge.")
         if reference is None:
-            notes.append("No out-of-distribution reference for this model: only the colour and shape checks ran.")
+            notes.append("No out-of-distribution reference for this model: only the colour and shape checks ran "
+                         "(and the blank-image check).")
         else:
             for j, name in enumerate(STAT_NAMES):
                 value = float(stats[i, j])

@@ -3,12 +3,14 @@
 Files are preprocessed exactly as in training: the settings come from the JSON saved with
 the model, never re-typed. The decision uses the model's own threshold (saved with it: chosen on the
 validation split or on out-of-site predictions), or a site profile's (``site=``, made by :mod:`xraylib.calibrate`).
+Every image also goes through the web page's out-of-distribution guard (:mod:`xraylib.ood`): one it flags keeps its
+probabilities but gets no decision, and its row says why.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -81,32 +83,59 @@ def preprocess_files(loaded: LoadedModel, paths: Iterable[str | os.PathLike], wi
     return stacked, pd.DataFrame(rows, columns=["path", "ok", "error"]), facts
 
 
+#: What the ``decision`` column holds for an image the out-of-distribution guard flags: none (empty in a CSV).
+NOT_JUDGEABLE = "not a chest X-ray this model can judge"
+
+
 def predict_files(model: LoadedModel | str | os.PathLike, target, batch_size: int = 16,
-                  site: str | None = None) -> pd.DataFrame:
+                  site: str | None = None, data_dir: str | os.PathLike | None = None,
+                  say: Callable[[str], None] = print) -> pd.DataFrame:
     """Predict PNG/JPEG/DICOM files (a file, a list or a folder) with a saved model.
 
     Returns one row per file: ``path``, ``ok``, ``error`` (why a file was skipped), one
-    ``prob_<class>`` column per class, ``decision``, ``threshold`` (the one decided at) and ``site``.
+    ``prob_<class>`` column per class, ``decision``, ``threshold`` (the one decided at) and ``site``, then
+    ``judgeable``, ``ood_reason`` and ``ood_check``: the web page's out-of-distribution guard (:mod:`xraylib.ood`) on
+    every image. An image it flags (a colour photo, a black square, a lateral film, ...) keeps its probabilities but
+    gets no decision (empty), ``judgeable`` False and ``ood_reason`` saying why; ``ood_check`` is how thorough the
+    check was ("full", "statistics", or "basic": colour and shape only, for a model without a reference).
+    The reference comes from :func:`xraylib.runs.prepare_ood`, as for the web page: ``ood.json``/``ood.npz`` beside the
+    model, else built from ``data_dir`` (the preprocessed folder) or the training data named in ``model.json`` and saved
+    beside the model (kept in memory when that folder is read-only); ``say`` gets its one-line messages.
     ``site`` names a site profile of the model (:mod:`xraylib.calibrate`): decisions at its threshold;
     None (default): at ``model``'s threshold (a loaded model made for a site with :meth:`LoadedModel.for_site` keeps that
     site's; otherwise the model's own, saved with it, and ``site`` is empty).
     A bad file is reported in its row, not fatal; an unknown site raises :class:`ModelError` naming the known ones.
     """
+    from . import ood, runs
+
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     loaded = loaded.for_site(site) if site is not None else loaded  # a model already made for a site keeps its threshold
     classes = loaded.classes
-    images, frame, _ = preprocess_files(loaded, collect_image_paths(target))
+    images, frame, facts = preprocess_files(loaded, collect_image_paths(target), with_facts=True)
+    reference, _ = runs.prepare_ood(loaded, data_dir, say=say)
+    guard = ood.OODGuard.for_model(loaded, reference)
     columns = probability_columns(classes)
     for column in columns:
         frame[column] = np.nan
     frame["decision"] = None
     frame["threshold"] = loaded.threshold
     frame["site"] = loaded.site
+    frame["judgeable"] = False
+    frame["ood_reason"] = None
+    frame["ood_check"] = guard.level
     if len(images):
         probs = predict_images(loaded.model, images, batch_size)
+        verdicts = guard.check(images, facts)
+        judgeable = np.array([v.ok for v in verdicts], dtype=bool)
+        decisions = decide(probs, classes, loaded.positive_class, loaded.threshold)
         ok = frame["ok"].to_numpy(dtype=bool)
         frame.loc[ok, columns] = probs
-        frame.loc[ok, "decision"] = decide(probs, classes, loaded.positive_class, loaded.threshold)
+        frame.loc[ok, "decision"] = [d if fine else None for d, fine in zip(decisions, judgeable)]
+        frame.loc[ok, "judgeable"] = judgeable
+        frame.loc[ok, "ood_reason"] = [None if v.ok else " ".join(v.reasons) for v in verdicts]
+    flagged = int((frame["ok"] & ~frame["judgeable"].astype(bool)).sum())
+    if flagged:
+        say(f"{flagged} of {int(frame['ok'].sum())} images got no decision: {NOT_JUDGEABLE} (see ood_reason)")
     return frame
 
 

@@ -521,8 +521,11 @@ def prepare_ood(loaded: LoadedModel, data_dir: str | Path | None = None,
     Uses ``ood.json``/``ood.npz`` beside the model when they were made for it. Otherwise builds
     one from ``data_dir`` (the preprocessed folder, e.g. ``OUTPUT_DIR/preprocessed``) or, when
     not given, from the folder named in ``model.json`` if it still holds the same data, and
-    saves it beside the model (kept in memory when the folder is read-only). Without any, the
-    guard runs its colour and shape checks only, and the note says so.
+    saves it beside the model, in the model's folder (each file written atomically), saying so through ``say``
+    ("saved the out-of-distribution reference beside the model: PATH"): the web server and ``predict`` both write
+    it there on first use, and reuse it after. Where the folder is read-only it is kept in memory (rebuilt on each
+    start), and ``say`` says that too. Without any, the guard runs its colour and shape checks only, and the note
+    says so.
     """
     run = RunFolder.of(loaded.path)
     stale = None
@@ -543,7 +546,7 @@ def prepare_ood(loaded: LoadedModel, data_dir: str | Path | None = None,
     if data_dir is None:
         why = "it is stale" if stale else "there is none"
         note = (f"The out-of-distribution check is limited to colour and shape: this model has no reference of its "
-                f"training images ({why}). Start the server with --data OUTPUT_DIR/preprocessed to build one.")
+                f"training images ({why}). Start the server (or predict) with --data OUTPUT_DIR/preprocessed to build one.")
         say(f"warning: {note}")
         return None, note
     data = preprocess.load_preprocessed(data_dir)
@@ -553,9 +556,11 @@ def prepare_ood(loaded: LoadedModel, data_dir: str | Path | None = None,
     reference = ood.fit_ood(loaded, data)
     try:
         files = run.save_ood(reference)
-        say(f"saved the out-of-distribution reference: {files['ood.json']}")
+        say(f"saved the out-of-distribution reference beside the model: {files['ood.json']} and {files['ood.npz'].name} "
+            "(reused from now on; delete both to rebuild)")
     except OSError as exc:
-        say(f"warning: could not save the out-of-distribution reference beside the model ({exc}); kept in memory")
+        say(f"warning: could not save the out-of-distribution reference beside the model in {run.root} "
+            f"({exc.strerror or exc}); kept in memory for this run only")
     return reference, _partial_note(loaded, reference)
 
 

@@ -367,6 +367,23 @@ def results_html(results: Sequence[dict[str, Any]], side: int = 256) -> str:
     return "<div>" + "".join(figures) + "</div>"
 
 
+def strict_json_provider(app: "flask.Flask") -> Any:
+    """The app's JSON provider: strict JSON for every answer. NaN and Infinity, which ``json.dumps`` would write as the
+    invalid tokens ``NaN``/``Infinity``, become null (:func:`xraylib.fileio.json_safe`), and ``allow_nan=False`` makes
+    any left a server error rather than an answer a browser cannot parse. Keys keep their reading order."""
+    from flask.json.provider import DefaultJSONProvider
+
+    from .fileio import json_safe
+
+    class StrictJSONProvider(DefaultJSONProvider):
+        sort_keys = False
+
+        def dumps(self, obj: Any, **kwargs: Any) -> str:
+            return super().dumps(json_safe(obj), **{**kwargs, "allow_nan": False})
+
+    return StrictJSONProvider(app)
+
+
 # --------------------------------------------------------------------------------------------
 # The Flask app
 
@@ -393,6 +410,7 @@ def create_app(analyser: Analyser, settings: ServeSettings = ServeSettings()) ->
         TRAP_HTTP_EXCEPTIONS=False,
         SEND_FILE_MAX_AGE_DEFAULT=0,
     )
+    app.json = strict_json_provider(app)  # never NaN in an answer
     app.json.sort_keys = False  # results keep their reading order
     app.extensions["xraylib"] = {"analyser": analyser, "settings": settings}
     gate = threading.BoundedSemaphore(settings.max_concurrent)
