@@ -35,6 +35,7 @@ pytestmark = [
 
 MAX_MB = 1.0
 MAX_FILES = 8
+HEADER = {"X-Xraylib": "1"}  # what the page and curl send: a cross-site form cannot
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def samples(run, tmp_path_factory) -> dict[str, Path]:
 
 def upload(client, *files: tuple[str, bytes], query: str = ""):
     data = {"files": [(io.BytesIO(content), name) for name, content in files]}
-    return client.post("/api/predict" + query, data=data, content_type="multipart/form-data")
+    return client.post("/api/predict" + query, data=data, content_type="multipart/form-data", headers=HEADER)
 
 
 def assert_json_error(response, status: int, *words: str) -> dict:
@@ -200,7 +201,8 @@ def post_stream(app, body: LazyZeros, sized: bool):
     from werkzeug.test import create_environ
     from werkzeug.wrappers import Response
 
-    environ = create_environ("/api/predict", method="POST", content_type="multipart/form-data; boundary=xraylib")
+    environ = create_environ("/api/predict", method="POST", content_type="multipart/form-data; boundary=xraylib",
+                             headers=HEADER)
     environ["wsgi.input"] = body
     if sized:
         environ["CONTENT_LENGTH"] = str(body.size)
@@ -275,8 +277,10 @@ def test_too_many_files_is_a_413(client, samples):
 
 
 def test_other_bad_requests_get_json_errors(client):
-    assert_json_error(client.post("/api/predict", data={"note": "hello"}, content_type="multipart/form-data"), 400, "no files")
-    assert_json_error(client.post("/api/predict", json={"image": "x"}), 415, "multipart/form-data")
+    assert_json_error(client.post("/api/predict", data={"note": "hello"}, content_type="multipart/form-data",
+                                  headers=HEADER), 400, "no files", "X-Xraylib: 1", "text fields (note)")
+    assert_json_error(client.post("/api/predict", json={"image": "x"}, headers=HEADER), 415, "multipart/form-data",
+                      "-H 'X-Xraylib: 1'")
     assert_json_error(client.get("/api/predict"), 405)
     assert_json_error(client.get("/no/such/page"), 404)
     assert_json_error(client.delete("/"), 405)
@@ -322,7 +326,7 @@ def post(port: int, files: list[tuple[str, bytes]], path: str = "/api/predict?im
     body, content_type = multipart(files)
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
-        connection.request("POST", path, body=body, headers={"Content-Type": content_type})
+        connection.request("POST", path, body=body, headers={"Content-Type": content_type, **HEADER})
         response = connection.getresponse()
         assert response.getheader("Content-Type") == "application/json"
         return response.status, json.loads(response.read())
@@ -330,17 +334,28 @@ def post(port: int, files: list[tuple[str, bytes]], path: str = "/api/predict?im
         connection.close()
 
 
-@pytest.fixture
-def live_server(app):
-    from werkzeug.serving import make_server
-
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+def start_server(analyser, **settings):
+    """The app served by waitress (as ``python -m xraylib serve`` does) on a free loopback port, in a thread."""
+    options = {"max_upload_mb": MAX_MB, "max_files": MAX_FILES, "port": 0, **settings}
+    server = serve.Server(create_live_app(analyser, serve.ServeSettings(**options)), serve.ServeSettings(**options))
+    thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    yield server.server_port
-    server.shutdown()
-    server.server_close()
+    return server, thread
+
+
+def create_live_app(analyser, settings):
+    app = serve.create_app(analyser, settings)
+    app.testing = False
+    return app
+
+
+@pytest.fixture
+def live_server(analyser):
+    server, thread = start_server(analyser)
+    yield server.effective_port
+    server.close()
     thread.join(timeout=10)
+    assert not thread.is_alive()
 
 
 def test_50_parallel_uploads_each_get_a_clean_answer_and_nothing_is_left_on_disk(
