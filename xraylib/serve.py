@@ -630,7 +630,8 @@ class Server:
         self._server = create_server(
             app, host=settings.host, port=settings.port, threads=settings.threads,
             channel_timeout=settings.channel_timeout_s, cleanup_interval=max(1, min(30, settings.channel_timeout_s // 2)),
-            connection_limit=settings.connection_limit, max_request_body_size=settings.max_upload_bytes,
+            connection_limit=settings.connection_limit,
+            max_request_body_size=settings.max_upload_bytes + 1,  # waitress refuses a body of this size or more
             inbuf_overflow=largest, outbuf_overflow=max(largest, 256_000_000), ident="xraylib",
             expose_tracebacks=False, clear_untrusted_proxy_headers=True)
         channel = _json_error_channel(settings)
