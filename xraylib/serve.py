@@ -496,7 +496,8 @@ def create_app(analyser: Analyser, settings: ServeSettings = ServeSettings()) ->
             parts = urlsplit(origin.strip()) if origin.strip() != "null" else None
             if parts is None or parts.scheme not in ("http", "https") or host is None \
                     or parts.netloc.lower() != host.strip().lower():
-                return error(403, f"this request comes from another web page (Origin {display_name(origin, 0)!r}), "
+                shown_origin = "".join(ch for ch in origin if ch.isprintable())[:100]
+                return error(403, f"this request comes from another web page (Origin {shown_origin!r}), "
                                   "not from this server's own page; other sites cannot use this server through "
                                   f"a browser. Scripts send no Origin: {CURL_HINT}")
         return None
