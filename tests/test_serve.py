@@ -646,6 +646,11 @@ def test_allow_host_adds_names_and_domains(analyser, samples):
     for host, status in [("xray.example.org", 200), ("xray.example.org:8443", 200), ("ct.lab.example", 200),
                          ("lab.example", 200), ("evil-lab.example", 421), ("example.org", 421), ("localhost", 200)]:
         assert client.get("/healthz", headers={"Host": host}).status_code == status, host
+    # Behind a proxy that rewrites Host to 127.0.0.1, the page's Origin is the allowed name: accepted; others not.
+    for origin, status in [("https://xray.example.org", 200), ("https://ct.lab.example:8443", 200),
+                           ("https://attacker.example", 403), ("http://localhost:9999", 403)]:
+        response = client.get("/healthz", headers={"Host": "127.0.0.1:8000", "Origin": origin})
+        assert response.status_code == status, origin
     for bad in ("http://xray.example.org", "a b", "x/y"):
         with pytest.raises(ConfigError, match="--allow-host"):
             serve.ServeSettings(allow_hosts=(bad,))

@@ -20,7 +20,7 @@ Safe by default:
 - it listens on 127.0.0.1 (this machine only) unless ``host`` says otherwise;
 - it answers only requests whose ``Host`` is a name of this server (127.0.0.1, localhost, [::1], the address it
   listens on, and the names given with ``--allow-host``; 421 otherwise), whose ``Origin``, when a browser sends
-  one, is the server's own (403 otherwise), and ``POST /api/predict`` only with the header ``X-Xraylib: 1``
+  one, is the server's own or under an ``--allow-host`` name (a proxy that rewrites Host; 403 otherwise), and ``POST /api/predict`` only with the header ``X-Xraylib: 1``
   (403 otherwise), which a page on another site cannot make a browser send: no cross-site uploads, no DNS
   rebinding;
 - a request may carry at most ``max_upload_mb`` MB (413 otherwise, refused before the body is
@@ -494,8 +494,11 @@ def create_app(analyser: Analyser, settings: ServeSettings = ServeSettings()) ->
             from urllib.parse import urlsplit
 
             parts = urlsplit(origin.strip()) if origin.strip() != "null" else None
-            if parts is None or parts.scheme not in ("http", "https") or host is None \
-                    or parts.netloc.lower() != host.strip().lower():
+            same = parts is not None and parts.scheme in ("http", "https") and (
+                (host is not None and parts.netloc.lower() == host.strip().lower())
+                or (settings.allow_hosts and parts.hostname is not None and allowed_host(parts.hostname)
+                    and _host_name(parts.hostname) not in own_names))  # a page under an --allow-host name
+            if not same:
                 shown_origin = "".join(ch for ch in origin if ch.isprintable())[:100]
                 return error(403, f"this request comes from another web page (Origin {shown_origin!r}), "
                                   "not from this server's own page; other sites cannot use this server through "
