@@ -125,11 +125,11 @@ class ServeSettings:
             raise ConfigError(f"connection_limit must be a whole number from 1 to 100000, got {self.connection_limit!r}")
         if isinstance(self.allow_hosts, str):
             object.__setattr__(self, "allow_hosts", (self.allow_hosts,))
-        object.__setattr__(self, "allow_hosts", tuple(_host_name(str(name)) for name in self.allow_hosts))
         for name in self.allow_hosts:
-            if not name or not _HOST_NAME.fullmatch(name):
+            if not _host_name(str(name)) or not _HOST_NAME.fullmatch(_host_name(str(name))):
                 raise ConfigError(f"--allow-host takes a host name or address without a port, like "
                                   f"xray.example.org or 192.168.1.20, got {name!r}")
+        object.__setattr__(self, "allow_hosts", tuple(_host_name(str(name)) for name in self.allow_hosts))
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535 (0: any free port), got {self.port!r}")
 
