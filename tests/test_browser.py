@@ -46,18 +46,15 @@ def browser():
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """A trained model served on a free loopback port: (base URL, run folder, the held-out test files)."""
-    from werkzeug.serving import make_server
-
     run_dir, data = build_trained_run(tmp_path_factory.mktemp("browser_run"))
     loaded = models.load_model(run_dir)
     reference, note = runs.prepare_ood(loaded, say=lambda line: None)
-    app = serve.create_app(serve.Analyser(loaded, reference, note), serve.ServeSettings(port=0))
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    settings = serve.ServeSettings(port=0)
+    server = serve.Server(serve.create_app(serve.Analyser(loaded, reference, note), settings), settings)  # waitress
+    thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/", run_dir, list(data["test"].manifest["path"])
-    server.shutdown()
-    server.server_close()
+    yield f"http://127.0.0.1:{server.effective_port}/", run_dir, list(data["test"].manifest["path"])
+    server.close()
     thread.join(timeout=10)
 
 

@@ -188,11 +188,11 @@ def test_serve_with_a_site_decides_at_its_threshold(calibrated, run_dir, site, c
         assert SITE in page and f"{calibrated.threshold:.3f}" in page
         image = sorted(site.normals.glob("*.png"))[0]
         response = client.post("/api/predict", data={"files": (image.open("rb"), image.name)},
-                               content_type="multipart/form-data")
+                               content_type="multipart/form-data", headers={"X-Xraylib": "1"})
         result = response.get_json()["results"][0]
         assert result["site"] == SITE and result["threshold"] == pytest.approx(calibrated.threshold)
     finally:
-        server.server_close()
+        server.close()
     assert any(SITE in line and "threshold" in line for line in lines)
     assert serve.main(["--model", str(run_dir), "--site", "nowhere", "--port", "0"]) == 2
     err = capsys.readouterr().err
@@ -209,7 +209,7 @@ def test_serve_calibrates_a_site_at_start_and_serves_at_it(calibrated, run_dir, 
     try:
         assert "served" in server.app.test_client().get("/").get_data(as_text=True)
     finally:
-        server.server_close()
+        server.close()
     assert any("30 normals cannot promise 90% specificity" in line for line in lines)
     profile = json.loads((model / "model.json").read_text())["site_profiles"]["served"]
     assert profile["threshold"] == pytest.approx(calibrated.threshold, abs=1e-4)

@@ -314,6 +314,30 @@ def test_jpeg_baseline_dicom_with_a_damaged_frame_is_reported(tmp_path):
     assert str(path) in message and "JPEG Baseline" in message and "damaged" in message, message
 
 
+def test_a_decoders_message_names_no_python_object(tmp_path):
+    """pydicom's Pillow plugin says "cannot identify image file <_io.BytesIO object at 0x7f...>" for a frame that is
+    not JPEG: the message says "the file" instead, in every caller (predict, manifest, the web page)."""
+    path = write_dicom(tmp_path / "frame.dcm", gradient_image(64, 64), jpeg_quality=90)
+    ds = pydicom.dcmread(path)
+    ds.PixelData = encapsulate([b"\xff\xd8 not a JPEG frame \xff\xd9"])
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(BadFileError) as info:
+        images.read_image(path)
+    assert "object at 0x" not in str(info.value) and "BytesIO" not in str(info.value), str(info.value)
+
+
+def test_a_damaged_pixel_data_element_is_a_damaged_header_not_a_crash(tmp_path):
+    """One flipped byte in PixelData's value representation: pydicom fails only when the element is read (by the
+    pixel-length check, before decoding); found by fuzzing the header bytes."""
+    path = write_dicom(tmp_path / "vr.dcm", gradient_image(64, 64), bits=16)
+    data = bytearray(path.read_bytes())
+    at = data.rfind(b"\xe0\x7f\x10\x00")  # the (7FE0,0010) tag, then its two VR bytes
+    data[at + 4:at + 6] = b"\x4f\xfd"
+    path.write_bytes(bytes(data))
+    with pytest.raises(BadFileError, match=r"damaged DICOM header \(NotImplementedError: Unknown Value Representation"):
+        images.read_image(path)
+
+
 # --- files that cannot be decoded ---------------------------------------------------------
 
 

@@ -208,9 +208,9 @@ WRITERS_CHILD = textwrap.dedent("""
     client = create_app(Analyser(models.load_model(run_dir), *runs.prepare_ood(models.load_model(run_dir),
                         say=lambda line: None)), ServeSettings()).test_client()
     with open(files[0], "rb") as f:
-        response = client.post("/api/predict", data={"files": (f, "x.jpeg")}, headers={"X-Requested-With": "xraylib"})
+        response = client.post("/api/predict", data={"files": (f, "x.jpeg")}, headers={"X-Xraylib": "1"})
     assert response.status_code == 200, response.get_data(as_text=True)
-    server.server_close()
+    server.close()
     with open(report, "w") as f:
         json.dump(events, f)
 """)

@@ -35,6 +35,7 @@ pytestmark = [
 
 MAX_MB = 1.0
 MAX_FILES = 8
+HEADER = {"X-Xraylib": "1"}  # what the page and curl send: a cross-site form cannot
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def samples(run, tmp_path_factory) -> dict[str, Path]:
 
 def upload(client, *files: tuple[str, bytes], query: str = ""):
     data = {"files": [(io.BytesIO(content), name) for name, content in files]}
-    return client.post("/api/predict" + query, data=data, content_type="multipart/form-data")
+    return client.post("/api/predict" + query, data=data, content_type="multipart/form-data", headers=HEADER)
 
 
 def assert_json_error(response, status: int, *words: str) -> dict:
@@ -200,7 +201,8 @@ def post_stream(app, body: LazyZeros, sized: bool):
     from werkzeug.test import create_environ
     from werkzeug.wrappers import Response
 
-    environ = create_environ("/api/predict", method="POST", content_type="multipart/form-data; boundary=xraylib")
+    environ = create_environ("/api/predict", method="POST", content_type="multipart/form-data; boundary=xraylib",
+                             headers=HEADER)
     environ["wsgi.input"] = body
     if sized:
         environ["CONTENT_LENGTH"] = str(body.size)
@@ -275,8 +277,10 @@ def test_too_many_files_is_a_413(client, samples):
 
 
 def test_other_bad_requests_get_json_errors(client):
-    assert_json_error(client.post("/api/predict", data={"note": "hello"}, content_type="multipart/form-data"), 400, "no files")
-    assert_json_error(client.post("/api/predict", json={"image": "x"}), 415, "multipart/form-data")
+    assert_json_error(client.post("/api/predict", data={"note": "hello"}, content_type="multipart/form-data",
+                                  headers=HEADER), 400, "no files", "X-Xraylib: 1", "text fields (note)")
+    assert_json_error(client.post("/api/predict", json={"image": "x"}, headers=HEADER), 415, "multipart/form-data",
+                      "-H 'X-Xraylib: 1'")
     assert_json_error(client.get("/api/predict"), 405)
     assert_json_error(client.get("/no/such/page"), 404)
     assert_json_error(client.delete("/"), 405)
@@ -322,7 +326,7 @@ def post(port: int, files: list[tuple[str, bytes]], path: str = "/api/predict?im
     body, content_type = multipart(files)
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
-        connection.request("POST", path, body=body, headers={"Content-Type": content_type})
+        connection.request("POST", path, body=body, headers={"Content-Type": content_type, **HEADER})
         response = connection.getresponse()
         assert response.getheader("Content-Type") == "application/json"
         return response.status, json.loads(response.read())
@@ -330,17 +334,28 @@ def post(port: int, files: list[tuple[str, bytes]], path: str = "/api/predict?im
         connection.close()
 
 
-@pytest.fixture
-def live_server(app):
-    from werkzeug.serving import make_server
-
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+def start_server(analyser, **settings):
+    """The app served by waitress (as ``python -m xraylib serve`` does) on a free loopback port, in a thread."""
+    options = {"max_upload_mb": MAX_MB, "max_files": MAX_FILES, "port": 0, **settings}
+    server = serve.Server(create_live_app(analyser, serve.ServeSettings(**options)), serve.ServeSettings(**options))
+    thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    yield server.server_port
-    server.shutdown()
-    server.server_close()
+    return server, thread
+
+
+def create_live_app(analyser, settings):
+    app = serve.create_app(analyser, settings)
+    app.testing = False
+    return app
+
+
+@pytest.fixture
+def live_server(analyser):
+    server, thread = start_server(analyser)
+    yield server.effective_port
+    server.close()
     thread.join(timeout=10)
+    assert not thread.is_alive()
 
 
 def test_50_parallel_uploads_each_get_a_clean_answer_and_nothing_is_left_on_disk(
@@ -578,3 +593,216 @@ def test_a_request_decodes_one_full_size_image_at_a_time(analyser, monkeypatch):
     one_image = side * side
     assert peak < 2.5 * one_image, f"peak {peak:,} bytes for four {side}x{side} images"
     assert analyser.decoding.held == 0 and analyser.decoding.peak <= one_image
+# Hardening round 2: waitress with timeouts, Host / Origin / custom header, names, Allow
+
+
+def post_raw(port: int, body: bytes | None, headers: dict, path: str = "/api/predict") -> tuple[int, dict, bytes]:
+    """A POST with exactly these headers (``body=None``: the headers only, no body sent)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        if body is None:
+            connection.putrequest("POST", path)
+            for name, value in headers.items():
+                connection.putheader(name, value)
+            connection.endheaders()
+        else:
+            connection.request("POST", path, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+def test_slow_clients_do_not_lock_out_a_normal_upload_and_are_closed_by_the_timeout(analyser, samples):
+    """The attack of issue 17: 4 clients announce 1 MB and trickle it. As many as the server has analysis slots and
+    worker threads: with the Werkzeug server they took all 4 slots before their body arrived and every other upload
+    waited queue_timeout_s for a 503. waitress reads bodies in its I/O thread, so a slot is taken only once a body
+    is complete, and a connection that goes silent for channel_timeout_s is closed."""
+    import select
+    import socket
+
+    server, thread = start_server(analyser, max_concurrent=4, threads=4, queue_timeout_s=5.0, channel_timeout_s=3)
+    port = server.effective_port
+    head = (f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Xraylib: 1\r\n"
+            "Content-Type: multipart/form-data; boundary=slow\r\nContent-Length: 1000000\r\n\r\n--slow\r\n").encode()
+    slow = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(4)]
+    stop = threading.Event()
+
+    def trickle():  # one byte each every 0.3 s: never silent for the 3 s timeout
+        while not stop.wait(0.3):
+            for sock in slow:
+                try:
+                    sock.send(b"x")
+                except OSError:
+                    pass
+
+    trickler = threading.Thread(target=trickle, daemon=True)
+    try:
+        for sock in slow:
+            sock.sendall(head)
+        trickler.start()
+        status, body = post(port, [("x.png", samples["png"].read_bytes())])
+        assert status == 200 and body["results"][0]["ok"] and body["results"][0]["decision"]
+        assert select.select(slow, [], [], 0)[0] == []  # the slow ones: still open, nothing answered
+        stop.set()
+        trickler.join(timeout=10)
+        for sock in slow:  # silent now: the server closes them (generous bound: 60 s socket timeout, about 3-5 s)
+            try:
+                answer = sock.recv(65536)
+            except ConnectionResetError:
+                answer = b""
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer[:200]
+    finally:
+        stop.set()
+        for sock in slow:
+            sock.close()
+        server.close()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def test_a_body_over_the_limit_is_refused_as_json_before_it_is_sent(live_server):
+    status, headers, body = post_raw(live_server, None, {"Host": f"127.0.0.1:{live_server}", **HEADER,
+                                                        "Content-Type": "multipart/form-data; boundary=x",
+                                                        "Content-Length": "100000000"})
+    assert status == 413 and headers["Content-Type"] == "application/json"
+    error = json.loads(body)["error"]
+    assert error["status"] == 413 and "1 MB limit" in error["message"] and "--max-upload-mb" in error["message"]
+
+
+def test_a_few_mb_upload_and_its_answer_are_never_spooled_to_a_temporary_file(analyser, tmp_path, monkeypatch):
+    """waitress spools request bodies over 512 KB and answers over 1 MB to temporary files unless told otherwise."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    made = []
+    for name in ("TemporaryFile", "NamedTemporaryFile", "SpooledTemporaryFile", "mkstemp", "mkdtemp"):
+        def record(*args, _original=getattr(tempfile, name), _name=name, **kwargs):
+            made.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(tempfile, name, record)  # TemporaryFile leaves no name in the folder on Linux
+    rng = np.random.default_rng(1)
+    files = [(f"noise{i}.png", cv2.imencode(".png", rng.integers(0, 256, (700, 700), dtype=np.uint8))[1].tobytes())
+             for i in range(8)]
+    body, content_type = multipart(files)
+    assert 3_000_000 < len(body) < 8_000_000
+    server, thread = start_server(analyser, max_upload_mb=8.0)
+    try:
+        status, _, answer = post_raw(server.effective_port, body, {"Content-Type": content_type, **HEADER})
+    finally:
+        server.close()
+        thread.join(timeout=10)
+    assert status == 200, answer[:300]
+    assert len(answer) > 1_100_000  # over waitress' default outbuf_overflow as well
+    assert [r["ok"] for r in json.loads(answer)["results"]] == [True] * 8
+    assert made == [] and list(temp.iterdir()) == []
+
+
+def test_a_foreign_host_a_foreign_origin_or_no_custom_header_is_refused(client, samples):
+    png = samples["png"].read_bytes()
+
+    def send(**headers):
+        return client.post("/api/predict?images=0", data={"files": [(io.BytesIO(png), "x.png")]},
+                           content_type="multipart/form-data", headers=headers)
+
+    # DNS rebinding: the attacker's name resolves to 127.0.0.1; the browser sends that name as Host.
+    assert_json_error(send(Host="rebind.attacker.example:8000", **HEADER), 421, "'rebind.attacker.example'",
+                      "--allow-host rebind.attacker.example")
+    assert_json_error(client.get("/", headers={"Host": "rebind.attacker.example"}), 421)
+    assert_json_error(client.get("/healthz", headers={"Host": "rebind.attacker.example"}), 421)
+    # A page on another origin posting through the user's browser (fetch mode "no-cors" or a form).
+    assert_json_error(send(Origin="https://attacker.example", **HEADER), 403, "another web page", "'https://attacker.example'",
+                      "X-Xraylib: 1")
+    assert_json_error(send(Origin="null", **HEADER), 403, "another web page")
+    # Without the custom header (all a cross-site form or no-cors fetch can do): what to send, exactly.
+    assert_json_error(send(), 403, "'X-Xraylib: 1'", "curl -H 'X-Xraylib: 1' -F files=@image.png")
+    assert_json_error(send(**{"X-Xraylib": "0"}), 403, "'X-Xraylib: 1'")
+    # The server's own names and its own page's Origin pass.
+    for host in ("localhost", "127.0.0.1:8000", "[::1]:8000", "LOCALHOST."):
+        response = send(Host=host, Origin=f"http://{host}", **HEADER)
+        assert response.status_code == 200, (host, response.get_data(as_text=True)[:300])
+    assert send(Host="localhost", Origin="http://localhost:9999", **HEADER).status_code == 403  # another origin
+
+
+def test_allow_host_adds_names_and_domains(analyser, samples):
+    settings = serve.ServeSettings(max_upload_mb=MAX_MB, allow_hosts=("XRay.example.org", ".lab.example"))
+    client = serve.create_app(analyser, settings).test_client()
+    for host, status in [("xray.example.org", 200), ("xray.example.org:8443", 200), ("ct.lab.example", 200),
+                         ("lab.example", 200), ("evil-lab.example", 421), ("example.org", 421), ("localhost", 200)]:
+        assert client.get("/healthz", headers={"Host": host}).status_code == status, host
+    # Behind a proxy that rewrites Host to 127.0.0.1, the page's Origin is the allowed name: accepted; others not.
+    for origin, status in [("https://xray.example.org", 200), ("https://ct.lab.example:8443", 200),
+                           ("https://attacker.example", 403), ("http://localhost:9999", 403)]:
+        response = client.get("/healthz", headers={"Host": "127.0.0.1:8000", "Origin": origin})
+        assert response.status_code == status, origin
+    for bad in ("http://xray.example.org", "a b", "x/y"):
+        with pytest.raises(ConfigError, match="--allow-host"):
+            serve.ServeSettings(allow_hosts=(bad,))
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    args = parser.parse_args(["--model", "m", "--host", "0.0.0.0", "--allow-host", "a.example", "--allow-host", "10.0.0.5"])
+    assert args.allow_host == ["a.example", "10.0.0.5"] and parser.parse_args(["--model", "m"]).allow_host == []
+
+
+def test_a_405_carries_allow(client):
+    response = client.get("/api/predict")
+    assert_json_error(response, 405, "POST")
+    assert "POST" in response.headers["Allow"] and "GET" not in response.headers["Allow"]
+    response = client.delete("/")
+    assert_json_error(response, 405)
+    assert "GET" in response.headers["Allow"]
+
+
+def test_a_decoder_message_never_shows_a_python_object(client):
+    """A JPEG Baseline DICOM whose frame is not JPEG: pydicom's Pillow plugin says "cannot identify image file
+    <_io.BytesIO object at 0x7f...>", which reached the answer."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Rows = ds.Columns = 64
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = encapsulate([b"\xff\xd8 not a JPEG frame \xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    body = assert_json_error(upload(client, ("frame.dcm", buffer.getvalue())), 422, "frame.dcm", "DICOM")
+    text = json.dumps(body)
+    assert "object at 0x" not in text and "BytesIO" not in text
+    assert "cannot decode DICOM pixel data" in body["results"][0]["error"]
+
+
+def raw_multipart(parts: list[tuple[bytes, bytes]], boundary: bytes = b"xraylibraw") -> tuple[bytes, str]:
+    """A multipart body written byte by byte: (raw file name, data) per part, the name not encoded or escaped."""
+    body = b"".join(b"--" + boundary + b'\r\nContent-Disposition: form-data; name="files"; filename="' + name
+                    + b'"\r\nContent-Type: application/octet-stream\r\n\r\n' + data + b"\r\n" for name, data in parts)
+    return body + b"--" + boundary + b"--\r\n", f"multipart/form-data; boundary={boundary.decode()}"
+
+
+def test_file_names_with_cr_lf_or_invalid_utf8_are_analysed_under_a_safe_name(client, samples):
+    """Werkzeug splits part headers at CR/LF (the file became a text field) and decodes them as strict UTF-8 (the
+    whole form parsed as empty): both answered "no files in the upload". Now each file is analysed under a
+    cleaned name, and the files beside them too."""
+    png = samples["png"].read_bytes()
+    body, content_type = raw_multipart([(b"left\r\nlung.png", png), (b"caf\xe9 \xff.png", png), (b"ok.png", png),
+                                        (b"a\nb.png", png)])
+    response = client.post("/api/predict?images=0", data=body, content_type=content_type, headers=HEADER)
+    assert response.status_code == 200, response.get_data(as_text=True)[:500]
+    results = response.get_json()["results"]
+    assert [r["name"] for r in results] == ["left lung.png", "caf\ufffd \ufffd.png", "ok.png", "a b.png"]
+    assert all(r["ok"] and r["decision"] for r in results)
+    probabilities = [r["probabilities"]["covid"] for r in results]
+    np.testing.assert_allclose(probabilities, probabilities[2], atol=1e-5)  # the same image, whatever its name
+    # Only the broken name: still analysed, not "no files in the upload".
+    body, content_type = raw_multipart([(b"\xff\xfe\r\n.png", png)])
+    response = client.post("/api/predict?images=0", data=body, content_type=content_type, headers=HEADER)
+    assert response.status_code == 200 and response.get_json()["results"][0]["ok"]

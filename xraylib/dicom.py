@@ -9,6 +9,7 @@ pydicom does the LUT work; we do not re-implement it.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -202,7 +203,12 @@ def _checked_header(ds: pydicom.Dataset, path: str) -> DicomHeader:
 
 def _one_line(exc: Exception) -> str:
     """``Type: message`` on one line (pydicom's messages span lines; reports want one line)."""
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    text = _OBJECT_REPR.sub("the file", " ".join(str(exc).split()))
+    return f"{type(exc).__name__}: {text}"
+
+
+#: A Python object's repr in a decoder's message (``<_io.BytesIO object at 0x7f...>``): meaningless to a user.
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9A-Fa-f]+>")
 
 
 def _header(ds: pydicom.Dataset) -> DicomHeader:
@@ -237,7 +243,12 @@ def read_dataset(data: bytes, path: str = "<bytes>", max_pixels: int = DEFAULT_M
     """
     ds = _read_dataset(data, path, max_pixels)
     header = _checked_header(ds, path)
-    _check_pixel_length(ds, header, path, max_pixels)
+    try:
+        _check_pixel_length(ds, header, path, max_pixels)
+    except BadFileError:
+        raise
+    except Exception as exc:  # pydicom parses PixelData's element only now: a damaged one fails here
+        raise BadFileError(path, f"damaged DICOM header ({_one_line(exc)})") from None
     return ds, header
 
 

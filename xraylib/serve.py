@@ -4,24 +4,44 @@
 upload PNG, JPEG or DICOM files (or drop them on the page) and see, for each, the class
 probabilities, the decision at the model's threshold, a Grad-CAM heatmap, and the
 out-of-distribution verdict of :mod:`xraylib.ood` ("not a chest X-ray this model can judge").
-Scripts use ``POST /api/predict`` (multipart form, one or more files) and ``GET /healthz``.
+Scripts use ``POST /api/predict`` (multipart form, one or more files, with the header ``X-Xraylib: 1``:
+``curl -H 'X-Xraylib: 1' -F files=@image.png http://127.0.0.1:8000/api/predict``) and ``GET /healthz``.
 ``--site NAME`` decides at a site profile's threshold (:mod:`xraylib.calibrate`; with ``--calibrate-normals DIR``
 the profile is made first), and the page and every result say which.
+
+The server is waitress (a production WSGI server, pure Python): it runs in the same process on Linux, macOS,
+Windows and in Colab, and reads each request's whole body in its I/O thread (with a per-connection
+``channel_timeout``) before a worker thread (a bounded pool) calls the app, so a slow or stalled client holds
+a connection, never a worker or an analysis slot. gunicorn was not chosen: it forks worker processes (each
+would load the model) and does not run on Windows.
 
 Safe by default:
 
 - it listens on 127.0.0.1 (this machine only) unless ``host`` says otherwise;
+- it answers only requests whose ``Host`` is a name of this server (127.0.0.1, localhost, [::1], the address it
+  listens on, and the names given with ``--allow-host``; 421 otherwise), whose ``Origin``, when a browser sends
+  one, is the server's own or under an ``--allow-host`` name (a proxy that rewrites Host; 403 otherwise), and ``POST /api/predict`` only with the header ``X-Xraylib: 1``
+  (403 otherwise), which a page on another site cannot make a browser send: no cross-site uploads, no DNS
+  rebinding;
 - a request may carry at most ``max_upload_mb`` MB (413 otherwise, refused before the body is
-  read when the client says its size) and ``max_files`` files; at most ``max_concurrent``
-  requests are read and analysed at once, so memory stays bounded under many parallel uploads;
+  read when the client says its size) and ``max_files`` files; a connection that sends nothing for
+  ``channel_timeout_s`` seconds is closed; at most ``connection_limit`` connections are open and ``threads``
+  requests handled at once, and of those at most ``max_concurrent`` analysed at once (a slot is taken only
+  once the whole body has arrived), so memory stays bounded under many parallel uploads;
 - uploads are kept in memory and decoded from bytes: nothing is written to disk, not even to a
-  temporary folder, and nothing is kept after the response; file names are shown, never used
-  as paths; the type is decided by content (:func:`xraylib.images.detect_format`); images over
+  temporary folder (waitress' ``inbuf_overflow`` and ``outbuf_overflow`` are set above the largest request
+  and answer, so it never spools them to temporary files), and nothing is kept after the response; file
+  names are shown, never used as paths (a name with a line break or invalid UTF-8 is shown cleaned, not
+  dropped); the type is decided by content (:func:`xraylib.images.detect_format`); images over
   :data:`xraylib.images.MAX_PIXELS` are refused before decoding (decompression bombs);
 - the model is loaded with Keras' safe mode (:func:`xraylib.models.load_model`), and calls to
   it are serialised by a lock (Keras models are not safe to call from several threads at once);
 - every error is a JSON object ``{"error": {"status", "title", "message"}}`` with a 4xx status
-  (500 only for a bug, without its stack trace, which goes to the server log).
+  (500 only for a bug, without its stack trace, which goes to the server log), also those waitress answers
+  itself (a body over the limit); a 405 carries ``Allow``.
+
+It does not authenticate anyone, encrypt anything or limit the rate per client: to let others on a network
+use it, put it behind a reverse proxy that adds TLS and a login (README, "The command line").
 
 The preprocessing always comes from the model's ``model.json``: the same
 :func:`xraylib.preprocess.preprocess_bytes` that :func:`xraylib.predict.predict_files` uses, so
@@ -37,6 +57,7 @@ import contextlib
 import io
 import ipaddress
 import logging
+import re
 import sys
 import threading
 import unicodedata
@@ -74,6 +95,11 @@ class ServeSettings:
 
     ``max_concurrent``: requests read and analysed at once (the others wait up to
     ``queue_timeout_s`` seconds, then get 503). ``display_px``: side of the images shown.
+    ``threads``: waitress' worker threads (requests handled at once, after their body has arrived).
+    ``channel_timeout_s``: a connection that sends nothing for this many seconds is closed (whole seconds).
+    ``connection_limit``: open connections at most (more wait in the listen queue). ``allow_hosts``: names
+    besides this server's own addresses that the ``Host`` header may carry (``--allow-host``; a leading dot
+    allows a domain and its subdomains).
     """
 
     host: str = DEFAULT_HOST
@@ -89,11 +115,15 @@ class ServeSettings:
     #: Pixels being decoded at once across all requests (a file waits up to ``pixel_wait_s`` for room, then is refused).
     server_pixels: int = 3 * images.MAX_PIXELS
     pixel_wait_s: float = 30.0
+    threads: int = 8
+    channel_timeout_s: int = 30
+    connection_limit: int = 100
+    allow_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 < float(self.max_upload_mb) <= 1024:
             raise ConfigError(f"max_upload_mb must be above 0 and at most 1024, got {self.max_upload_mb}")
-        for name in ("max_files", "max_concurrent"):
+        for name in ("max_files", "max_concurrent", "threads", "channel_timeout_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
                 raise ConfigError(f"{name} must be a whole number from 1 to 1000, got {value!r}")
@@ -102,6 +132,16 @@ class ServeSettings:
             if isinstance(value, bool) or not isinstance(value, int) or value < images.MAX_PIXELS:
                 raise ConfigError(f"{name} must be a whole number of at least {images.MAX_PIXELS:,} (the largest "
                                   f"image's pixels), got {value!r}")
+        if isinstance(self.connection_limit, bool) or not isinstance(self.connection_limit, int) \
+                or not 1 <= self.connection_limit <= 100_000:
+            raise ConfigError(f"connection_limit must be a whole number from 1 to 100000, got {self.connection_limit!r}")
+        if isinstance(self.allow_hosts, str):
+            object.__setattr__(self, "allow_hosts", (self.allow_hosts,))
+        for name in self.allow_hosts:
+            if not _host_name(str(name)) or not _HOST_NAME.fullmatch(_host_name(str(name))):
+                raise ConfigError(f"--allow-host takes a host name or address without a port, like "
+                                  f"xray.example.org or 192.168.1.20, got {name!r}")
+        object.__setattr__(self, "allow_hosts", tuple(_host_name(str(name)) for name in self.allow_hosts))
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535 (0: any free port), got {self.port!r}")
 
@@ -121,6 +161,69 @@ def display_name(name: str | None, index: int = 0) -> str:
     if len(text) > 80:
         text = text[:60] + "…" + text[-19:]
     return text or f"upload-{index + 1}"
+
+
+_HOST_NAME = re.compile(r"\.?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|\[[0-9a-f:.]+\]|[0-9a-f:.]+")
+_HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]/@\s]+)(?::(\d{1,5}))?")
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9A-Fa-f]+>")
+_LOCAL_NAMES = ("127.0.0.1", "localhost", "[::1]")
+#: What ``POST /api/predict`` needs besides the files: a header a cross-site form or ``no-cors`` fetch cannot send.
+CUSTOM_HEADER = ("X-Xraylib", "1")
+CURL_HINT = "curl -H 'X-Xraylib: 1' -F files=@image.png http://HOST:PORT/api/predict"
+
+
+def _host_name(name: str) -> str:
+    """A host name as compared: lower case, no trailing dot, an IPv6 address in brackets (``::1`` -> ``[::1]``)."""
+    name = name.strip().lower().rstrip(".") if name.strip() != "." else ""
+    if ":" in name and not name.startswith("["):
+        name = f"[{name}]"
+    return name
+
+
+def _clean_message(text: str) -> str:
+    """A decoder's message without Python object reprs (``<_io.BytesIO object at 0x...>`` -> ``the file``)."""
+    return _OBJECT_REPR.sub("the file", text)
+
+
+def _balanced_header_lines(block: bytes) -> bytes:
+    """A multipart part's header block whose lines a file name with CR/LF broke, joined again (with a space)."""
+    merged: list[bytes] = []
+    for line in block.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n"):
+        if merged and (merged[-1].count(b'"') - merged[-1].count(b'\\"')) % 2 == 1:  # inside a quoted value
+            merged[-1] += b" " + line
+        else:
+            merged.append(line)
+    return b"\r\n".join(merged)
+
+
+def _repair_part_headers(body: bytes, boundary: str) -> bytes:
+    """The multipart ``body`` with each part's headers made parseable, so that no file is dropped for its name.
+
+    Werkzeug decodes part headers as strict UTF-8 (one file name in Latin-1 and the whole form parses as
+    empty) and splits them at any CR or LF (a name with a line break ends the header, and the file becomes a
+    text field). Header blocks that are not UTF-8 are decoded with U+FFFD for the bad bytes, and lines split
+    inside a quoted value are joined; the file data is left as it is.
+    """
+    delimiter = b"--" + boundary.encode("latin-1", "replace")
+    pieces = body.split(delimiter)
+    changed = False
+    for k in range(1, len(pieces)):
+        piece = pieces[k]
+        start = 2 if piece.startswith(b"\r\n") else 1 if piece.startswith(b"\n") else 0
+        end = piece.find(b"\r\n\r\n", start)
+        if not start or end < 0:
+            continue
+        block = piece[start:end]
+        try:
+            fixed = block.decode("utf-8").encode("utf-8")
+        except UnicodeDecodeError:
+            fixed = block.decode("utf-8", "replace").encode("utf-8")
+        if any((line.count(b'"') - line.count(b'\\"')) % 2 for line in fixed.splitlines()):
+            fixed = _balanced_header_lines(fixed)
+        if fixed != block:
+            pieces[k] = piece[:start] + fixed + piece[end:]
+            changed = True
+    return delimiter.join(pieces) if changed else body
 
 
 def _png_data_uri(image: np.ndarray) -> str:
@@ -399,6 +502,19 @@ def create_app(analyser: Analyser, settings: ServeSettings = ServeSettings()) ->
         def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
             return io.BytesIO()
 
+        def _get_stream_for_parsing(self):
+            # The body is in memory anyway (waitress buffers it; bounded by MAX_CONTENT_LENGTH): repair the part
+            # headers a file name with invalid UTF-8 or CR/LF would break, so that no file is silently dropped.
+            data = self.get_data(cache=True)
+            if self.content_length is None and self.max_content_length is not None \
+                    and len(data) >= self.max_content_length:  # a body of unknown size, read up to the limit
+                from werkzeug.exceptions import RequestEntityTooLarge
+
+                raise RequestEntityTooLarge()
+            boundary = self.mimetype_params.get("boundary")
+            return io.BytesIO(_repair_part_headers(data, boundary) if boundary and self.mimetype.startswith("multipart/")
+                              else data)
+
     app = flask.Flask("xraylib.serve", template_folder=str(WEB_DIR / "templates"), static_folder=str(WEB_DIR / "static"))
     app.request_class = InMemoryRequest
     app.config.update(
@@ -415,6 +531,8 @@ def create_app(analyser: Analyser, settings: ServeSettings = ServeSettings()) ->
     app.extensions["xraylib"] = {"analyser": analyser, "settings": settings}
     gate = threading.BoundedSemaphore(settings.max_concurrent)
     limit_text = f"{settings.max_upload_mb:g} MB"
+    own_names = {_host_name(name) for name in (*_LOCAL_NAMES, settings.host) if name not in ("0.0.0.0", "::", "")}
+    header_name, header_value = CUSTOM_HEADER
 
     def error(status: int, message: str, **extra: Any) -> "flask.Response":
         from werkzeug.http import HTTP_STATUS_CODES
@@ -432,12 +550,55 @@ def create_app(analyser: Analyser, settings: ServeSettings = ServeSettings()) ->
             404: "no such page: the page is at /, the API at POST /api/predict and GET /healthz",
             405: "this address does not take that method (POST /api/predict takes a multipart form with the files)",
         }
-        return error(exc.code or 500, messages.get(exc.code, exc.description or exc.name))
+        allowed = getattr(exc, "valid_methods", None) if exc.code == 405 else None
+        message = messages.get(exc.code, exc.description or exc.name)
+        response = error(exc.code or 500, f"{message}; it takes {', '.join(allowed)}" if allowed else message)
+        if allowed:
+            response.headers["Allow"] = ", ".join(allowed)
+        return response
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
         log.exception("unexpected error while handling %s %s", flask.request.method, flask.request.path)
         return error(500, "internal error while handling this request; the server log has the details")
+
+    def allowed_host(host: str) -> bool:
+        """Is ``host`` (the Host header) a name of this server: its own addresses (any port: a port cannot point a
+        browser elsewhere) or one given with --allow-host (a leading dot: that domain and its subdomains)?"""
+        match = _HOST_HEADER.fullmatch(host.strip())
+        if not match:
+            return False
+        name = _host_name(match.group(1))
+        if name in own_names or name in settings.allow_hosts:
+            return True
+        return any(allowed.startswith(".") and (name.endswith(allowed) or name == allowed[1:])
+                   for allowed in settings.allow_hosts)
+
+    @app.before_request
+    def check_host_and_origin():
+        """DNS rebinding and cross-site requests: refuse a foreign Host (421) and a foreign Origin (403)."""
+        request = flask.request
+        host = request.headers.get("Host")
+        if host is not None and not allowed_host(host):
+            shown = display_name(host.split(":")[0] if not host.startswith("[") else host, 0)
+            return error(421, f"this server does not answer to the name {shown!r} (Host header); it answers to "
+                              f"{', '.join(sorted(own_names))}. To serve under another name on a network, start it "
+                              f"with --allow-host {shown}")
+        origin = request.headers.get("Origin")
+        if origin is not None:
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(origin.strip()) if origin.strip() != "null" else None
+            same = parts is not None and parts.scheme in ("http", "https") and (
+                (host is not None and parts.netloc.lower() == host.strip().lower())
+                or (settings.allow_hosts and parts.hostname is not None and allowed_host(parts.hostname)
+                    and _host_name(parts.hostname) not in own_names))  # a page under an --allow-host name
+            if not same:
+                shown_origin = "".join(ch for ch in origin if ch.isprintable())[:100]
+                return error(403, f"this request comes from another web page (Origin {shown_origin!r}), "
+                                  "not from this server's own page; other sites cannot use this server through "
+                                  f"a browser. Scripts send no Origin: {CURL_HINT}")
+        return None
 
     @app.after_request
     def headers(response: "flask.Response") -> "flask.Response":
@@ -464,9 +625,13 @@ def create_app(analyser: Analyser, settings: ServeSettings = ServeSettings()) ->
     @app.post("/api/predict")
     def api_predict():
         request = flask.request
+        if request.headers.get(header_name, "").strip() != header_value:
+            return error(403, f"send the header '{header_name}: {header_value}' with POST /api/predict ({CURL_HINT}); "
+                              "the page sends it itself. A form or page on another site cannot send it, which keeps "
+                              "other sites from uploading through your browser")
         if request.mimetype != "multipart/form-data":
             return error(415, "send the images as multipart/form-data, one or more files in the field 'files' "
-                              "(curl -F files=@image.png http://HOST:PORT/api/predict)")
+                              f"({CURL_HINT})")
         if request.content_length is not None and request.content_length > settings.max_upload_bytes:
             return error(413, f"the upload ({request.content_length / 1e6:.1f} MB) is larger than the {limit_text} "
                               "limit of this server (start it with --max-upload-mb to change it)")
@@ -475,7 +640,11 @@ def create_app(analyser: Analyser, settings: ServeSettings = ServeSettings()) ->
         try:
             files = [f for _, f in request.files.items(multi=True)]  # reads and parses the body (in memory)
             if not files:
-                return error(400, "no files in the upload: send one or more PNG, JPEG or DICOM files in the field 'files'")
+                fields = sorted({display_name(key, 0) for key in request.form.keys()})
+                why = (f"; the form had only text fields ({', '.join(fields)}): send each file as a file part "
+                       "(filename=\"...\")" if fields else "")
+                return error(400, "no files in the upload: send one or more PNG, JPEG or DICOM files in the field "
+                                  f"'files' ({CURL_HINT}){why}")
             if len(files) > settings.max_files:
                 return error(413, f"{len(files)} files in one upload; this server takes at most {settings.max_files} "
                                   "(start it with --max-files to change it)")
@@ -485,6 +654,9 @@ def create_app(analyser: Analyser, settings: ServeSettings = ServeSettings()) ->
             with_images = request.args.get("images", "1").lower() not in ("0", "false", "no")
             results = analyser.analyse(uploads, with_images=with_images)
             del uploads
+            for result in results:
+                if result.get("error"):
+                    result["error"] = _clean_message(result["error"])
         finally:
             gate.release()
         body = {"results": results, "model": analyser.info()["model"], "disclaimer": DISCLAIMER}
@@ -509,17 +681,102 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _json_error_channel(settings: ServeSettings):
+    """waitress' connection class, answering the errors waitress decides itself (a body over the limit, a bad
+    request line) with the JSON error object instead of its plain text."""
+    import json
+
+    from waitress.channel import HTTPChannel
+    from waitress.task import ErrorTask
+
+    messages = {413: f"the upload is larger than the {settings.max_upload_mb:g} MB limit of this server (start it "
+                     "with --max-upload-mb to change it)"}
+
+    class JsonErrorTask(ErrorTask):
+        def execute(self):
+            error = self.request.error
+            code = int(error.code)
+            message = messages.get(code, " ".join(str(error.body).split()) or error.reason)
+            body = json.dumps({"error": {"status": code, "title": error.reason, "message": message}}).encode()
+            self.status = f"{code} {error.reason}"
+            self.response_headers.extend([("Content-Type", "application/json"), ("Connection", "close"),
+                                          ("X-Content-Type-Options", "nosniff"), ("Cache-Control", "no-store")])
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
+
+    class JsonErrorChannel(HTTPChannel):
+        error_task_class = JsonErrorTask
+
+    return JsonErrorChannel
+
+
+class Server:
+    """The app served by waitress, not yet serving: :meth:`run` serves until :meth:`close` (from another
+    thread) or Ctrl+C; :attr:`effective_port` is the port (``settings.port=0`` takes a free one); :attr:`app`
+    the Flask app. ``serve_forever``, ``server_port``, ``shutdown`` and ``server_close`` are kept for code
+    written for the Werkzeug server of earlier versions."""
+
+    def __init__(self, app: "flask.Flask", settings: ServeSettings):
+        from waitress import create_server
+        from waitress.server import BaseWSGIServer
+
+        self.app = app
+        self.settings = settings
+        # Requests and answers stay in memory: waitress spools bodies over inbuf_overflow (512 KB by default) and
+        # answers over outbuf_overflow (1 MB) to temporary files. An answer holds at most max_files x 3 small PNGs.
+        largest = settings.max_upload_bytes + 1_000_000
+        self._server = create_server(
+            app, host=settings.host, port=settings.port, threads=settings.threads,
+            channel_timeout=settings.channel_timeout_s, cleanup_interval=max(1, min(30, settings.channel_timeout_s // 2)),
+            connection_limit=settings.connection_limit,
+            max_request_body_size=settings.max_upload_bytes + 1,  # waitress refuses a body of this size or more
+            inbuf_overflow=largest, outbuf_overflow=max(largest, 256_000_000), ident="xraylib",
+            expose_tracebacks=False, clear_untrusted_proxy_headers=True)
+        channel = _json_error_channel(settings)
+        listeners = [self._server] if isinstance(self._server, BaseWSGIServer) else \
+            [d for d in self._server.map.values() if isinstance(d, BaseWSGIServer)]
+        for listener in listeners:
+            listener.channel_class = channel
+        self.effective_port = int(listeners[0].effective_port)
+        self._closed = threading.Event()
+
+    def run(self) -> None:
+        """Serve until :meth:`close` or Ctrl+C (which closes it)."""
+        try:
+            self._server.run()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop serving: close the listening socket and every connection, and stop the worker threads."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        from waitress import wasyncore
+
+        self._server.task_dispatcher.shutdown(timeout=5)
+        wasyncore.close_all(self._server._map if hasattr(self._server, "_map") else self._server.map)
+
+    # The Werkzeug server's names, for code written for earlier versions.
+    serve_forever = run
+    shutdown = close
+    server_close = close
+
+    @property
+    def server_port(self) -> int:
+        return self.effective_port
+
+
 def build_server(model: "LoadedModel | str | Path", settings: ServeSettings = ServeSettings(),
                  data_dir: str | Path | None = None, say: Callable[[str], None] = print, site: str | None = None,
                  site_normals: Any = None, site_positives: Any = None, target_specificity: float | None = None,
                  target_sensitivity: float | None = None):
-    """A Werkzeug server (threaded) for ``model``, not yet serving: ``server.serve_forever()``; its port is
-    ``server.server_port`` (``settings.port=0`` takes a free one). ``site``: decide at that site profile's
+    """A :class:`Server` (waitress) for ``model``, not yet serving: ``server.run()`` (``server.close()`` from
+    another thread stops it); its port is ``server.effective_port`` (``settings.port=0`` takes a free one). ``site``: decide at that site profile's
     threshold (:mod:`xraylib.calibrate`) instead of the model's own; an unknown one raises :class:`ModelError`.
     With ``site_normals`` (and optionally ``site_positives``) the profile ``site`` is first made (or remade) by
     :func:`xraylib.calibrate.calibrate` for ``target_specificity`` or ``target_sensitivity``, and its report said."""
-    from werkzeug.serving import make_server
-
     from . import runs
     from .models import LoadedModel, load_model
 
@@ -542,35 +799,45 @@ def build_server(model: "LoadedModel | str | Path", settings: ServeSettings = Se
     if loaded.file_format == "savedmodel":
         say("note: a SavedModel runs a TensorFlow graph outside Keras' safe mode; serve only SavedModels you trust")
     reference, note = runs.prepare_ood(loaded, data_dir, say)
-    app = create_app(Analyser(loaded, reference, note, settings.display_px), settings)
+    analyser = Analyser(loaded, reference, note, settings.display_px, request_pixels=settings.request_pixels,
+                        server_pixels=settings.server_pixels, pixel_wait_s=settings.pixel_wait_s)
+    app = create_app(analyser, settings)
     try:
-        return make_server(settings.host, settings.port, app, threaded=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {settings.host}:{settings.port} ({exc.strerror or exc}); "
-                          "choose another --port or --host") from None
+        return Server(app, settings)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot listen on {settings.host}:{settings.port} "
+                          f"({getattr(exc, 'strerror', None) or exc}); choose another --port or --host") from None
 
 
 def run_server(model: "LoadedModel | str | Path", host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_files: int = DEFAULT_MAX_FILES,
-               data_dir: str | Path | None = None, site: str | None = None, **calibration: Any) -> None:
+               data_dir: str | Path | None = None, site: str | None = None, allow_hosts: Sequence[str] = (),
+               **calibration: Any) -> None:
     """Serve the page until Ctrl+C. ``host="0.0.0.0"`` lets other machines in; the default is this machine only.
-    ``site``: decide at that site profile's threshold; ``calibration``: :func:`build_server`'s ``site_normals``,
-    ``site_positives``, ``target_specificity``, ``target_sensitivity`` (calibrate the site first)."""
-    settings = ServeSettings(host=host, port=port, max_upload_mb=max_upload_mb, max_files=max_files)
+    ``allow_hosts``: the names others use to reach it (``--allow-host``). ``site``: decide at that site profile's
+    threshold; ``calibration``: :func:`build_server`'s ``site_normals``, ``site_positives``,
+    ``target_specificity``, ``target_sensitivity`` (calibrate the site first)."""
+    settings = ServeSettings(host=host, port=port, max_upload_mb=max_upload_mb, max_files=max_files,
+                             allow_hosts=tuple(allow_hosts))
     server = build_server(model, settings, data_dir, site=site, **calibration)
     if not _is_loopback(host):
         print(f"warning: listening on {host}: anyone who can reach this machine can upload images. There is no "
-              "login and no encryption; use it only on a network you trust.")
+              "login and no encryption; use it only on a network you trust, or behind a reverse proxy with TLS and "
+              "a login.")
+        if not settings.allow_hosts:
+            print("note: only requests to 127.0.0.1 or localhost are answered; give the name or address others use "
+                  "to reach this machine with --allow-host NAME")
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     print(DISCLAIMER)
-    print(f"xraylib: open http://{shown}:{server.server_port}/ in a browser (Ctrl+C to stop); "
-          f"limits: {settings.max_upload_mb:g} MB and {settings.max_files} files per upload")
+    print(f"xraylib: open http://{shown}:{server.effective_port}/ in a browser (Ctrl+C to stop); "
+          f"limits: {settings.max_upload_mb:g} MB and {settings.max_files} files per upload; "
+          f"scripts: curl -H 'X-Xraylib: 1' -F files=@image.png http://{shown}:{server.effective_port}/api/predict")
     try:
-        server.serve_forever()
+        server.run()
     except KeyboardInterrupt:
         print("stopped")
     finally:
-        server.server_close()
+        server.close()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -581,6 +848,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 opens it to "
                              "the network, without login or encryption)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free port)")
+    parser.add_argument("--allow-host", metavar="NAME", action="append", default=[],
+                        help="a name or address others use to reach this server (the Host of their requests), when "
+                             "serving on a network (repeatable; .example.org allows its subdomains too). Without it "
+                             "only 127.0.0.1, localhost, [::1] and the --host address are answered (against DNS "
+                             "rebinding)")
     parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
                         help=f"largest upload in MB, all files together (default {DEFAULT_MAX_UPLOAD_MB:g})")
     parser.add_argument("--max-files", type=int, default=DEFAULT_MAX_FILES,
@@ -617,7 +889,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ConfigError("--calibrate-positives, --target-specificity and --target-sensitivity go with "
                           "--calibrate-normals DIR (the site's known normals) and --site NAME")
     run_server(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
-               max_files=args.max_files, data_dir=args.data, site=args.site, **calibration)
+               max_files=args.max_files, data_dir=args.data, site=args.site, allow_hosts=args.allow_host, **calibration)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -131,7 +131,8 @@
     results.replaceChildren();
     let response, data;
     try {
-      response = await fetch("/api/predict", { method: "POST", body: form });
+      // The custom header: a page on another site cannot make a browser send it (the server refuses uploads without it).
+      response = await fetch("/api/predict", { method: "POST", body: form, headers: { "X-Xraylib": "1" } });
       data = await response.json();
     } catch (err) {
       setStatus("The server did not answer (" + err + "). Is it still running?", "error");
