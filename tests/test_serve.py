@@ -364,9 +364,9 @@ def test_50_parallel_uploads_each_get_a_clean_answer_and_nothing_is_left_on_disk
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     monkeypatch.chdir(tmp_path)
-    model_files = sorted(p.name for p in run_dir.iterdir())
     png, dicom = samples["png"].read_bytes(), samples["dicom"].read_bytes()
-    expected = predict_files(run_dir, [samples["png"], samples["dicom"]])
+    expected = predict_files(run_dir, [samples["png"], samples["dicom"]])  # (writes ood.json on its first call)
+    model_files = sorted(p.name for p in run_dir.iterdir())
     cases = [
         ("xray", [("x.png", png)], 200),
         ("dicom", [("x.dcm", dicom)], 200),
@@ -560,6 +560,41 @@ def test_a_file_that_finds_no_room_in_the_servers_pixel_budget_is_refused_after_
     assert budgeted.decoding.held == 0
     assert budgeted.analyse([("chest.png", _chest_png(8200, 200))], with_images=False)[0]["ok"]
     assert budgeted.decoding.held == 0
+
+
+def test_heavy_uploads_queue_in_their_own_lane_and_never_take_an_ordinary_uploads_slot(analyser, monkeypatch):
+    """Issue 17's load test: four clients sending large images held every analysis slot, and ordinary uploads
+    waited seconds behind them. With one slot and a heavy request being analysed (held here until released),
+    an ordinary upload is still answered, and a second heavy request gets a 503 at once (the heavy queue is as
+    long as max_concurrent)."""
+    settings = serve.ServeSettings(max_upload_mb=MAX_MB, max_concurrent=1, queue_timeout_s=5.0, heavy_pixels=250_000)
+    app = serve.create_app(analyser, settings)
+    heavy_png, ordinary_png = _chest_png(8300, 600), _chest_png(8301, 300)  # 360,000 and 90,000 pixels
+    assert analyser.decoded_pixels([("heavy.png", heavy_png)]) == 360_000
+    assert analyser.decoded_pixels([("a.png", ordinary_png), ("bad.png", b"not an image")]) == 90_000
+    entered, release = threading.Event(), threading.Event()
+    analyse = analyser.analyse
+
+    def held_when_heavy(uploads, with_images=True):
+        if uploads[0][0] == "heavy.png":
+            entered.set()
+            assert release.wait(timeout=60)
+        return analyse(uploads, with_images=with_images)
+
+    monkeypatch.setattr(analyser, "analyse", held_when_heavy)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(upload, app.test_client(), ("heavy.png", heavy_png))
+        assert entered.wait(timeout=60)
+        try:
+            second = upload(app.test_client(), ("heavy.png", heavy_png))
+            assert_json_error(second, 503, "busy with other uploads of large images", "250,000 pixels")
+            ordinary = upload(app.test_client(), ("chest.png", ordinary_png))
+            assert ordinary.status_code == 200 and ordinary.get_json()["results"][0]["ok"]
+        finally:
+            release.set()
+        assert first.result(timeout=60).status_code == 200
+    with pytest.raises(ConfigError, match="heavy_pixels must be a whole number of at least 1"):
+        serve.ServeSettings(heavy_pixels=0)
 
 
 def test_a_request_decodes_one_full_size_image_at_a_time(analyser, monkeypatch):

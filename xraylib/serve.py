@@ -27,7 +27,9 @@ Safe by default:
   read when the client says its size) and ``max_files`` files; a connection that sends nothing for
   ``channel_timeout_s`` seconds is closed; at most ``connection_limit`` connections are open and ``threads``
   requests handled at once, and of those at most ``max_concurrent`` analysed at once (a slot is taken only
-  once the whole body has arrived), so memory stays bounded under many parallel uploads;
+  once the whole body has arrived), so memory stays bounded under many parallel uploads; a request whose images
+  hold more than ``heavy_pixels`` pixels is analysed in a lane of its own, one at a time, so large images
+  never take the slots of ordinary uploads;
 - uploads are kept in memory and decoded from bytes: nothing is written to disk, not even to a
   temporary folder (waitress' ``inbuf_overflow`` and ``outbuf_overflow`` are set above the largest request
   and answer, so it never spools them to temporary files), and nothing is kept after the response; file
@@ -115,6 +117,11 @@ class ServeSettings:
     #: Pixels being decoded at once across all requests (a file waits up to ``pixel_wait_s`` for room, then is refused).
     server_pixels: int = 3 * images.MAX_PIXELS
     pixel_wait_s: float = 30.0
+    #: A request whose files hold more decoded pixels than this (from their headers) is heavy: heavy requests are
+    #: analysed one at a time in a lane of their own (at most ``max_concurrent`` wait for it, more get 503 at once),
+    #: so they take at most one core and never the slots of ordinary uploads. 4096x4096 by default: a chest X-ray
+    #: from a detector or a CR plate (about 3000x3000 to 4280x3520) is never heavy on its own.
+    heavy_pixels: int = 4096 * 4096
     threads: int = 8
     channel_timeout_s: int = 30
     connection_limit: int = 100
@@ -127,6 +134,8 @@ class ServeSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
                 raise ConfigError(f"{name} must be a whole number from 1 to 1000, got {value!r}")
+        if isinstance(self.heavy_pixels, bool) or not isinstance(self.heavy_pixels, int) or self.heavy_pixels < 1:
+            raise ConfigError(f"heavy_pixels must be a whole number of at least 1, got {self.heavy_pixels!r}")
         for name in ("request_pixels", "server_pixels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < images.MAX_PIXELS:
@@ -336,6 +345,19 @@ class Analyser:
             "ood_note": self.ood_note,
         }
 
+    def decoded_pixels(self, uploads: Sequence[tuple[str | None, bytes]]) -> int:
+        """Pixels the uploads' images would hold decoded, from their headers (files that cannot be read count 0)."""
+        from . import ood
+
+        total = 0
+        for index, (name, data) in enumerate(uploads):
+            try:
+                fact = ood.image_facts(data, display_name(name, index))
+            except BadFileError:
+                continue
+            total += fact.width * fact.height
+        return total
+
     def analyse(self, uploads: Sequence[tuple[str | None, bytes]], with_images: bool = True) -> list[dict[str, Any]]:
         """One result per upload, in order (see the module doc and :meth:`_result` for the fields)."""
         from . import ood
@@ -530,6 +552,8 @@ def create_app(analyser: Analyser, settings: ServeSettings = ServeSettings()) ->
     app.json.sort_keys = False  # results keep their reading order
     app.extensions["xraylib"] = {"analyser": analyser, "settings": settings}
     gate = threading.BoundedSemaphore(settings.max_concurrent)
+    heavy_lane = threading.BoundedSemaphore(1)  # heavy requests analysed at once
+    heavy_queue = threading.BoundedSemaphore(settings.max_concurrent)  # heavy requests waiting for it or in it
     limit_text = f"{settings.max_upload_mb:g} MB"
     own_names = {_host_name(name) for name in (*_LOCAL_NAMES, settings.host) if name not in ("0.0.0.0", "::", "")}
     header_name, header_value = CUSTOM_HEADER
@@ -635,30 +659,38 @@ def create_app(analyser: Analyser, settings: ServeSettings = ServeSettings()) ->
         if request.content_length is not None and request.content_length > settings.max_upload_bytes:
             return error(413, f"the upload ({request.content_length / 1e6:.1f} MB) is larger than the {limit_text} "
                               "limit of this server (start it with --max-upload-mb to change it)")
-        if not gate.acquire(timeout=settings.queue_timeout_s):
-            return error(503, "the server is busy with other uploads; try again in a minute")
-        try:
-            files = [f for _, f in request.files.items(multi=True)]  # reads and parses the body (in memory)
-            if not files:
-                fields = sorted({display_name(key, 0) for key in request.form.keys()})
-                why = (f"; the form had only text fields ({', '.join(fields)}): send each file as a file part "
-                       "(filename=\"...\")" if fields else "")
-                return error(400, "no files in the upload: send one or more PNG, JPEG or DICOM files in the field "
-                                  f"'files' ({CURL_HINT}){why}")
-            if len(files) > settings.max_files:
-                return error(413, f"{len(files)} files in one upload; this server takes at most {settings.max_files} "
-                                  "(start it with --max-files to change it)")
-            uploads = [(f.filename, f.stream.getvalue() if isinstance(f.stream, io.BytesIO) else f.read()) for f in files]
-            for f in files:
-                f.close()
-            with_images = request.args.get("images", "1").lower() not in ("0", "false", "no")
+        files = [f for _, f in request.files.items(multi=True)]  # parses the body (waitress has read it, in memory)
+        if not files:
+            fields = sorted({display_name(key, 0) for key in request.form.keys()})
+            why = (f"; the form had only text fields ({', '.join(fields)}): send each file as a file part "
+                   "(filename=\"...\")" if fields else "")
+            return error(400, "no files in the upload: send one or more PNG, JPEG or DICOM files in the field "
+                              f"'files' ({CURL_HINT}){why}")
+        if len(files) > settings.max_files:
+            return error(413, f"{len(files)} files in one upload; this server takes at most {settings.max_files} "
+                              "(start it with --max-files to change it)")
+        uploads = [(f.filename, f.stream.getvalue() if isinstance(f.stream, io.BytesIO) else f.read()) for f in files]
+        for f in files:
+            f.close()
+        with_images = request.args.get("images", "1").lower() not in ("0", "false", "no")
+        with contextlib.ExitStack() as slots:
+            # Ordinary uploads and heavy ones (large images: see ServeSettings.heavy_pixels) queue apart.
+            if analyser.decoded_pixels(uploads) > settings.heavy_pixels:
+                if not heavy_queue.acquire(blocking=False):
+                    return error(503, "the server is busy with other uploads of large images (more than "
+                                      f"{settings.heavy_pixels:,} pixels in one request); try again in a minute")
+                slots.callback(heavy_queue.release)
+                lane = heavy_lane
+            else:
+                lane = gate
+            if not lane.acquire(timeout=settings.queue_timeout_s):
+                return error(503, "the server is busy with other uploads; try again in a minute")
+            slots.callback(lane.release)
             results = analyser.analyse(uploads, with_images=with_images)
-            del uploads
-            for result in results:
-                if result.get("error"):
-                    result["error"] = _clean_message(result["error"])
-        finally:
-            gate.release()
+        del uploads
+        for result in results:
+            if result.get("error"):
+                result["error"] = _clean_message(result["error"])
         body = {"results": results, "model": analyser.info()["model"], "disclaimer": DISCLAIMER}
         if not any(r["ok"] for r in results):
             reasons = "; ".join(f"{r['name']}: {r['error']}" for r in results)
