@@ -106,7 +106,7 @@ def test_the_card_in_the_output_folder_gathers_evaluation_audit_and_warnings(thr
     n_text = f"{ev.metrics['n_positive']} pos / {ev.metrics['n_negative']} neg images"
     assert f"| AUC | {auc:.3f} ({low:.3f}–{high:.3f}) | {n_text} |" in card
     tp, fn = ev.metrics["tp"], ev.metrics["fn"]
-    assert f"| Sensitivity | " in card and f"| {tp}/{tp + fn} |" in card
+    assert "| Sensitivity | " in card and f"| {tp}/{tp + fn} |" in card
     assert "Per class (argmax prediction):" in card and "| class | support | sensitivity | PPV |" in card
     covid = ev.per_class.loc["covid"]
     assert f"| covid | {int(covid.support)} | {covid.sensitivity:.3f} |" in card

@@ -216,7 +216,6 @@ def test_preprocessing_killed_at_random_points_resumes_to_the_same_cache(tmp_pat
     script = tmp_path / "preprocess_child.py"
     script.write_text(PREPROCESS_CHILD)
 
-    started = time.monotonic()
     reference = _spawn([sys.executable, str(script), str(csv), str(tmp_path / "reference")])
     _wait_for_line(reference, "READY")
     ready = time.monotonic()

@@ -306,7 +306,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print("(research software, not a diagnostic device; synthetic images, so the numbers say the code works, "
           "not that a model can diagnose anything)\n")
     print("1/5 sample data")
-    sample = _write_sample(layout.sample_data, args.n, args.seed)
+    _write_sample(layout.sample_data, args.n, args.seed)
     paths = config.sample_drive_paths(out)
     print("\n2/5 manifest (notebook 01)")
     result = manifest.build_manifest(paths, task=args.task, progress=not args.quiet)

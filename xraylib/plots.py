@@ -1,7 +1,7 @@
 """Figures the notebooks show. Each function takes data and returns a matplotlib Figure."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 
 import matplotlib.pyplot as plt
@@ -14,6 +14,10 @@ from sklearn import metrics as skm  # as a module: the figures below are named r
 from .errors import BadFileError
 from .evaluate import METRIC_LABELS, binary_metrics, binary_targets, top_losses
 from .images import read_image
+
+if TYPE_CHECKING:
+    import os
+    from pathlib import Path
 
 
 def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] | None = None, ncols: int = 4,
