@@ -3,6 +3,7 @@ plus RSNA DICOMs, killed with SIGKILL part-way (as a lost Colab runtime) and res
 uninterrupted build ends. The sizes are small; ``benchmarks/speed.py --only scale`` measures 50,000 files."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -14,10 +15,12 @@ import pytest
 
 from test_nothing_lost import _cache_files, _kill_group, _spawn, _wait_for_line
 from xraylib import preprocess
+from xraylib.errors import SourceError
 from xraylib.sample_layouts import write_nih_layout, write_rsna_sample
 from xraylib.sources import read_nih_chestxray14
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR AS")
+REPO = Path(__file__).resolve().parents[1]
 
 # Each file's open waits a few milliseconds (a slow Drive): the kills land while files are being read, not after.
 BUILD_CHILD = textwrap.dedent("""
@@ -124,3 +127,56 @@ def test_a_build_killed_while_reading_and_while_caching_resumes_to_the_uninterru
         assert got[name] == expected[name], f"{name} differs from the uninterrupted build's"
     data = preprocess.load_preprocessed(folder / "preprocessed")
     assert sum(len(s) for s in data.splits.values()) == cached + new
+
+
+def test_the_scale_benchmark_runs_at_tiny_sizes(tmp_path):
+    """``speed.py --only scale`` end to end at 40 and 80 files: its timings mean nothing here; the counts must hold
+    and the resumed build must find everything done."""
+    out = tmp_path / "results"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed.py"), "--smoke", "--only", "scale",
+                           "--scale-sizes", "40", "80", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    scale = json.loads((out / "speed.json").read_text())["scale"]
+    for n, run in scale["runs"].items():
+        assert run["files"] == int(n) and 0 < run["images"] == run["rows"] < int(n)
+        assert run["cache_again_new"] == 0 and run["peak_rss_mb"] > 0
+    assert "## Scale" in (out / "speed.md").read_text()
+
+
+def test_the_cache_copied_to_local_disk_loads_the_same_and_a_cut_copy_resumes(tmp_path, monkeypatch):
+    from test_preprocess import SETTINGS, arrays, make_split_manifest, run
+    import xraylib.preprocess as preprocess_module
+
+    frame = make_split_manifest(tmp_path / "src")
+    original = run(frame, tmp_path / "drive" / "preprocessed")
+    local = tmp_path / "local" / "preprocessed"
+    real_atomic_path, written = preprocess_module.atomic_path, []
+
+    def cut_at(name):
+        def atomic_path(path):
+            if Path(path).name == name:
+                raise KeyboardInterrupt  # the runtime lost while copying this file
+            written.append(Path(path).name)
+            return real_atomic_path(path)
+        return atomic_path
+
+    monkeypatch.setattr(preprocess_module, "atomic_path", cut_at("val_images.npy"))
+    with pytest.raises(KeyboardInterrupt):
+        preprocess.copy_preprocessed(original.folder, local, progress=False)
+    with pytest.raises(SourceError, match="no finished"):
+        preprocess.load_preprocessed(local)
+    copied_before, written[:] = list(written), []
+    monkeypatch.setattr(preprocess_module, "atomic_path", cut_at(None))
+    assert preprocess.copy_preprocessed(original.folder, local, progress=False) == local
+    assert "train_images.npy" in copied_before and not set(written) & set(copied_before)  # kept, not copied again
+    copy = preprocess.load_preprocessed(local)
+    assert copy.key == original.key and copy.settings == SETTINGS
+    for name, images in arrays(original).items():
+        np.testing.assert_array_equal(copy[name].images, images)
+    written.clear()
+    preprocess.copy_preprocessed(original.folder, local, progress=False)
+    assert written == []  # complete: nothing to do
+
+    other = run(frame, tmp_path / "drive" / "other", preprocess.PreprocessSettings(image_size=40))
+    preprocess.copy_preprocessed(other.folder, local, progress=False)  # over a copy of another cache
+    assert preprocess.load_preprocessed(local).key == other.key and preprocess.load_preprocessed(local)["train"].images.shape[1] == 40
