@@ -4,6 +4,7 @@ uninterrupted build ends. The sizes are small; ``benchmarks/speed.py --only scal
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -66,6 +67,22 @@ def test_the_nih_layout_is_read_as_the_real_one(layout):
     assert set(table.rows["label"]) == {"normal", "pneumonia"} and table.rows["path"].map(lambda p: Path(p).is_file()).all()
     assert table.rows.groupby("patient_id").size().max() == 3  # follow-ups: several images per patient
     assert table.rows[["view", "sex", "age"]].notna().all().all()
+
+
+def test_kaggles_copy_of_nih_in_images_nnn_folders_is_read_as_the_flat_one(layout, tmp_path):
+    nih, _, _ = layout
+    flat = read_nih_chestxray14(nih).rows
+    kaggle = tmp_path / "nih-kaggle"
+    shutil.copy(nih / "Data_Entry_2017.csv", kaggle.mkdir() or kaggle)
+    for i, image in enumerate(sorted((nih / "images").iterdir())):  # 100 files per folder (Kaggle: 10,000)
+        folder = kaggle / f"images_{i // 100 + 1:03d}" / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, folder)
+    table = read_nih_chestxray14(kaggle)
+    assert not table.problems and table.excluded == read_nih_chestxray14(nih).excluded
+    assert table.rows["path"].str.contains("/images_00[123]/images/").all()
+    assert [Path(p).read_bytes() for p in table.rows["path"]] == [Path(p).read_bytes() for p in flat["path"]]
+    assert table.rows.drop(columns="path").equals(flat.drop(columns="path"))
 
 
 def _lines(path: Path) -> int:

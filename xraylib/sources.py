@@ -449,16 +449,22 @@ def nih_label(finding_labels: object) -> str | None:
 def read_nih_chestxray14(root: str | os.PathLike) -> SourceTable:
     """NIH ChestX-ray14: ``Data_Entry_2017.csv`` + ``images/*.png`` (adult normals: the fair comparison).
 
-    The folder ``images/`` is listed once, not each of its 112,120 files looked up: on a Drive folder a lookup
-    costs a round trip. Column by column, not a dict per row.
+    The images may also lie as Kaggle's copy of the set has them, ``images_001/images/`` to ``images_012/images/``.
+    Each folder is listed once, not each of the 112,120 files looked up: on a Drive folder a lookup costs a round
+    trip. Column by column, not a dict per row.
     """
     root = Path(root)
-    _require_dir(root, "NIH ChestX-ray14: expected Data_Entry_2017.csv and images/")
+    _require_dir(root, "NIH ChestX-ray14: expected Data_Entry_2017.csv and images/ (or Kaggle's images_001/images/, ...)")
     entries = _read_csv(root / "Data_Entry_2017.csv", "NIH data entry",
                         ("Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender", "View Position"))
     table = SourceTable("nih", pd.DataFrame(columns=SOURCE_COLUMNS))
     images = root / "images"
-    present, prefix = _file_names(images), os.path.join(images, "")
+    # name -> the folder holding it ("images/" first, then Kaggle's "images_NNN/images/" in order)
+    present: dict[str, str] = {}
+    for folder in [images] + sorted(root.glob("images_*/images")):
+        prefix = os.path.join(folder, "")
+        for file_name in _file_names(folder):
+            present.setdefault(file_name, prefix)
     columns: dict[str, list] = {name: [] for name in ("path", "label", "patient_id", "view", "sex", "age", "finding",
                                                       "image_id")}
     for name, findings, patient, age, sex, view in zip(*(entries[c].tolist() for c in (
@@ -471,7 +477,8 @@ def read_nih_chestxray14(root: str | os.PathLike) -> SourceTable:
             table.exclude("NIH row without Image Index", 1)
             continue
         if _plain_name(name):
-            path, exists = prefix + name, name in present
+            exists = name in present
+            path = present[name] + name if exists else None
         else:  # a name with a folder in it: checked to stay inside, then looked up
             path = _inside(root, "images", name)
             if path is None:
