@@ -30,7 +30,7 @@ from .phantoms import RSNA_EXTRAS, burn_marker, make_ct_slice, make_phantom
 __all__ = [
     "COVID_METADATA_COLUMNS", "RSNA_LABEL_COLUMNS", "RSNA_CLASS_COLUMNS", "RSNA_CLASSES",
     "write_ieee8023_sample", "write_rsna_sample", "write_kaggle_sample", "write_nlm_shenzhen_sample",
-    "write_nlm_montgomery_sample",
+    "write_nlm_montgomery_sample", "write_nih_layout", "NIH_DATA_ENTRY_HEADER",
 ]
 
 #: ieee8023 ``metadata.csv`` columns in file order; the real header ends with a comma, i.e. an
