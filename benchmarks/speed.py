@@ -24,6 +24,10 @@ the two sides of a comparison alternate inside each repeat, so a noisy machine s
    (batched) against one ``model.predict`` per image, as the seeds' "check your own images" did.
 4. Peak memory (RSS) of building the manifest and the preprocessed cache for 1,000 and 8,000
    synthetic 256x256 JPEG Baseline DICOMs in the RSNA layout, each in a fresh process.
+6. Scale (``--only scale``): the manifest and the cache for 1,000 and 50,000 small synthetic PNGs in NIH
+   ChestX-ray14's layout (``Data_Entry_2017.csv`` with the real columns), each in a fresh process: time per
+   file, peak RSS, and a second build (the resume after a lost runtime) that finds every file in the
+   manifest's checkpoint and every row in the cache.
 5. GPU rows: VGG16 training (frozen backbone, streamed) and inference images/s, float32 and
    mixed float16, measured where a GPU is visible; otherwise marked "not measured".
 
@@ -58,16 +62,16 @@ MODES = {
               "test_images": {"vgg16": 120, "mobilenet": 200},
               # Preprocessing as in the full run: per-call costs (cache key, status files, manifest) weigh as at scale.
               "raster_files": 960, "dicom_files": 1000, "infer_files": {"vgg16": 24, "mobilenet": 96},
-              "memory_sizes": (1000, 8000), "memory_repeats": 1, "streaming": ("mobilenet",), "epochs": (10, 25),
+              "memory_sizes": (1000, 8000), "scale_sizes": (1000, 50000), "memory_repeats": 1, "streaming": ("mobilenet",), "epochs": (10, 25),
               "gpu_images": 512},
     "full": {"repeats": 3, "train_repeats": {"vgg16": 3, "mobilenet": 3}, "train_images": {"vgg16": 400, "mobilenet": 400}, "test_images": {"vgg16": 300, "mobilenet": 300},
              "raster_files": 960, "dicom_files": 1000, "infer_files": {"vgg16": 100, "mobilenet": 400},
-             "memory_sizes": (1000, 8000), "memory_repeats": 3, "streaming": ("vgg16", "mobilenet"), "epochs": (10, 25),
+             "memory_sizes": (1000, 8000), "scale_sizes": (1000, 50000), "memory_repeats": 3, "streaming": ("vgg16", "mobilenet"), "epochs": (10, 25),
              "gpu_images": 2048},
     # Checks the script itself in a few minutes; its numbers mean nothing.
     "smoke": {"repeats": 1, "train_repeats": {"vgg16": 1, "mobilenet": 1}, "train_images": {"vgg16": 16, "mobilenet": 40}, "test_images": {"vgg16": 16, "mobilenet": 20},
               "raster_files": 40, "dicom_files": 40, "infer_files": {"vgg16": 4, "mobilenet": 8},
-              "memory_sizes": (100, 300), "memory_repeats": 1, "streaming": ("mobilenet",), "epochs": (2, 3),
+              "memory_sizes": (100, 300), "scale_sizes": (100, 300), "memory_repeats": 1, "streaming": ("mobilenet",), "epochs": (2, 3),
               "gpu_images": 16},
 }
 EPOCHS = (10, 25)  # set from the mode in main()
@@ -694,6 +698,92 @@ def bench_memory(work: Path, sizes: tuple[int, ...], repeats: int, seed: int) ->
 
 
 # --------------------------------------------------------------------------------------------
+# 6. Scale: manifest + cache of many NIH-layout PNGs, in fresh processes
+
+#: All of NIH ChestX-ray14 and RSNA stage 2: the files a manifest of both reads.
+FULL_NIH_RSNA_FILES = 112_120 + 26_684
+SCALE_PNG_SIDE = 64
+SCALE_CACHE_SIDE = 224
+
+
+def scale_child(source: Path, out: Path, workers: int) -> dict:
+    """Run in a fresh process: manifest (with its checkpoint) + split + cache of the NIH-layout ``source``, then
+    both again as a resumed run finds them. Peak RSS is the kernel's ``VmHWM`` after the first build."""
+    from xraylib import manifest, preprocess
+
+    task, classes = "pneumonia_vs_normal", ("normal", "pneumonia")
+    settings = preprocess.PreprocessSettings(image_size=SCALE_CACHE_SIDE)
+    checkpoint = out / "manifest_files.jsonl"
+    started = time.perf_counter()
+    built = manifest.build_manifest({"nih_chestxray14": source}, task=task, workers=8, progress=False,
+                                    checkpoint=checkpoint)
+    manifest.save_manifest(built, out / "manifest.csv")
+    manifest_s = time.perf_counter() - started
+    started = time.perf_counter()
+    data = preprocess.split_and_preprocess(built.frame, out / "preprocessed", classes, settings, workers=workers,
+                                           progress=False)
+    cache_s = time.perf_counter() - started
+    peak = _status_kb("self", ("VmHWM",))["VmHWM"] / 1024
+    started = time.perf_counter()
+    again = manifest.build_manifest({"nih_chestxray14": source}, task=task, workers=8, progress=False,
+                                    checkpoint=checkpoint)
+    manifest_again_s = time.perf_counter() - started
+    started = time.perf_counter()
+    cached = preprocess.split_and_preprocess(again.frame, out / "preprocessed", classes, settings, workers=workers,
+                                             progress=False)
+    cache_again_s = time.perf_counter() - started
+    cache_bytes = sum(p.stat().st_size for p in (out / "preprocessed").glob("*_images.npy"))
+    started = time.perf_counter()
+    preprocess.copy_preprocessed(out / "preprocessed", out / "local_copy", progress=False)  # to a runtime's own disk; here disk to disk
+    copy_s = time.perf_counter() - started
+    return {
+        "files": int(len(pd.read_csv(source / "Data_Entry_2017.csv", usecols=[0]))), "rows": int(len(built.frame)),
+        "images": int(sum(len(s) for s in data.splits.values())), "manifest_s": manifest_s, "cache_s": cache_s,
+        "peak_rss_mb": peak, "manifest_again_s": manifest_again_s, "cache_again_s": cache_again_s,
+        "cache_again_new": int(cached.report["new"]), "cache_mb": cache_bytes / 2**20, "copy_s": copy_s,
+    }
+
+
+def bench_scale(work: Path, sizes: tuple[int, ...], seed: int) -> dict:
+    from xraylib.sample_layouts import write_nih_layout
+
+    runs = {}
+    for n in sizes:
+        source, out = work / f"nih_{n}", work / f"out_{n}"
+        shutil.rmtree(source, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        log(f"scale: writing {n} synthetic {SCALE_PNG_SIDE}x{SCALE_PNG_SIDE} PNGs in the NIH layout")
+        started = time.perf_counter()
+        write_nih_layout(source, n, size=SCALE_PNG_SIDE, seed=seed)
+        write_s = time.perf_counter() - started
+        log(f"scale: manifest + cache of {n} files in a fresh process")
+        out.mkdir(parents=True)
+        child = subprocess.run([sys.executable, __file__, "--scale-child", str(source), str(out)],
+                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        if child.returncode != 0:
+            raise RuntimeError(f"scale child failed:\n{child.stderr[-3000:]}")
+        runs[n] = {**json.loads(child.stdout.strip().splitlines()[-1]), "write_s": write_s,
+                   "load_average": load_average()}
+        shutil.rmtree(source, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+    small, large = min(sizes), max(sizes)
+    slope = (runs[large]["peak_rss_mb"] - runs[small]["peak_rss_mb"]) / (large - small)
+    per_image = runs[large]["cache_mb"] * 2**20 / max(1, runs[large]["images"])
+    return {
+        "files_on_disk": f"{SCALE_PNG_SIDE}x{SCALE_PNG_SIDE} 8-bit gray PNGs, NIH layout; task pneumonia_vs_normal "
+                         f"(about 57% of NIH's rows); cached at {SCALE_CACHE_SIDE}x{SCALE_CACHE_SIDE}; 2 decoding threads, "
+                         "8 manifest readers; local disk",
+        "runs": {str(n): r for n, r in runs.items()},
+        "peak_rss_growth_percent": 100 * (runs[large]["peak_rss_mb"] / runs[small]["peak_rss_mb"] - 1),
+        "mb_per_1000_files": 1000 * slope,
+        "extrapolated_nih_and_rsna": {"files": FULL_NIH_RSNA_FILES,
+                                      "peak_rss_mb": runs[large]["peak_rss_mb"] + slope * (FULL_NIH_RSNA_FILES - large),
+                                      "cache_gb_every_file_224": FULL_NIH_RSNA_FILES * per_image / 1e9,
+                                      "cache_gb_every_file_512": FULL_NIH_RSNA_FILES * (128 + 512 * 512) / 1e9},
+    }
+
+
+# --------------------------------------------------------------------------------------------
 # Results
 
 
@@ -800,6 +890,23 @@ def markdown(results: dict) -> str:
                       f"{fmt(memory['mb_per_1000_images'])} MB per 1,000 images). Extrapolated to {extra['images']:,} images "
                       f"(RSNA stage 2 plus the COVID-19 sets): about {fmt(extra['peak_rss_mb'], 0)} MB, against "
                       f"{fmt(memory['seeds_float32_rgb_arrays_gb'][str(extra['images'])], 1)} GB for the seeds' float32 RGB arrays."]
+    scale = results.get("scale")
+    if scale:
+        lines += ["", f"## Scale: manifest + cache of NIH-layout files (fresh process each; {scale['files_on_disk']})", "",
+                  "| files | rows kept | manifest s (ms/file) | cache s (ms/image) | peak RSS MB | resumed: manifest s / cache s | cache MB | copy of the cache s | load average |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for n, r in scale["runs"].items():
+            lines.append(f"| {int(n):,} | {r['rows']:,} | {fmt(r['manifest_s'])} ({fmt(1000 * r['manifest_s'] / r['files'], 3)}) | "
+                         f"{fmt(r['cache_s'])} ({fmt(1000 * r['cache_s'] / max(1, r['rows']), 3)}) | {fmt(r['peak_rss_mb'])} | "
+                         f"{fmt(r['manifest_again_s'])} / {fmt(r['cache_again_s'])} ({r['cache_again_new']} new) | "
+                         f"{fmt(r['cache_mb'])} | {fmt(r['copy_s'], 2)} | {fmt(r['load_average'][0], 2)} |")
+        extra = scale["extrapolated_nih_and_rsna"]
+        lines += ["", f"Peak RSS grows {fmt(scale['peak_rss_growth_percent'])}% from the smallest to the largest run "
+                      f"({fmt(scale['mb_per_1000_files'])} MB per 1,000 files); extrapolated to all of NIH and RSNA "
+                      f"({extra['files']:,} files): about {fmt(extra['peak_rss_mb'], 0)} MB. A cache of every one of those "
+                      f"files takes {fmt(extra['cache_gb_every_file_224'])} GB at 224 px, "
+                      f"{fmt(extra['cache_gb_every_file_512'])} GB at 512 px. Measured on local disk: a Drive folder "
+                      "adds its latency to every file read (not measured here)."]
     gpu = results.get("gpu", {})
     lines += ["", "## GPU", "", "| measurement | float32 | mixed float16 |", "|---|---|---|"]
     if gpu.get("status") == "measured":
@@ -839,7 +946,7 @@ def jsonable(value):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer images and repeats (about 20 minutes on 2 cores)")
-    parser.add_argument("--only", nargs="+", choices=("training", "preprocessing", "inference", "memory", "gpu"),
+    parser.add_argument("--only", nargs="+", choices=("training", "preprocessing", "inference", "memory", "gpu", "scale"),
                         help="run only these parts")
     parser.add_argument("--backbones", nargs="+", default=["vgg16", "mobilenet"], choices=("vgg16", "mobilenet"))
     parser.add_argument("--loaded", default="",
@@ -853,8 +960,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-sizes", type=int, nargs=2, default=None, metavar=("SMALL", "LARGE"),
                         help="numbers of DICOMs for the memory part (default 1000 8000)")
     parser.add_argument("--memory-child", nargs=2, metavar=("SOURCE", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--scale-sizes", type=int, nargs="+", default=None, metavar="N",
+                        help="numbers of NIH-layout PNGs for the scale part (default 1000 50000)")
+    parser.add_argument("--scale-child", nargs=2, metavar=("SOURCE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.scale_child:
+        print(json.dumps(scale_child(Path(args.scale_child[0]), Path(args.scale_child[1]), workers=2)))
+        return 0
     if args.memory_child:
         print(json.dumps(memory_child(Path(args.memory_child[0]), Path(args.memory_child[1]), workers=2)))
         return 0
@@ -867,9 +980,9 @@ def main(argv: list[str] | None = None) -> int:
     mode = MODES[mode_name]
     global EPOCHS
     EPOCHS = tuple(mode["epochs"])
-    parts = set(args.only or ("training", "preprocessing", "inference", "memory", "gpu"))
+    parts = set(args.only or ("training", "preprocessing", "inference", "memory", "gpu", "scale"))
     data_root, weights_dir = config.shared_data_dir(), config.shared_weights_dir()
-    if data_root is None:
+    if data_root is None and parts & {"training", "preprocessing", "inference", "gpu"}:  # memory, scale: synthetic files
         print("../shared/data not found (set XRAYLIB_SHARED_DATA): the benchmark needs the real images", file=sys.stderr)
         return 2
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="xraylib_speed_"))
@@ -883,6 +996,8 @@ def main(argv: list[str] | None = None) -> int:
         if "memory" in parts:  # first: the fresh processes it starts do not share this one's memory
             sizes = tuple(args.memory_sizes or mode["memory_sizes"])
             results["memory"] = bench_memory(work / "memory", sizes, mode["memory_repeats"], args.seed)
+        if "scale" in parts:
+            results["scale"] = bench_scale(work / "scale", tuple(args.scale_sizes or mode["scale_sizes"]), args.seed)
         if "preprocessing" in parts:
             rasters = raster_files(data_root, mode["raster_files"], args.seed)
             results["preprocessing"].append(bench_preprocessing("JPEG/PNG (real, ../shared/data)", rasters,
@@ -922,7 +1037,7 @@ def main(argv: list[str] | None = None) -> int:
         results["provenance"] = {part: this_run for part in sorted(parts)}
         if args.merge and (out / "speed.json").exists():
             previous = json.loads((out / "speed.json").read_text())
-            for part in ("training", "preprocessing", "inference", "memory"):
+            for part in ("training", "preprocessing", "inference", "memory", "scale"):
                 if part not in parts and part in previous:
                     results[part] = previous[part]
                     results["provenance"][part] = previous.get("provenance", {}).get(part, {

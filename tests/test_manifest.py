@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import write_dicom
+from conftest import write_dicom, write_raster
 from test_sources import (
     DEFAULT_IEEE_ROWS, DEFAULT_KAGGLE, DEFAULT_RSNA, IeeeRow, RsnaPatient, image_pixels, make_all_sources,
     make_ieee8023, make_kaggle, make_rsna,
@@ -334,3 +334,50 @@ def test_missing_source_folder_stops_the_build_naming_it(sources, tmp_path):
     missing = tmp_path / "drive" / "not-synced-yet"
     with pytest.raises(SourceError, match=str(missing)):
         build({**sources, "nih_chestxray14": missing})
+
+
+# --------------------------------------------------------------------------------------------
+# The checkpoint: a build interrupted or run again reads only what it has not read
+
+
+def _counting_reads(monkeypatch) -> list[str]:
+    import xraylib.images as images_module
+    reads: list[str] = []
+    real = images_module.inspect_file
+    monkeypatch.setattr(images_module, "inspect_file", lambda path, opener=open: reads.append(str(path)) or real(path, opener))
+    return reads
+
+
+def test_a_checkpointed_build_equals_a_plain_one_and_a_second_build_reads_no_file(sources, tmp_path, monkeypatch):
+    plain = build_manifest(sources, task="covid_pneumonia_normal", views=None, progress=False).frame
+    checkpoint = tmp_path / "out" / "manifest_files.jsonl"
+    reads = _counting_reads(monkeypatch)
+    first = build_manifest(sources, task="covid_pneumonia_normal", views=None, progress=False, checkpoint=checkpoint)
+    pd.testing.assert_frame_equal(first.frame, plain)
+    read_first = len(reads)
+    assert read_first > len(plain)  # the unreadable files too (RSNA's CT, ...): reported, never checkpointed
+    reads.clear()
+    second = build_manifest(sources, task="covid_pneumonia_normal", views=None, progress=False, checkpoint=checkpoint)
+    pd.testing.assert_frame_equal(second.frame, plain)
+    assert second.report.to_dict() == first.report.to_dict()
+    assert set(reads) == {p for p, _ in first.report.problems if Path(p).is_file()}  # only the bad files, again
+
+
+def test_a_changed_file_and_a_line_cut_by_a_kill_are_read_again(sources, tmp_path, monkeypatch):
+    checkpoint = tmp_path / "manifest_files.jsonl"
+    first = build_manifest(sources, task="pneumonia_vs_normal", views=None, progress=False, checkpoint=checkpoint).frame
+    changed = Path(first.loc[first["source"] == "nih", "path"].iloc[0])
+    write_raster(changed, image_pixels("replaced", 64, 64))  # other bytes, a new mtime
+    lines = checkpoint.read_text().splitlines(keepends=True)
+    cut = lines[-1]
+    checkpoint.write_text("".join(lines[:-1]) + cut[: len(cut) // 2])  # a kill mid-line
+    reads = _counting_reads(monkeypatch)
+    again = build_manifest(sources, task="pneumonia_vs_normal", views=None, progress=False, checkpoint=checkpoint).frame
+    cut_path = json.loads(cut)[0]
+    assert {str(changed), cut_path} <= set(reads) and len(reads) <= 2 + 3  # and the few unreadable files
+    assert again.loc[again["path"] == str(changed), "sha1"].item() == hashlib.sha1(changed.read_bytes()).hexdigest()
+    # appended after the cut line (ended first): a third build reads nothing new
+    reads.clear()
+    third = build_manifest(sources, task="pneumonia_vs_normal", views=None, progress=False, checkpoint=checkpoint).frame
+    pd.testing.assert_frame_equal(third, again)
+    assert str(changed) not in reads and cut_path not in reads

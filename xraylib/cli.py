@@ -57,8 +57,9 @@ def cmd_manifest(args: argparse.Namespace) -> None:
     paths = _sources(args)
     paths.check_sources_exist()
     views = None if args.views == ["all"] else args.views
-    result = manifest.build_manifest(paths, task=args.task, views=views, workers=args.workers, progress=not args.quiet)
     layout = paths.layout
+    result = manifest.build_manifest(paths, task=args.task, views=views, workers=args.workers, progress=not args.quiet,
+                                     checkpoint=layout.manifest_files)
     manifest.save_manifest(result, layout.manifest, layout.manifest_report)
     print(result.report.summary())
     print(manifest.counts_table(result.frame).to_string(index=False))

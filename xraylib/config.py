@@ -113,6 +113,11 @@ class OutputLayout:
         return self.root / "manifest_report.json"
 
     @property
+    def manifest_files(self) -> Path:
+        """What each source file read for the manifest gave (:func:`xraylib.manifest.build_manifest`'s checkpoint)."""
+        return self.root / "manifest_files.jsonl"
+
+    @property
     def preprocessed(self) -> Path:
         return self.root / "preprocessed"
 

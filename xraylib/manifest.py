@@ -7,9 +7,11 @@ never writes to a source folder.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
+import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -114,15 +116,16 @@ def inspect_files(paths: Iterable[str], workers: int = 8, progress: bool = True,
     return dict(_inspect_all(paths, workers, progress, opener))
 
 
-def _inspect_all(paths: Iterable[str], workers: int, progress: bool,
-                 opener: Callable[[str, str], Any]) -> Iterator[tuple[str, images.ImageInfo | str]]:
+def _inspect_all(paths: Iterable[str], workers: int, progress: bool, opener: Callable[[str, str], Any],
+                 inspect: Callable[[str], tuple[str, Any, str | None]] | None = None) -> Iterator[tuple[str, Any]]:
     """(path, ImageInfo or reason) for each distinct path, in order, read by ``workers`` threads.
 
-    A few files per thread are in flight at a time: submitting them all at once would hold a
-    future (about 1 KB) per file until the end, a cost that grows with the folder.
+    ``inspect``: what each thread does with a path (default :func:`_inspect` with ``opener``), returning
+    ``(path, result or None, reason)``. A few files per thread are in flight at a time: submitting them all at
+    once would hold a future (about 1 KB) per file until the end, a cost that grows with the folder.
     """
     unique = list(dict.fromkeys(paths))
-    inspect = partial(_inspect, opener=opener)
+    inspect = inspect or partial(_inspect, opener=opener)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         pending: deque = deque()
         with tqdm(total=len(unique), desc="checking images", disable=not progress, unit="img") as bar:
@@ -134,7 +137,7 @@ def _inspect_all(paths: Iterable[str], workers: int, progress: bool,
                 yield _inspected(pending.popleft().result(), bar)
 
 
-def _inspected(result: tuple[str, images.ImageInfo | None, str | None], bar: tqdm) -> tuple[str, images.ImageInfo | str]:
+def _inspected(result: tuple[str, Any, str | None], bar: tqdm) -> tuple[str, Any]:
     path, info, reason = result
     bar.update(1)
     return path, info if info is not None else reason
@@ -161,6 +164,82 @@ def _file_facts(info: images.ImageInfo) -> _FileFacts:
     return _FileFacts(info.file_format, info.width, info.height, info.channels, info.bit_depth, info.sha1, header)
 
 
+#: How often (files newly read) :func:`build_manifest`'s checkpoint is flushed to its file; at most
+#: :data:`CHECKPOINT_SECONDS` apart too, so a slow Drive loses little of its work to a lost runtime.
+CHECKPOINT_EVERY = 256
+CHECKPOINT_SECONDS = 10.0
+
+
+def _inspect_with_checkpoint(paths: list[str], checkpoint: Path, workers: int, progress: bool,
+                             opener: Callable[[str, str], Any]) -> dict[str, _FileFacts | str]:
+    """:func:`_inspect_all` as facts, reusing the readable files ``checkpoint`` records with their size and time
+    now, and appending each file newly read (one JSON line: path, size, mtime_ns, the facts)."""
+    known = _read_checkpoint(checkpoint)
+
+    def inspect(path: str) -> tuple[str, tuple[tuple[int, int] | None, _FileFacts | None], str | None]:
+        try:
+            stat = os.stat(path)
+            signature = (stat.st_size, stat.st_mtime_ns)  # taken before the read: a file changed during it is read again next time
+        except OSError:
+            signature = None
+        entry = known.get(path)
+        if signature is not None and entry is not None and entry[0] == signature:
+            return path, (None, entry[1]), None
+        _, info, reason = _inspect(path, opener)
+        return path, (signature, None if info is None else _file_facts(info)), reason
+
+    inspected: dict[str, _FileFacts | str] = {}
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    cut = _ends_cut(checkpoint)
+    with open(checkpoint, "a", encoding="utf-8") as log:
+        if cut:
+            log.write("\n")  # a line cut by a kill: ended, so the next one stands on its own (the cut one is skipped)
+        pending, flushed = 0, time.monotonic()
+        for path, result in _inspect_all(paths, workers, progress, opener, inspect):
+            if isinstance(result, str):
+                inspected[path] = result
+                continue
+            signature, facts = result
+            inspected[path] = facts
+            if signature is None:
+                continue  # from the checkpoint, or a file that could not be stat'ed
+            log.write(json.dumps([path, *signature, *facts[:-1], facts.header]) + "\n")
+            pending += 1
+            if pending >= CHECKPOINT_EVERY or time.monotonic() - flushed > CHECKPOINT_SECONDS:
+                log.flush()
+                pending, flushed = 0, time.monotonic()
+    return inspected
+
+
+def _ends_cut(path: Path) -> bool:
+    """Whether ``path`` ends in the middle of a line (False for a missing or empty file)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except OSError:
+        return False
+
+
+def _read_checkpoint(checkpoint: Path) -> dict[str, tuple[tuple[int, int], _FileFacts]]:
+    """``{path: ((size, mtime_ns), facts)}`` from a checkpoint file (the last line of a path wins); lines that do not
+    parse (one cut by a kill, a damaged file) are skipped: their files are read again."""
+    known: dict[str, tuple[tuple[int, int], _FileFacts]] = {}
+    try:
+        log = open(checkpoint, encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return known
+    with log:
+        for line in log:
+            try:
+                path, size, mtime_ns, *values, header = json.loads(line)
+                known[path] = ((int(size), int(mtime_ns)),
+                               _FileFacts(*values, header=None if header is None else tuple(header)))
+            except (ValueError, TypeError):
+                continue
+    return known
+
+
 def build_manifest(
     sources: DrivePaths | Mapping[str, str | os.PathLike],
     task: str = "covid_vs_normal",
@@ -170,6 +249,7 @@ def build_manifest(
     workers: int = 8,
     progress: bool = True,
     opener: Callable[[str, str], Any] = open,
+    checkpoint: str | os.PathLike | None = None,
 ) -> Manifest:
     """Read the sources, keep the task's classes, filter views and modality, check files, drop duplicates.
 
@@ -178,6 +258,11 @@ def build_manifest(
     ``keep_unknown_view`` is False. Unreadable files are reported and skipped; a missing
     folder or label file raises :class:`SourceError` naming it. ``opener`` opens each image
     file (default :func:`open`; tests pass a fault-injecting one, see :func:`xraylib.fileio.read_bytes`).
+
+    Every file is read once, whole (its hash and a header check): for all of NIH and RSNA on Drive, hours.
+    ``checkpoint`` (a file, e.g. :attr:`xraylib.config.OutputLayout.manifest_files`) keeps what each readable
+    file gave, as it comes: a build interrupted (a lost runtime) and run again reads only the files not yet
+    read, and a later build (another task, more files) only new files and files whose size or time changed.
     """
     if task not in TASKS:
         raise ConfigError(f"task must be one of {sorted(TASKS)}, got {task!r}")
@@ -207,8 +292,11 @@ def build_manifest(
         frames.append((table, rows))
 
     all_paths = [p for _, rows in frames for p in rows["path"]]
-    inspected = {path: result if isinstance(result, str) else _file_facts(result)
-                 for path, result in _inspect_all(all_paths, workers, progress, opener)}
+    if checkpoint is None:
+        inspected = {path: result if isinstance(result, str) else _file_facts(result)
+                     for path, result in _inspect_all(all_paths, workers, progress, opener)}
+    else:
+        inspected = _inspect_with_checkpoint(all_paths, Path(checkpoint), workers, progress, opener)
 
     kept_frames = []
     for table, rows in frames:

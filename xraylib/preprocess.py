@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .errors import BadFileError, ConfigError, SourceError
 from .fileio import (
-    WriteError, read_json, save_npy_atomic, sha1_bytes, write_csv_atomic, write_error, write_json_atomic,
+    WriteError, atomic_path, read_json, save_npy_atomic, sha1_bytes, write_csv_atomic, write_error, write_json_atomic,
 )
 from .images import decode_bytes, read_image_bytes
 from .manifest import read_manifest_csv
@@ -728,6 +728,53 @@ def _clear(out_dir: Path) -> None:
                      f"{split}_labels.npy", f"{split}_problems.json"):
             (out_dir / name).unlink(missing_ok=True)
     (out_dir / "manifest.csv").unlink(missing_ok=True)
+
+
+def _cache_files(folder: Path) -> list[Path]:
+    """The files of a finished cache that :func:`load_preprocessed` reads; ``preprocess.json`` last (it says "complete")."""
+    return ([folder / "manifest.csv"] + [folder / f"{split}_{kind}.npy" for split in SPLITS for kind in ("labels", "images")]
+            + [folder / "preprocess.json"])
+
+
+#: Bytes read and written at a time by :func:`copy_preprocessed` (its progress bar moves this often).
+COPY_BLOCK = 16 * 2**20
+
+
+def copy_preprocessed(folder: str | os.PathLike, dest: str | os.PathLike, progress: bool = True) -> Path:
+    """Copy the finished cache in ``folder`` to ``dest`` (say ``/content/preprocessed``, the runtime's own disk) and
+    return ``dest``: training that reads random batches (streamed, fine-tuning) reads them there instead of from a
+    Drive folder. One file per split and array, so a copy is a few long sequential reads.
+
+    Resumable: ``dest`` is marked as a copy of this cache first and marked complete last, so an interrupted copy is
+    never loaded, and run again it keeps the files already copied whole (renamed into place when done). A ``dest``
+    holding another cache is emptied of it first. The feature cache (``features/``) is not copied: training on the
+    copy builds its own there, lost with the runtime. :class:`SourceError` when ``folder`` holds no finished cache.
+    """
+    folder, dest = Path(folder), Path(dest)
+    meta = _read_meta(folder)
+    if not meta or not meta.get("complete"):
+        raise SourceError(f"{folder}: no finished preprocessed data to copy; run notebook 02 (or `python -m xraylib preprocess`)")
+    existing = _read_meta(dest) if dest.is_dir() else None
+    if existing and existing.get("key") == meta["key"] and existing.get("complete"):
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    if not existing or existing.get("key") != meta["key"]:
+        _clear(dest)
+        write_json_atomic(dest / "preprocess.json", {"key": meta["key"], "complete": False, "copy_of": str(folder)})
+    sources = _cache_files(folder)
+    todo = [path for path in sources[:-1]
+            if not ((dest / path.name).is_file() and (dest / path.name).stat().st_size == path.stat().st_size)]
+    total = sum(path.stat().st_size for path in todo)
+    _check_free_space(dest, total, f"copy of the preprocessed images ({len(todo)} files)")
+    with tqdm(total=total, desc="copying the cache", unit="B", unit_scale=True, disable=not progress) as bar:
+        for path in todo:
+            with atomic_path(dest / path.name) as tmp, open(path, "rb") as source, open(tmp, "wb") as target:
+                while block := source.read(COPY_BLOCK):
+                    target.write(block)
+                    bar.update(len(block))
+    with atomic_path(dest / "preprocess.json") as tmp:  # the last step: the copy is complete
+        shutil.copyfile(folder / "preprocess.json", tmp)
+    return dest
 
 
 def load_preprocessed(folder: str | os.PathLike) -> PreprocessedData:

@@ -30,7 +30,7 @@ from .phantoms import RSNA_EXTRAS, burn_marker, make_ct_slice, make_phantom
 __all__ = [
     "COVID_METADATA_COLUMNS", "RSNA_LABEL_COLUMNS", "RSNA_CLASS_COLUMNS", "RSNA_CLASSES",
     "write_ieee8023_sample", "write_rsna_sample", "write_kaggle_sample", "write_nlm_shenzhen_sample",
-    "write_nlm_montgomery_sample",
+    "write_nlm_montgomery_sample", "write_nih_layout", "NIH_DATA_ENTRY_HEADER",
 ]
 
 #: ieee8023 ``metadata.csv`` columns in file order; the real header ends with a comma, i.e. an
@@ -524,3 +524,36 @@ def write_nlm_shenzhen_sample(folder: Path, rng: np.random.Generator, n: int, si
 def write_nlm_montgomery_sample(folder: Path, rng: np.random.Generator, n: int, size: int, marked: str | None) -> dict:
     """The NLM Montgomery County set: ``CXR_png/MCUCXR_NNNN_L.png`` (12-bit in 16-bit PNGs) and ``ClinicalReadings``."""
     return _write_nlm_sample(folder, rng, n, size, marked, prefix="MCUCXR", reading=_montgomery_reading, sixteen_bit=True)
+
+
+# ---- NIH ChestX-ray14 at scale --------------------------------------------------------------
+
+#: ``Data_Entry_2017.csv``'s header as the real file has it (the bracketed names hold commas: 11 fields).
+NIH_DATA_ENTRY_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+                         "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
+# Shares of NIH's labels as xraylib's tasks see them: about 54% "No Finding", 1.3% with Pneumonia, the rest other findings.
+_NIH_FINDINGS = ("No Finding",) * 27 + ("Pneumonia", "Infiltration|Pneumonia") + ("Effusion",) * 11 + ("Atelectasis",) * 11
+
+
+def write_nih_layout(folder: Path, n: int, size: int = 64, seed: int = 0, images_per_patient: int = 3) -> Path:
+    """``n`` distinct ``size`` x ``size`` 8-bit gray PNGs in NIH ChestX-ray14's layout: ``images/00000001_000.png``
+    (patient 1, follow-up 0) and ``Data_Entry_2017.csv`` with the real columns. For scale tests and benchmarks:
+    a few phantoms made once, each file told apart by its first row's pixels (so no two share bytes), written
+    without decoding anything. Returns ``folder``.
+    """
+    folder = Path(folder)
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    bases = [make_phantom("normal", rng, size, size).image for _ in range(4)]
+    lines = [NIH_DATA_ENTRY_HEADER]
+    for i in range(n):
+        patient, follow_up = divmod(i, images_per_patient)
+        name = f"{patient + 1:08d}_{follow_up:03d}.png"
+        pixels = bases[i % len(bases)].copy()
+        pixels[0, :8] = np.frombuffer(i.to_bytes(8, "big"), dtype=np.uint8)
+        _save_image(images / name, pixels)
+        lines.append(f"{name},{_NIH_FINDINGS[i % len(_NIH_FINDINGS)]},{follow_up},{patient + 1},"
+                     f"{20 + patient % 60},{'MF'[patient % 2]},{'PA' if i % 3 else 'AP'},2500,2048,0.143,0.143")
+    (folder / "Data_Entry_2017.csv").write_text("\n".join(lines) + "\n")
+    return folder

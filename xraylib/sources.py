@@ -447,38 +447,70 @@ def nih_label(finding_labels: object) -> str | None:
 
 
 def read_nih_chestxray14(root: str | os.PathLike) -> SourceTable:
-    """NIH ChestX-ray14: ``Data_Entry_2017.csv`` + ``images/*.png`` (adult normals: the fair comparison)."""
+    """NIH ChestX-ray14: ``Data_Entry_2017.csv`` + ``images/*.png`` (adult normals: the fair comparison).
+
+    The images may also lie as Kaggle's copy of the set has them, ``images_001/images/`` to ``images_012/images/``.
+    Each folder is listed once, not each of the 112,120 files looked up: on a Drive folder a lookup costs a round
+    trip. Column by column, not a dict per row.
+    """
     root = Path(root)
-    _require_dir(root, "NIH ChestX-ray14: expected Data_Entry_2017.csv and images/")
+    _require_dir(root, "NIH ChestX-ray14: expected Data_Entry_2017.csv and images/ (or Kaggle's images_001/images/, ...)")
     entries = _read_csv(root / "Data_Entry_2017.csv", "NIH data entry",
                         ("Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender", "View Position"))
     table = SourceTable("nih", pd.DataFrame(columns=SOURCE_COLUMNS))
-    rows = []
-    for record in entries.to_dict("records"):
-        label = nih_label(record["Finding Labels"])
+    images = root / "images"
+    # name -> the folder holding it ("images/" first, then Kaggle's "images_NNN/images/" in order)
+    present: dict[str, str] = {}
+    for folder in [images] + sorted(root.glob("images_*/images")):
+        prefix = os.path.join(folder, "")
+        for file_name in _file_names(folder):
+            present.setdefault(file_name, prefix)
+    columns: dict[str, list] = {name: [] for name in ("path", "label", "patient_id", "view", "sex", "age", "finding",
+                                                      "image_id")}
+    for name, findings, patient, age, sex, view in zip(*(entries[c].tolist() for c in (
+            "Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender", "View Position"))):
+        label = nih_label(findings)
         if label is None:
             table.exclude("NIH finding not used", 1)
             continue
-        name = record["Image Index"]
         if not isinstance(name, str):
             table.exclude("NIH row without Image Index", 1)
             continue
-        path = _inside(root, "images", name)
-        if path is None:
-            table.problems.append((str(root / "images" / name), f"Image Index in Data_Entry_2017.csv names a file "
-                                                                f"outside {root}; row left out, the file not read"))
-            continue
-        if not path.is_file():
+        if _plain_name(name):
+            exists = name in present
+            path = present[name] + name if exists else None
+        else:  # a name with a folder in it: checked to stay inside, then looked up
+            path = _inside(root, "images", name)
+            if path is None:
+                table.problems.append((str(images / name), f"Image Index in Data_Entry_2017.csv names a file "
+                                                           f"outside {root}; row left out, the file not read"))
+                continue
+            exists = path.is_file()
+        if not exists:
             table.exclude("NIH row without image file (subset on disk)", 1)
             continue
-        rows.append({
-            "path": str(path), "label": label, "patient_id": f"nih:{record['Patient ID']}",
-            "view": normalise_view(record["View Position"]), "sex": record["Patient Gender"],
-            "age": parse_age(record["Patient Age"]), "finding": record["Finding Labels"], "modality": "X-ray",
-            "source_split": None, "image_id": record["Image Index"],
-        })
-    table.rows = _finish(rows, "nih")
+        for column, value in (("path", str(path)), ("label", label), ("patient_id", f"nih:{patient}"),
+                              ("view", normalise_view(view)), ("sex", sex), ("age", parse_age(age)),
+                              ("finding", findings), ("image_id", name)):
+            columns[column].append(value)
+    unset = [None] * len(columns["path"])
+    table.rows = _finish({**columns, "modality": ["X-ray"] * len(unset), "source_split": unset}, "nih")
     return table
+
+
+def _file_names(folder: Path) -> set[str]:
+    """The names in ``folder`` (one listing, no lookup per name: a FUSE mount such as Drive's may give no file
+    types, and telling them would cost a round trip each; a folder listed here is reported when read); empty when
+    ``folder`` is not a folder."""
+    try:
+        return set(os.listdir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+
+
+def _plain_name(name: str) -> bool:
+    """Whether ``name`` is a file name alone (no folder, not ``.`` or ``..``): it names a file of its folder."""
+    return not any(sep in name for sep in (os.sep, os.altsep) if sep) and name not in (os.curdir, os.pardir, "")
 
 
 # ---- NLM tuberculosis sets (Shenzhen, Montgomery) -------------------------------------------
