@@ -24,12 +24,14 @@ the two sides of a comparison alternate inside each repeat, so a noisy machine s
    (batched) against one ``model.predict`` per image, as the seeds' "check your own images" did.
 4. Peak memory (RSS) of building the manifest and the preprocessed cache for 1,000 and 8,000
    synthetic 256x256 JPEG Baseline DICOMs in the RSNA layout, each in a fresh process.
+5. GPU rows: VGG16 training (frozen backbone, streamed) and inference images/s, float32 and
+   mixed float16, measured where a GPU is visible; otherwise marked "not measured".
 6. Scale (``--only scale``): the manifest and the cache for 1,000 and 50,000 small synthetic PNGs in NIH
    ChestX-ray14's layout (``Data_Entry_2017.csv`` with the real columns), each in a fresh process: time per
    file, peak RSS, and a second build (the resume after a lost runtime) that finds every file in the
    manifest's checkpoint and every row in the cache.
-5. GPU rows: VGG16 training (frozen backbone, streamed) and inference images/s, float32 and
-   mixed float16, measured where a GPU is visible; otherwise marked "not measured".
+7. Peak memory (RSS) of ``xraylib.predict.predict_files`` on folders of 1,000 and 20,000 synthetic 256x256 PNGs,
+   each in a fresh process: in batches (today) and as one batch of the whole folder (as before).
 
 Not part of the tests. Needs ../shared/data (or $XRAYLIB_SHARED_DATA) and ../shared/weights.
 """
@@ -781,6 +783,113 @@ def bench_scale(work: Path, sizes: tuple[int, ...], seed: int) -> dict:
                                       "cache_gb_every_file_224": FULL_NIH_RSNA_FILES * per_image / 1e9,
                                       "cache_gb_every_file_512": FULL_NIH_RSNA_FILES * (128 + 512 * 512) / 1e9},
     }
+# 7. Peak memory of predict_files for a folder, in fresh processes
+
+#: Files in the two folders of the predict_memory part, per mode.
+PREDICT_MEMORY_SIZES = {"quick": (1000, 20000), "full": (1000, 20000), "smoke": (40, 120)}
+
+
+def write_png_folder(folder: Path, n: int, seed: int) -> None:
+    """``n`` 256x256 PNG phantoms written with OpenCV (every file's pixels differ), 1,000 per subfolder."""
+    import cv2
+
+    bases = phantoms(8, 256, seed)
+    for i in range(n):
+        path = folder / f"part_{i // 1000:03d}" / f"image_{i:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = bases[i % len(bases)].copy()
+        pixels[0, :8] = np.frombuffer(i.to_bytes(8, "big"), dtype=np.uint8)
+        assert cv2.imwrite(str(path), pixels), path
+
+
+def predict_memory_model(folder: Path, image_size: int = 224) -> Path:
+    """An untrained small CNN at ``image_size`` saved as training saves a model (its memory per image is what is
+    measured, not its answers). It has no out-of-distribution reference: the guard runs its colour, shape and
+    blank-image checks."""
+    from xraylib import models, runs
+    from xraylib.preprocess import PreprocessSettings
+
+    spec = models.ModelSpec(backbone="small_cnn", weights=None, image_size=image_size, classes=CLASSES)
+    runs.RunFolder(folder).save_model(models.build_model(spec), {
+        "classes": list(CLASSES), "model": spec.to_dict(), "input_size": [image_size, image_size, 1],
+        "preprocessing": PreprocessSettings(image_size=image_size).to_dict(),
+        "threshold": {"value": 0.5, "positive_class": CLASSES[1]}})
+    return folder
+
+
+def predict_memory_child(model_dir: Path, folder: Path, batch_files: int) -> dict:
+    """Run in a fresh process: ``predict_files`` on ``folder``, ``batch_files`` files at a time.
+
+    ``VmHWM`` is the kernel's peak RSS of this process; the anonymous RSS (what the arrays take, without the mapped
+    libraries) is sampled every 20 ms. ``rss_before_mb``: after TensorFlow, the model and one prediction (a file of
+    the folder) are loaded, before the folder is read.
+    """
+    from xraylib import models, predict
+
+    loaded = models.load_model(model_dir)
+    def quiet(line: str) -> None:
+        pass
+
+    predict.predict_files(loaded, next(folder.rglob("*.png")), say=quiet, progress=False)
+    before = _status_kb("self", ("VmRSS", "RssAnon"))
+    most = [before.get("RssAnon", 0)]
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.02):
+            most[0] = max(most[0], _status_kb("self", ("RssAnon",)).get("RssAnon", 0))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    started = time.perf_counter()
+    table = predict.predict_files(loaded, folder, batch_files=batch_files, say=quiet, progress=False)
+    seconds = time.perf_counter() - started
+    stop.set()
+    watcher.join()
+    return {"files": len(table), "predicted": int(table["ok"].sum()), "batch_files": batch_files, "seconds": seconds,
+            "rss_before_mb": before["VmRSS"] / 1024, "peak_rss_mb": _status_kb("self", ("VmHWM",))["VmHWM"] / 1024,
+            "peak_anonymous_mb": most[0] / 1024}
+
+
+def bench_predict_memory(work: Path, sizes: tuple[int, int], seed: int) -> dict:
+    """``predict_files`` on folders of ``sizes`` 256x256 PNGs, each run in a fresh process: in batches of
+    :data:`xraylib.predict.FILES_PER_BATCH` files (today's way) and as one batch of the whole folder (the way before:
+    every image decoded into one array first)."""
+    from xraylib.predict import FILES_PER_BATCH
+
+    model_dir = work / "model"
+    if not (model_dir / "model.json").exists():
+        predict_memory_model(model_dir)
+    small, large = sizes
+    folders = {large: work / f"png_{large}", small: work / f"png_{small}"}
+    if not (folders[large] / "done").exists():
+        log(f"predict_memory: writing {large} synthetic 256x256 PNGs")
+        shutil.rmtree(folders[large], ignore_errors=True)
+        write_png_folder(folders[large], large, seed)
+        (folders[large] / "done").write_text("")
+    if not (folders[small] / "done").exists():  # the first files of the large folder, linked
+        shutil.rmtree(folders[small], ignore_errors=True)
+        for path in sorted(folders[large].rglob("*.png"))[:small]:
+            target = folders[small] / path.relative_to(folders[large])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target)
+        (folders[small] / "done").write_text("")
+    runs: dict[str, dict[int, dict]] = {"batches": {}, "one_batch": {}}
+    for n in sizes:
+        for way, batch_files in (("batches", FILES_PER_BATCH), ("one_batch", n)):
+            log(f"predict_memory: predict_files on {n} PNGs, {batch_files} files per batch, in a fresh process")
+            child = subprocess.run([sys.executable, __file__, "--predict-memory-child", str(model_dir), str(folders[n]),
+                                    str(batch_files)], capture_output=True, text=True,
+                                   env={**os.environ, "PYTHONPATH": str(REPO)})
+            if child.returncode != 0:
+                raise RuntimeError(f"predict_memory child failed:\n{child.stderr[-3000:]}")
+            runs[way][n] = json.loads(child.stdout.strip().splitlines()[-1])
+            assert runs[way][n]["predicted"] == n, runs[way][n]
+    growth = {way: 100 * (r[large]["peak_rss_mb"] / r[small]["peak_rss_mb"] - 1) for way, r in runs.items()}
+    return {"files": "256x256 8-bit PNG phantoms written with OpenCV, 1,000 per subfolder; model: untrained small CNN at "
+                     "224 px saved with xraylib (no out-of-distribution reference: colour, shape and blank checks)",
+            "files_per_batch": FILES_PER_BATCH, "sizes": list(sizes), "runs": runs,
+            "peak_rss_growth_percent": growth, "flat_within_20_percent": growth["batches"] <= 20}
 
 
 # --------------------------------------------------------------------------------------------
@@ -907,6 +1016,7 @@ def markdown(results: dict) -> str:
                       f"files takes {fmt(extra['cache_gb_every_file_224'])} GB at 224 px, "
                       f"{fmt(extra['cache_gb_every_file_512'])} GB at 512 px. Measured on local disk: a Drive folder "
                       "adds its latency to every file read (not measured here)."]
+    lines += predict_memory_markdown(results.get("predict_memory"))
     gpu = results.get("gpu", {})
     lines += ["", "## GPU", "", "| measurement | float32 | mixed float16 |", "|---|---|---|"]
     if gpu.get("status") == "measured":
@@ -929,6 +1039,27 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def predict_memory_markdown(part: dict | None) -> list[str]:
+    if not part:
+        return []
+    lines = ["", "## Peak memory: predict_files on a folder (fresh process each)", "",
+             f"| PNGs (256x256) | peak RSS, batches of {part['files_per_batch']} files (MB) | of which anonymous (MB) | "
+             "RSS before the folder (MB) | seconds | peak RSS, whole folder as one batch (MB) | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    for n in map(str, part["sizes"]):
+        batches, whole = part["runs"]["batches"][n], part["runs"]["one_batch"][n]
+        lines.append(f"| {int(n):,} | {fmt(batches['peak_rss_mb'])} | {fmt(batches['peak_anonymous_mb'])} | "
+                     f"{fmt(batches['rss_before_mb'])} | {fmt(batches['seconds'])} | {fmt(whole['peak_rss_mb'])} | "
+                     f"{fmt(whole['seconds'])} |")
+    growth = part["peak_rss_growth_percent"]
+    small, large = (f"{n:,}" for n in part["sizes"])
+    lines += ["", f"From {small} to {large} files the peak RSS grows {fmt(growth['batches'])}% in batches (flat within "
+                  f"20%: {'yes' if part['flat_within_20_percent'] else 'no'}) and {fmt(growth['one_batch'])}% with the "
+                  f"whole folder as one batch, as `predict_files` did before (every image decoded into one array; the old "
+                  f"code also held the list of decoded images while stacking it). {part['files']}."]
+    return lines
+
+
 def jsonable(value):
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
@@ -943,10 +1074,14 @@ def jsonable(value):
     return value
 
 
+#: The parts of the benchmark (``--only``), in the order they run; ``--merge`` keeps the ones a run does not measure.
+PARTS = ("training", "preprocessing", "inference", "memory", "gpu", "scale", "predict_memory")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer images and repeats (about 20 minutes on 2 cores)")
-    parser.add_argument("--only", nargs="+", choices=("training", "preprocessing", "inference", "memory", "gpu", "scale"),
+    parser.add_argument("--only", nargs="+", choices=PARTS,
                         help="run only these parts")
     parser.add_argument("--backbones", nargs="+", default=["vgg16", "mobilenet"], choices=("vgg16", "mobilenet"))
     parser.add_argument("--loaded", default="",
@@ -963,6 +1098,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale-sizes", type=int, nargs="+", default=None, metavar="N",
                         help="numbers of NIH-layout PNGs for the scale part (default 1000 50000)")
     parser.add_argument("--scale-child", nargs=2, metavar=("SOURCE", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--predict-memory-sizes", type=int, nargs=2, default=None, metavar=("SMALL", "LARGE"),
+                        help="numbers of PNGs for the predict_memory part (default 1000 20000)")
+    parser.add_argument("--predict-memory-child", nargs=3, metavar=("MODEL", "FOLDER", "BATCH_FILES"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.scale_child:
@@ -970,6 +1109,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.memory_child:
         print(json.dumps(memory_child(Path(args.memory_child[0]), Path(args.memory_child[1]), workers=2)))
+        return 0
+    if args.predict_memory_child:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        model_dir, folder, batch_files = args.predict_memory_child
+        print(json.dumps(predict_memory_child(Path(model_dir), Path(folder), int(batch_files))))
         return 0
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -980,7 +1124,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = MODES[mode_name]
     global EPOCHS
     EPOCHS = tuple(mode["epochs"])
-    parts = set(args.only or ("training", "preprocessing", "inference", "memory", "gpu", "scale"))
+    parts = set(args.only or PARTS)
     data_root, weights_dir = config.shared_data_dir(), config.shared_weights_dir()
     if data_root is None and parts & {"training", "preprocessing", "inference", "gpu"}:  # memory, scale: synthetic files
         print("../shared/data not found (set XRAYLIB_SHARED_DATA): the benchmark needs the real images", file=sys.stderr)
@@ -998,6 +1142,9 @@ def main(argv: list[str] | None = None) -> int:
             results["memory"] = bench_memory(work / "memory", sizes, mode["memory_repeats"], args.seed)
         if "scale" in parts:
             results["scale"] = bench_scale(work / "scale", tuple(args.scale_sizes or mode["scale_sizes"]), args.seed)
+        if "predict_memory" in parts:  # fresh processes too
+            sizes = tuple(args.predict_memory_sizes or PREDICT_MEMORY_SIZES[mode_name])
+            results["predict_memory"] = bench_predict_memory(work / "predict_memory", sizes, args.seed)
         if "preprocessing" in parts:
             rasters = raster_files(data_root, mode["raster_files"], args.seed)
             results["preprocessing"].append(bench_preprocessing("JPEG/PNG (real, ../shared/data)", rasters,
@@ -1037,7 +1184,7 @@ def main(argv: list[str] | None = None) -> int:
         results["provenance"] = {part: this_run for part in sorted(parts)}
         if args.merge and (out / "speed.json").exists():
             previous = json.loads((out / "speed.json").read_text())
-            for part in ("training", "preprocessing", "inference", "memory", "scale"):
+            for part in PARTS:
                 if part not in parts and part in previous:
                     results[part] = previous[part]
                     results["provenance"][part] = previous.get("provenance", {}).get(part, {

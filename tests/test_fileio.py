@@ -197,3 +197,36 @@ def test_read_bytes_and_sha1_of_a_real_file(tmp_path):
     (tmp_path / "a.bin").write_bytes(data)
     assert fileio.read_bytes(tmp_path / "a.bin") == data
     assert fileio.sha1_file(tmp_path / "a.bin") == hashlib.sha1(data).hexdigest()
+
+
+def _rss_file_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssFile from Linux's /proc")
+def test_release_pages_drops_a_mapped_files_pages_from_memory_and_keeps_its_data(tmp_path):
+    path = tmp_path / "images.npy"
+    np.save(path, (np.arange(48 * 2**20) % 251).astype(np.uint8))  # 48 MB
+    mapped = np.load(path, mmap_mode="r")
+    total = int(mapped.sum(dtype=np.uint64))  # every page read: now in this process's RSS
+    before = _rss_file_kb()
+    fileio.release_pages(mapped)
+    assert before - _rss_file_kb() > 32 * 1024
+    assert int(mapped.sum(dtype=np.uint64)) == total  # read again from the page cache
+
+    writable = np.load(path, mmap_mode="r+")
+    writable[:10] = 7
+    fileio.release_pages(writable)  # a shared mapping: the written pages stay in the page cache, not lost
+    assert (writable[:10] == 7).all()
+    del writable
+    assert (np.load(path)[:10] == 7).all()
+
+    private = np.load(path, mmap_mode="c")  # copy-on-write: its changes live only in this process's pages
+    private[:10] = 9
+    fileio.release_pages(private)
+    assert (private[:10] == 9).all()
+    for other in (np.zeros(3), mapped[1:]):  # in memory, a view of part of a mapping: nothing to do
+        fileio.release_pages(other)

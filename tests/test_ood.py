@@ -413,3 +413,14 @@ def test_a_read_only_model_folder_still_gets_the_full_check_in_memory(run, user_
     assert any("could not save the out-of-distribution reference beside the model" in line
                and "kept in memory" in line for line in said), said
     assert not (folder / "ood.json").exists()
+
+
+def test_knn_distances_in_chunks_of_queries_equal_one_matrix():
+    """Fitting a reference on a full-size validation split computes its distances a chunk of queries at a time."""
+    rng = np.random.default_rng(0)
+    reference, queries = rng.normal(size=(300, 16)), rng.normal(size=(250, 16))
+    reference /= np.linalg.norm(reference, axis=1, keepdims=True)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    whole = np.partition(1.0 - queries @ reference.T, 4, axis=1)[:, 4]
+    np.testing.assert_allclose(ood.knn_distance(reference, queries, 5, chunk=64), whole, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(ood.knn_distance(reference, queries, 5), whole, rtol=0, atol=1e-12)

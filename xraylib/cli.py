@@ -6,6 +6,7 @@ re-run alone. Errors print one line naming the file or setting and exit with sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -191,18 +192,27 @@ def cmd_shortcuts(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
     from . import predict
 
     if args.csv:
         _check_csv_target(Path(args.csv))  # before the predictions are printed, not after
-    frame = predict.predict_files(args.model, args.images if len(args.images) > 1 else args.images[0], site=args.site,
-                                  data_dir=args.data)
-    if len(frame):
-        whose = f"site profile {args.site!r}" if args.site else "the model's own"
-        print(f"decisions at threshold {frame['threshold'].iloc[0]:.4f} ({whose})")
-    _print_predictions(frame)
+    batches = predict.iter_predictions(args.model, args.images if len(args.images) > 1 else args.images[0],
+                                       site=args.site, data_dir=args.data)
+    # A batch of files at a time: its lines printed and its rows written to --csv before the next batch is read.
+    with _PredictionsCsv(Path(args.csv)) if args.csv else contextlib.nullcontext() as csv_out:
+        announced = False
+        for frame in batches:
+            if len(frame) and not announced:
+                whose = f"site profile {args.site!r}" if args.site else "the model's own"
+                print(f"decisions at threshold {frame['threshold'].iloc[0]:.4f} ({whose})")
+                announced = True
+            with tqdm.external_write_mode():  # above the progress bar (shown for more than a batch of files)
+                _print_predictions(frame)
+            if csv_out is not None:
+                csv_out.write(frame)
     if args.csv:
-        _write_predictions_csv(Path(args.csv), frame)
         print(f"wrote {args.csv}")
 
 
@@ -239,19 +249,61 @@ def _check_csv_target(path: Path) -> None:
 def _write_predictions_csv(path: Path, frame) -> None:
     """The predictions as CSV at ``path``: a file written atomically, a device or FIFO straight; one
     :class:`WriteError` naming ``path`` on a full disk or any other write failure."""
-    from .fileio import WriteError, write_csv_atomic, write_error
+    with _PredictionsCsv(path) as out:
+        out.write(frame)
 
-    try:
-        if _is_stream(path):
-            with open(path, "a", newline="") as f:
-                frame.to_csv(f, index=False)
-        else:
-            write_csv_atomic(path, frame)
-    except OSError as exc:
-        error = write_error(path, exc)
-        if not isinstance(error, WriteError):
-            error = WriteError(path, f"cannot be written ({exc.strerror or exc})", exc.errno)
-        raise WriteError(error.path, f"{error.reason}; the predictions above were not saved", error.errno) from None
+
+class _PredictionsCsv:
+    """``--csv`` written as the predictions come: each batch's rows (the header once) appended to a temporary file
+    beside ``path`` that replaces it at the end (:func:`xraylib.fileio.atomic_path`: an interrupted run leaves the old
+    file, or none); a device or FIFO (``/dev/stdout``) written straight. A write failure is one :class:`WriteError`
+    naming ``path``; a failure of the predictions themselves passes through unchanged."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._stack = contextlib.ExitStack()
+        self._file = None
+        self._header = True
+
+    def __enter__(self) -> "_PredictionsCsv":
+        from .fileio import atomic_path
+
+        with self._errors():
+            if _is_stream(self.path):
+                self._file = self._stack.enter_context(open(self.path, "a", newline=""))
+            else:
+                self._file = self._stack.enter_context(open(self._stack.enter_context(atomic_path(self.path)), "w",
+                                                            newline=""))
+        return self
+
+    def write(self, frame) -> None:
+        with self._errors():
+            frame.to_csv(self._file, index=False, header=self._header)
+            self._file.flush()  # the rows are in the file before the next batch is read
+        self._header = False
+
+    def __exit__(self, *exc_info) -> bool:
+        if exc_info[0] is not None:  # the temporary file is removed; the error that stopped the run is the one told
+            with contextlib.suppress(OSError):  # (closing after a failed write fails again)
+                self._stack.__exit__(*exc_info)
+            return False
+        with self._errors():
+            self._stack.close()  # closed and renamed onto the path
+        return False
+
+    @contextlib.contextmanager
+    def _errors(self):
+        from .fileio import WriteError, write_error
+
+        try:
+            yield
+        except OSError as exc:
+            if isinstance(exc, WriteError) and exc.reason.endswith("were not saved"):
+                raise
+            error = write_error(self.path, exc)
+            if not isinstance(error, WriteError):
+                error = WriteError(self.path, f"cannot be written ({exc.strerror or exc})", exc.errno)
+            raise WriteError(error.path, f"{error.reason}; the predictions above were not saved", error.errno) from None
 
 
 def _print_predictions(frame) -> None:

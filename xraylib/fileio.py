@@ -11,6 +11,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -351,3 +352,15 @@ def sha1_bytes(data: bytes) -> str:
 
 def sha1_file(path: str | os.PathLike) -> str:
     return sha1_bytes(read_bytes(path))
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drop the pages of a memory-mapped ``.npy`` file (``np.load(..., mmap_mode="r" or "r+")``, ``open_memmap``) from
+    this process's RSS: they stay in the page cache (written ones too: the mapping is shared with the file) and are
+    mapped again when next read. A loop over a large file calls it after each chunk, so that its RSS stays that of a
+    chunk instead of growing to the file's size. A copy-on-write mapping (``mmap_mode="c"``: the changes would be
+    lost), an array in memory, a view of part of a mapping, or a system without ``madvise``: nothing is done."""
+    base = getattr(array, "base", None)
+    if (isinstance(array, np.memmap) and isinstance(base, mmap.mmap) and getattr(array, "mode", "c") != "c"
+            and hasattr(base, "madvise") and hasattr(mmap, "MADV_DONTNEED")):
+        base.madvise(mmap.MADV_DONTNEED)
