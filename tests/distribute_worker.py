@@ -6,12 +6,13 @@ devices, default 2) and ``runs``, each: ``run_dir``, ``strategy``, ``out`` (an .
 probabilities), optionally ``batch_size`` (8), ``epochs`` (3), ``fine_tune_epochs`` (0; with it, MobileNet 0.25 from
 random weights: its features are cached, then its top block fine-tuned), ``kill_at`` ([epoch, batch]: SIGKILL this process
 there, as when a machine is taken away) and ``plain_loss`` (Keras' own loss, not the global-batch one). Prints one
-``RESULT {json}`` line per run: the last epoch's loss, epochs, the epoch resumed from, the strategy, seconds.
+``RESULT {json}`` line per run: the last epoch's loss, epochs, the epoch resumed from, the strategy, seconds, the process's peak memory.
 """
 from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import sys
 import time
@@ -19,7 +20,7 @@ import time
 config = json.loads(sys.argv[1])
 import tensorflow as tf  # noqa: E402
 
-tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],  # GPUs are left as they are
                                            [tf.config.LogicalDeviceConfiguration()] * int(config.get("cpus", 2)))
 
 from xraylib import distribute, models, preprocess, runs, train  # noqa: E402
@@ -56,4 +57,5 @@ for run in config["runs"]:
     save_npy_atomic(run["out"], models.predict_images(distribute.local_copy(result.model), data["test"].images))
     print("RESULT", json.dumps({"loss": float(result.history["loss"].iloc[-1]), "epochs": len(result.history),
                                 "resumed_from": result.resumed_from_epoch, "seconds": round(seconds, 2),
+                                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                                 **result.execution}), flush=True)
