@@ -194,3 +194,40 @@ def test_the_strategy_is_not_part_of_a_run_fingerprint():
     spec = models.ModelSpec()
     assert {runs.fingerprint(Data(), spec, TrainSettings(strategy=name)) for name in distribute.STRATEGIES} == {
         runs.fingerprint(Data(), spec, TrainSettings())}
+
+
+def fake_strategy(n_replicas: int, device: str = "CPU"):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(num_replicas_in_sync=n_replicas,
+                           extended=SimpleNamespace(worker_devices=[f"/device:{device}:{i}" for i in range(n_replicas)]))
+
+
+def test_a_batch_that_would_leave_a_cpu_replica_empty_is_refused_or_avoided():
+    distribute.check_batch(8, 13, fake_strategy(2))  # last batch 5 = 3 + 2
+    with pytest.raises(ConfigError, match="last batch of 17 training images in batches of 8 holds 1"):
+        distribute.check_batch(8, 17, fake_strategy(2))
+    distribute.check_batch(8, 17, fake_strategy(2, "GPU"))  # only CPU kernels fail on an empty part
+    distribute.check_batch(8, 17, fake_strategy(1))
+    assert distribute.validation_batch(8, 9, fake_strategy(2)) == 7  # 7 + 2, not 8 + 1
+    assert distribute.validation_batch(8, 9, fake_strategy(1)) == 8
+    with pytest.raises(ConfigError, match="validation split's 1 images"):
+        distribute.validation_batch(8, 1, fake_strategy(2))
+
+
+def test_the_global_batch_loss_is_the_mean_on_one_device_and_saves_with_a_model():
+    import keras
+
+    rng = np.random.default_rng(0)
+    y_true = np.eye(2, dtype=np.float32)[rng.integers(0, 2, 5)]
+    y_pred = rng.dirichlet([1, 1], 5).astype(np.float32)
+    weights = rng.uniform(0.5, 2, 5).astype(np.float32)
+    loss = distribute.GlobalBatchLoss("categorical_crossentropy")
+    expected = keras.losses.CategoricalCrossentropy()(y_true, y_pred, sample_weight=weights)
+    np.testing.assert_allclose(float(loss(y_true, y_pred, sample_weight=weights)), float(expected), rtol=1e-6)
+    again = keras.losses.deserialize(keras.losses.serialize(loss))
+    assert isinstance(again, distribute.GlobalBatchLoss)
+    np.testing.assert_allclose(float(again(y_true, y_pred)), float(keras.losses.CategoricalCrossentropy()(y_true, y_pred)),
+                               rtol=1e-6)
+    ensemble = keras.losses.deserialize(keras.losses.serialize(distribute.GlobalBatchLoss(models.EnsembleLoss(2))))
+    assert isinstance(ensemble.inner, models.EnsembleLoss) and ensemble.inner.heads == 2

@@ -42,7 +42,8 @@ _TF_CONFIG_EXAMPLE = ('TF_CONFIG=\'{"cluster": {"worker": ["machine1:12345", "ma
 def choose_strategy(name: str = "auto", environ: Mapping[str, str] | None = None):
     """The ``tf.distribute.Strategy`` named ``name`` (one of :data:`STRATEGIES`; see the module's text).
 
-    ``environ`` (default ``os.environ``) is where ``TF_CONFIG`` and the TPU's variables are looked for.
+    ``environ`` (default ``os.environ``) is where ``TF_CONFIG`` is checked and the TPU's variables are looked for
+    (TensorFlow itself reads ``TF_CONFIG`` from ``os.environ``).
     Raises :class:`ConfigError` saying what is missing when the strategy cannot run here.
     """
     import tensorflow as tf
@@ -79,7 +80,7 @@ def _mirrored(gpus: tuple[str, ...]):
     devices = list(gpus) or [device.name for device in tf.config.list_logical_devices("CPU")]
     if len(devices) < 2:
         raise ConfigError(
-            f"strategy 'mirrored' needs several devices, but this machine shows {len(gpus)} GPU(s) and one CPU device; "
+            f"strategy 'mirrored' needs several devices, but this machine shows {'one GPU' if gpus else 'no GPU and one CPU device'}; "
             "use strategy 'one' or 'auto' here (a CPU can be split into logical devices with "
             "tf.config.set_logical_device_configuration before TensorFlow starts: that is how the tests run it)")
     return tf.distribute.MirroredStrategy(devices)
