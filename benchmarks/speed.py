@@ -32,6 +32,10 @@ the two sides of a comparison alternate inside each repeat, so a noisy machine s
    manifest's checkpoint and every row in the cache.
 7. Peak memory (RSS) of ``xraylib.predict.predict_files`` on folders of 1,000 and 20,000 synthetic 256x256 PNGs,
    each in a fresh process: in batches (today) and as one batch of the whole folder (as before).
+8. Distribution strategies (``--only distribute``): the same run (the small CNN streamed, real images at 64 px,
+   the seeds' global batch of 8) on one device and mirrored on two logical CPU devices, alternating, in a fresh
+   process (logical devices are set before TensorFlow starts); the wall-time ratio and that both give the same
+   model. Where several GPUs are visible, the same rows across them.
 
 Not part of the tests. Needs ../shared/data (or $XRAYLIB_SHARED_DATA) and ../shared/weights.
 """
@@ -65,16 +69,16 @@ MODES = {
               # Preprocessing as in the full run: per-call costs (cache key, status files, manifest) weigh as at scale.
               "raster_files": 960, "dicom_files": 1000, "infer_files": {"vgg16": 24, "mobilenet": 96},
               "memory_sizes": (1000, 8000), "scale_sizes": (1000, 50000), "memory_repeats": 1, "streaming": ("mobilenet",), "epochs": (10, 25),
-              "gpu_images": 512},
+              "gpu_images": 512, "distribute_images": 300, "distribute_epochs": 3},
     "full": {"repeats": 3, "train_repeats": {"vgg16": 3, "mobilenet": 3}, "train_images": {"vgg16": 400, "mobilenet": 400}, "test_images": {"vgg16": 300, "mobilenet": 300},
              "raster_files": 960, "dicom_files": 1000, "infer_files": {"vgg16": 100, "mobilenet": 400},
              "memory_sizes": (1000, 8000), "scale_sizes": (1000, 50000), "memory_repeats": 3, "streaming": ("vgg16", "mobilenet"), "epochs": (10, 25),
-             "gpu_images": 2048},
+             "gpu_images": 2048, "distribute_images": 300, "distribute_epochs": 3},
     # Checks the script itself in a few minutes; its numbers mean nothing.
     "smoke": {"repeats": 1, "train_repeats": {"vgg16": 1, "mobilenet": 1}, "train_images": {"vgg16": 16, "mobilenet": 40}, "test_images": {"vgg16": 16, "mobilenet": 20},
               "raster_files": 40, "dicom_files": 40, "infer_files": {"vgg16": 4, "mobilenet": 8},
               "memory_sizes": (100, 300), "scale_sizes": (100, 300), "memory_repeats": 1, "streaming": ("mobilenet",), "epochs": (2, 3),
-              "gpu_images": 16},
+              "gpu_images": 16, "distribute_images": 40, "distribute_epochs": 1},
 }
 EPOCHS = (10, 25)  # set from the mode in main()
 BATCH_SIZE = 8  # the seeds'
@@ -574,6 +578,53 @@ def bench_accelerator(n_images: int, repeats: int, seed: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# 6. Distribution strategies: one device against mirrored, in fresh processes
+
+
+def bench_distribute(data_root: Path, work: Path, n_images: int, epochs: int, repeats: int, seed: int,
+                     gpus: list[str]) -> dict:
+    """``xraylib.runs.train`` (the small CNN, streamed, batch 8, ``epochs``) with strategy "one" and "mirrored",
+    alternating ``repeats`` times in one process per device kind (tests/distribute_worker.py, the tests' runner):
+    two logical CPU devices, and, where several GPUs are visible, the GPUs. The first pair warms up (tracing) and
+    is not counted. Same model: the largest difference of test-split probabilities and of the last epoch's loss."""
+    from xraylib.preprocess import PreprocessSettings, split_and_preprocess
+
+    rows = training_manifest(data_root, work, n_images, seed)
+    data = split_and_preprocess(rows, work / "preprocessed", CLASSES, PreprocessSettings(image_size=64),
+                                fractions=(0.7, 0.15, 0.15), seed=seed, workers=2, progress=False)
+    out = {"images": {name: len(split) for name, split in data.splits.items()}, "epochs": epochs, "batch_size": 8,
+           "image_size": 64, "repeats": repeats, "rows": {}}
+    kinds = {"2 logical CPU devices": {"cpus": 2}}
+    if len(gpus) > 1:
+        kinds[f"{len(gpus)} GPUs"] = {"cpus": 1}  # "mirrored" takes every visible GPU
+    for kind, extra in kinds.items():
+        folder = work / "distribute" / kind.replace(" ", "_")
+        runs = [{"run_dir": str(folder / f"{strategy}_{i}"), "strategy": strategy, "out": str(folder / f"{strategy}_{i}.npy"),
+                 "epochs": epochs} for i in range(repeats + 1) for strategy in ("one", "mirrored")]
+        log(f"distribute: {kind}, {len(runs)} runs of {out['images']['train']} images x {epochs} epochs")
+        done = subprocess.run([sys.executable, str(REPO / "tests" / "distribute_worker.py"),
+                               json.dumps({"data": str(data.folder), "runs": runs, **extra})],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        results = [json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode or len(results) != len(runs):
+            out["rows"][kind] = {"status": "failed: " + (done.stderr.strip().splitlines() or ["no output"])[-1]}
+            continue
+        seconds = {strategy: [r["seconds"] for run, r in zip(runs[2:], results[2:]) if run["strategy"] == strategy]
+                   for strategy in ("one", "mirrored")}
+        probabilities = {run["strategy"]: np.load(run["out"]) for run in runs[-2:]}
+        losses = {run["strategy"]: r["loss"] for run, r in zip(runs[-2:], results[-2:])}
+        out["rows"][kind] = {
+            "seconds": seconds, "median_seconds": {k: median(v) for k, v in seconds.items()},
+            "mirrored_over_one": median(seconds["mirrored"]) / median(seconds["one"]),
+            "replicas": results[-1]["replicas"], "peak_rss_mb": results[-1]["peak_rss_mb"],
+            "max_probability_difference": float(np.abs(probabilities["one"] - probabilities["mirrored"]).max()),
+            "loss_difference": abs(losses["one"] - losses["mirrored"])}
+    if len(gpus) < 2:
+        out["rows"]["GPUs"] = {"status": "not measured: " + ("one GPU" if gpus else "no GPU on this machine")}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # 4. Peak memory of manifest + cache, in fresh processes
 
 
@@ -1036,6 +1087,7 @@ def markdown(results: dict) -> str:
         for name in ("training images/s (VGG16, 224)", "inference images/s (VGG16, 224)"):
             lines.append(f"| {name} | not measured | not measured |")
         lines += ["", f"Not measured: {gpu.get('reason', 'not part of this run')}."]
+    lines += distribute_markdown(results.get("distribute"))
     return "\n".join(lines) + "\n"
 
 
@@ -1058,6 +1110,25 @@ def predict_memory_markdown(part: dict | None) -> list[str]:
                   f"whole folder as one batch, as `predict_files` did before (every image decoded into one array; the old "
                   f"code also held the list of decoded images while stacking it). {part['files']}."]
     return lines
+def distribute_markdown(dist: dict | None) -> list[str]:
+    lines = ["", "## Distribution strategies (one device against mirrored)", ""]
+    if not dist:
+        return lines + ["Not part of this run (`--only distribute`)."]
+    images = dist["images"]
+    lines += [f"`xraylib.runs.train`, the small CNN streamed, {images['train']} training and {images['val']} validation "
+              f"images (real, 64 px), global batch {dist['batch_size']}, {dist['epochs']} epochs, median of "
+              f"{dist['repeats']} alternating runs after one warm-up pair, in one fresh process per row.", "",
+              "| devices | one device, s | mirrored, s | mirrored / one | largest probability difference | loss difference "
+              "| peak RSS, MB |", "|---|---|---|---|---|---|---|"]
+    for kind, row in dist["rows"].items():
+        if "status" in row:
+            lines.append(f"| {kind} | {row['status']} | | | | | |")
+            continue
+        lines.append(f"| {kind} ({row['replicas']} replicas) | {fmt(row['median_seconds']['one'], 2)} | "
+                     f"{fmt(row['median_seconds']['mirrored'], 2)} | {fmt(row['mirrored_over_one'], 2)} | "
+                     f"{row['max_probability_difference']:.1e} | {row['loss_difference']:.1e} | {fmt(row['peak_rss_mb'], 0)} |")
+    return lines + ["", "Two logical devices share the same two cores, so mirrored training cannot be faster on a CPU: "
+                        "the row shows what the strategy costs and that it gives the model one device gives."]
 
 
 def jsonable(value):
@@ -1075,7 +1146,7 @@ def jsonable(value):
 
 
 #: The parts of the benchmark (``--only``), in the order they run; ``--merge`` keeps the ones a run does not measure.
-PARTS = ("training", "preprocessing", "inference", "memory", "gpu", "scale", "predict_memory")
+PARTS = ("training", "preprocessing", "inference", "memory", "gpu", "scale", "predict_memory", "distribute")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1174,6 +1245,10 @@ def main(argv: list[str] | None = None) -> int:
                               **bench_accelerator(mode["gpu_images"], mode["repeats"], args.seed)}
         elif "gpu" in parts:
             results["gpu"] = {"status": "not measured", "reason": "no GPU on this machine (none was lent to this task)"}
+        if "distribute" in parts:
+            results["distribute"] = bench_distribute(data_root, work / "distribute_data", mode["distribute_images"],
+                                                     mode["distribute_epochs"], mode["repeats"], args.seed,
+                                                     results["machine"]["gpus"])
     finally:
         results["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
         results["machine"]["load_average_end"] = load_average()

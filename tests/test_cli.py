@@ -204,6 +204,12 @@ def test_train_with_missing_weights_file(trained):
     assert_user_error(result, "nowhere.h5", "not found")
 
 
+def test_train_on_several_machines_without_tf_config_says_what_to_set(trained):
+    result = run_cli("train", "--output-dir", trained["out"], "--backbone", "small_cnn", "--weights", "none",
+                     "--epochs", "1", "--run", "cluster", "--strategy", "multi-worker", cwd=trained["out"])
+    assert_user_error(result, "TF_CONFIG", "not set", '"cluster"')
+
+
 def test_evaluate_writes_the_report(trained):
     result = run_cli("evaluate", "--output-dir", trained["out"], "--run", "cli", "--n-boot", "50", cwd=trained["out"])
     assert result.returncode == 0, result.stderr[-3000:]

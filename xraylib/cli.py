@@ -111,7 +111,7 @@ def _train_settings(args: argparse.Namespace):
                                augment=augment, class_weighting=not args.no_class_weights, seed=args.seed,
                                feature_cache=args.feature_cache, augment_views=args.augment_views,
                                mixed_precision=args.mixed_precision, jit_compile=args.jit_compile,
-                               threshold_on=args.threshold_on)
+                               threshold_on=args.threshold_on, strategy=args.strategy)
 
 
 def _apply_recipe(args: argparse.Namespace, argv: list[str]) -> None:
@@ -446,6 +446,10 @@ def _add_training_options(p: argparse.ArgumentParser, backbone: str = "vgg16", w
                    help="auto (default): float16 on a GPU of compute capability >= 7.0 (Colab's T4), float32 on a CPU")
     p.add_argument("--jit-compile", choices=["auto", "on", "off"], default="auto",
                    help="XLA: auto (default) uses it on a GPU only (slower on a CPU)")
+    p.add_argument("--strategy", choices=["auto", "one", "mirrored", "tpu", "multi-worker"], default="auto",
+                   help="where training runs: auto (default: Colab's TPU, several GPUs, else one device), one, mirrored "
+                        "(all GPUs of this machine), tpu, multi-worker (the machines in TF_CONFIG; README: Strategies); "
+                        "--batch-size stays the global batch")
     p.add_argument("--threshold-on", choices=["validation", "out_of_site"], default="validation",
                    help="where the decision threshold is chosen: the validation split (default, the seeds' way) or the "
                         "pooled predictions of the out-of-site estimate (sites held out whole; README)")

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from . import evaluate as judge
-from . import models, modelcard, ood, outofsite, preprocess
+from . import distribute, models, modelcard, ood, outofsite, preprocess
 from . import train as training
 from .errors import ConfigError, ModelError, XraylibError
 from .fileio import atomic_path, json_safe, read_json, write_csv_atomic, write_json_atomic, write_text_atomic
@@ -259,13 +259,14 @@ def _save_weights(model: keras.Model, path: Path) -> None:
 
 
 #: Settings that say when to stop or how to compute, not what is trained: a run may be resumed with others.
-_NOT_RECIPE = ("epochs", "fine_tune_epochs", "mixed_precision", "jit_compile", "threshold_on")
+_NOT_RECIPE = ("epochs", "fine_tune_epochs", "mixed_precision", "jit_compile", "threshold_on", "strategy")
 
 
 def fingerprint(data: PreprocessedData, spec: ModelSpec, settings: TrainSettings) -> str:
     """What a checkpoint was trained on and how: resuming with anything else is refused."""
     # The epoch counts only say when to stop, so a finished run can be continued for more epochs; precision and
-    # XLA say how to compute, not what, so a run started on a GPU can be resumed on a CPU.
+    # XLA say how to compute, not what, so a run started on a GPU can be resumed on a CPU (and the strategy: on
+    # another number of devices, the global batch being the same).
     # Where the threshold is chosen does not change the weights (threshold_on is not recipe either), and a field added
     # later is left out at its default, so that run folders made before it keep resuming.
     recipe = {k: v for k, v in settings.to_dict().items() if k not in _NOT_RECIPE}
@@ -293,9 +294,17 @@ def train(
     not retrained. ``resume=False`` starts over. Then the decision threshold is chosen on the
     validation split (``choose_threshold=False``: none, for models scored by AUC only) and the model
     is saved (``.keras``, ``.h5``, ``model.json``, ``MODEL_CARD.md``).
+
+    Training runs under ``settings.strategy`` (:mod:`xraylib.distribute`). In a multi-worker cluster every worker
+    calls this with the same arguments; the chief writes ``run_dir``, each other worker its checkpoints in
+    ``run_dir/workers/<type>-<index>`` (to resume from: the same epochs as the chief's), and only the chief
+    chooses the threshold and saves the model (the others return it with ``threshold`` None).
     """
     training.check_inputs(data, spec, settings)
-    run = RunFolder(Path(run_dir))
+    strategy = distribute.choose_strategy(settings.strategy)  # first: a cluster starts before any other TensorFlow work
+    task = distribute.worker(strategy)
+    chief = distribute.is_chief(strategy)
+    run = RunFolder(Path(run_dir) if chief else Path(run_dir) / "workers" / f"{task[0]}-{task[1]}")
     run.root.mkdir(parents=True, exist_ok=True)
     tag = fingerprint(data, spec, settings)
     state = run.read_state()
@@ -308,7 +317,8 @@ def train(
             "or pass resume=False (--no-resume) to start this one over"
         )
     done = int(state["epochs_done"]) if state else 0
-    if done >= settings.epochs + settings.fine_tune_epochs and run.is_saved():
+    # In a cluster every worker goes on into fit: building the model there is collective (the chief's values).
+    if task is None and done >= settings.epochs + settings.fine_tune_epochs and run.is_saved():
         model = keras.models.load_model(run.model_keras)
         meta = json.loads(run.model_json.read_text())
         weights = training.class_weights(data["train"].labels, len(data.classes)) if settings.class_weighting else {}
@@ -317,9 +327,12 @@ def train(
             # The same weights, asked for a threshold chosen elsewhere: choose it and save the model again.
             threshold = finish(model, data, spec, settings, run, execution=meta.get("execution"))
         return TrainResult(model, pd.DataFrame(run.history_rows(done)), run, weights, threshold, done)
-    result = training.fit(data, spec, settings, run, state, tag, verbose)
+    result = training.fit(data, spec, settings, run, state, tag, verbose, strategy=strategy)
+    if not chief:
+        return result
     started = time.time()
-    threshold = finish(result.model, data, spec, settings, run, val_probabilities=result.val_probabilities,
+    model = result.model if task is None else distribute.local_copy(result.model)
+    threshold = finish(model, data, spec, settings, run, val_probabilities=result.val_probabilities,
                        execution=result.execution, choose_threshold=choose_threshold)
     return dataclasses.replace(result, threshold=threshold, seconds=result.seconds + time.time() - started)
 

@@ -28,7 +28,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from . import config, features, models
+from . import config, distribute, features, models
 from .batches import AugmentSettings, FeatureBatches, ImageBatches, StartEpoch, as_dataset
 from .errors import ConfigError
 from .preprocess import PreprocessedData
@@ -40,9 +40,15 @@ THRESHOLD_ON = ("validation", "out_of_site")
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """How to train. The defaults are the seeds' recipe: Adam 1e-3, batch 8, 25 epochs, frozen base."""
+    """How to train. The defaults are the seeds' recipe: Adam 1e-3, batch 8, 25 epochs, frozen base.
+
+    ``batch_size`` is the GLOBAL batch: on several replicas (``strategy``) each step still trains on
+    ``batch_size`` images, split across them (the seeds' 8 is 4 per replica on 2 GPUs, 1 per core on
+    Colab's 8-core TPU), so a run gives the model one device gives (see :mod:`xraylib.distribute`).
+    """
 
     epochs: int = 25
+    #: The global batch, split across the replicas of ``strategy``.
     batch_size: int = 8
     learning_rate: float = 1e-3
     fine_tune_epochs: int = 0
@@ -63,6 +69,10 @@ class TrainSettings:
     mixed_precision: str = "auto"
     #: XLA: "auto" (Keras' rule: on a GPU, not on a CPU), "on" or "off".
     jit_compile: str = "auto"
+    #: Where training runs (:func:`xraylib.distribute.choose_strategy`): "auto" (Colab's TPU, several GPUs, else one
+    #: device), "one", "mirrored", "tpu" or "multi-worker" (from TF_CONFIG). How to compute, not what: not part of a
+    #: run's fingerprint, so a run resumes on another number of devices.
+    strategy: str = "auto"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.fine_tune_epochs < 0:
@@ -73,6 +83,8 @@ class TrainSettings:
             raise ConfigError(f"mixed_precision must be one of {models.MIXED_PRECISION_SETTINGS}, got {self.mixed_precision!r}")
         if self.jit_compile not in ("auto", "on", "off"):
             raise ConfigError(f"jit_compile must be 'auto', 'on' or 'off', got {self.jit_compile!r}")
+        if self.strategy not in distribute.STRATEGIES:
+            raise ConfigError(f"strategy must be one of {distribute.STRATEGIES}, got {self.strategy!r}")
         if self.threshold_on not in THRESHOLD_ON:
             raise ConfigError(f"threshold_on must be one of {THRESHOLD_ON}, got {self.threshold_on!r}")
         if self.threshold_on == "out_of_site" and self.threshold_rule != "max_specificity_at_sensitivity":
@@ -240,12 +252,17 @@ def compile_model(model: keras.Model, learning_rate: float, jit_compile: str = "
     """Adam at ``learning_rate`` (or ``optimizer``, shared with another model), categorical cross-entropy,
     accuracy and ROC-AUC. ``jit_compile``: "auto" (XLA on a GPU), "on", "off". ``stacked_heads`` K > 1: the
     model outputs K heads' probabilities side by side (:func:`xraylib.features.head_model` with ``stacked``):
-    each head's cross-entropy, averaged, and the metrics of their mean."""
+    each head's cross-entropy, averaged, and the metrics of their mean. Under a strategy of several replicas (call it
+    inside its ``scope()``) the loss is averaged over the global batch (:class:`xraylib.distribute.GlobalBatchLoss`)."""
+    import tensorflow as tf
+
     if stacked_heads > 1:
         loss, metrics = models.EnsembleLoss(stacked_heads), [models.EnsembleAccuracy(stacked_heads),
                                                              models.EnsembleAUC(stacked_heads)]
     else:
         loss, metrics = "categorical_crossentropy", ["accuracy", keras.metrics.AUC(name="auc")]
+    if distribute.replicas(tf.distribute.get_strategy()) > 1:
+        loss = distribute.GlobalBatchLoss(loss)
     model.compile(optimizer=optimizer or keras.optimizers.Adam(learning_rate), loss=loss, metrics=metrics,
                   jit_compile=_jit(jit_compile))
 
@@ -282,6 +299,7 @@ def fit(
     state: dict | None = None,
     fingerprint: str = "",
     verbose: int | str = "auto",
+    strategy: Any = None,
 ) -> TrainResult:
     """Train ``spec`` on ``data``'s train split, validating on its val split, from ``state`` (the last checkpoint's,
     or None to start), checkpointing every epoch into ``run`` (a :class:`xraylib.runs.RunFolder`).
@@ -292,8 +310,18 @@ def fit(
     ``fine_tune_learning_rate`` and streams the images. Checkpoints are the full model
     (input -> backbone -> head) on either path. Users call :func:`xraylib.runs.train`, which
     decides where to start, then chooses the threshold and saves the model.
+
+    Everything runs under ``strategy``'s scope (default: :func:`xraylib.distribute.choose_strategy` of
+    ``settings.strategy``), each batch of ``settings.batch_size`` split across its replicas.
     """
     check_inputs(data, spec, settings)
+    strategy = strategy if strategy is not None else distribute.choose_strategy(settings.strategy)
+    with strategy.scope():
+        return _fit(data, spec, settings, run, state, fingerprint, verbose, strategy)
+
+
+def _fit(data: PreprocessedData, spec: models.ModelSpec, settings: TrainSettings, run: RunStore, state: dict | None,
+         fingerprint: str, verbose: int | str, strategy: Any) -> TrainResult:
     keras.utils.set_random_seed(settings.seed)
     weights = class_weights(data["train"].labels, len(data.classes)) if settings.class_weighting else None
     total = settings.epochs + settings.fine_tune_epochs
@@ -306,12 +334,19 @@ def fit(
     elif state:
         # A checkpoint keeps the precision it was trained in (its layers' dtype policies are saved with it).
         model = run.load_checkpoint(state)
+        if distribute.replicas(strategy) > 1:  # its own optimizer (and state), the loss over the global batch
+            compile_model(model, settings.learning_rate, settings.jit_compile, optimizer=model.optimizer)
     else:
         model = models.build_model(spec, dtype_policy=models.choose_dtype_policy(settings.mixed_precision))
         compile_model(model, settings.learning_rate, settings.jit_compile)
-    execution: dict[str, Any] = {"dtype_policy": "mixed_float16" if models.uses_mixed_precision(model) else "float32"}
+    execution: dict[str, Any] = {"dtype_policy": "mixed_float16" if models.uses_mixed_precision(model) else "float32",
+                                 **distribute.describe(strategy)}
+    if done < total:
+        distribute.check_same_epoch(strategy, done, str(run.root))
 
-    val_batches = ImageBatches(data["val"], settings.batch_size)
+    distribute.check_batch(settings.batch_size, len(data["train"]), strategy)
+    val_batch_size = distribute.validation_batch(settings.batch_size, len(data["val"]), strategy)
+    val_batches = ImageBatches(data["val"], val_batch_size)
     val_probabilities = None
     stages = [(1, 0, settings.epochs)]
     if settings.fine_tune_epochs:
@@ -334,6 +369,7 @@ def fit(
                                          seed=settings.seed, start_epoch=done)
             # ImageBatches shuffles from (seed, epoch); the dataset keeps its order (no Keras shuffle), so a resumed
             # epoch sees the batches it saw before.
+            distribute.prepare(model, val_batches[0])
             model.fit(as_dataset(train_batches), validation_data=as_dataset(val_batches), epochs=end_epoch,
                       initial_epoch=done, class_weight=weights, verbose=verbose, shuffle=False,
                       callbacks=[StartEpoch(train_batches), ReseedDropout(settings.seed), checkpoint])
@@ -365,7 +401,11 @@ def _fit_head_on_features(model: keras.Model, data: PreprocessedData, spec: mode
     n_classes = len(data.classes)
     train_batches = FeatureBatches(cache.train_views, data["train"].labels, n_classes, settings.batch_size,
                                    shuffle=True, seed=settings.seed, start_epoch=done)
-    val_batches = FeatureBatches([cache.val], data["val"].labels, n_classes, settings.batch_size)
+    import tensorflow as tf
+
+    val_batch_size = distribute.validation_batch(settings.batch_size, len(data["val"]), tf.distribute.get_strategy())
+    val_batches = FeatureBatches([cache.val], data["val"].labels, n_classes, val_batch_size)
+    distribute.prepare(head, val_batches[0])
     head.fit(as_dataset(train_batches), validation_data=as_dataset(val_batches), epochs=end_epoch, initial_epoch=done,
              class_weight=weights, verbose=verbose, shuffle=False, callbacks=[StartEpoch(train_batches), ReseedDropout(settings.seed), checkpoint])
     probabilities = np.asarray(features.head_model(model).predict(np.asarray(cache.val), batch_size=256, verbose=0),
