@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from test_features import CLASSES, PLAIN, VGG, as_input, make_data
-from xraylib import features, models
+from xraylib import explain, features, models
 from xraylib.errors import ConfigError, ModelError
 from xraylib.preprocess import PIXELS_VERSION, PreprocessSettings
 from xraylib.runs import train
@@ -181,6 +181,10 @@ def test_a_run_trained_in_bfloat16_is_saved_in_float32_and_its_features_cached_a
                   models.load_model(tmp_path / "run").model):
         assert all(layer.dtype_policy.name == "float32" for layer in saved.layers)
         np.testing.assert_allclose(saved.predict(images, verbose=0), result.model.predict(images, verbose=0), atol=0.02)
+    # Grad-CAM works on the bfloat16 model in memory (computed in float32 from the last conv layer on).
+    heat = explain.gradcam(result.model, data["test"].images[:2])
+    assert heat.dtype == np.float32 and np.isfinite(heat).all()
+    np.testing.assert_allclose(heat, explain.gradcam(saved, data["test"].images[:2]), atol=0.05)
 
     # A float32 run on the same data gets a cache of its own: float32 and bfloat16 features never mix.
     train(data, VGG, dataclasses.replace(settings, mixed_precision="off"), tmp_path / "run32", verbose=0)
