@@ -186,6 +186,12 @@ def test_a_run_trained_in_bfloat16_is_saved_in_float32_and_its_features_cached_a
     assert heat.dtype == np.float32 and np.isfinite(heat).all()
     np.testing.assert_allclose(heat, explain.gradcam(saved, data["test"].images[:2]), atol=0.05)
 
+    # Continued for one more epoch, the run rebuilds its backbone in bfloat16 from the checkpoint and reuses its cache.
+    more = train(data, VGG, dataclasses.replace(settings, epochs=2), tmp_path / "run", verbose=0)
+    assert more.execution["dtype_policy"] == "mixed_bfloat16" and more.resumed_from_epoch == 1
+    assert more.execution["feature_cache"]["key"] == result.execution["feature_cache"]["key"]
+    assert sum(more.execution["feature_cache"]["computed_rows"].values()) == 0
+
     # A float32 run on the same data gets a cache of its own: float32 and bfloat16 features never mix.
     train(data, VGG, dataclasses.replace(settings, mixed_precision="off"), tmp_path / "run32", verbose=0)
     caches = sorted(json.loads(p.read_text())["compute_dtype"] for p in folder.parent.glob("*/features.json"))
