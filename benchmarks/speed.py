@@ -36,6 +36,9 @@ the two sides of a comparison alternate inside each repeat, so a noisy machine s
    the seeds' global batch of 8) on one device and mirrored on two logical CPU devices, alternating, in a fresh
    process (logical devices are set before TensorFlow starts); the wall-time ratio and that both give the same
    model. Where several GPUs are visible, the same rows across them.
+9. bfloat16 on the CPU (``--only bfloat16``): the frozen backbone's feature extraction in float32 against mixed
+   bfloat16 (images/s, interleaved), on real images, per backbone, with how close the features are and the test
+   AUC of a head trained by ``xraylib.runs.train`` on each (``mixed_precision="off"`` and ``"bfloat16"``).
 
 Not part of the tests. Needs ../shared/data (or $XRAYLIB_SHARED_DATA) and ../shared/weights.
 """
@@ -69,16 +72,22 @@ MODES = {
               # Preprocessing as in the full run: per-call costs (cache key, status files, manifest) weigh as at scale.
               "raster_files": 960, "dicom_files": 1000, "infer_files": {"vgg16": 24, "mobilenet": 96},
               "memory_sizes": (1000, 8000), "scale_sizes": (1000, 50000), "memory_repeats": 1, "streaming": ("mobilenet",), "epochs": (10, 25),
-              "gpu_images": 512, "distribute_images": 300, "distribute_epochs": 3},
+              "gpu_images": 512, "distribute_images": 300, "distribute_epochs": 3,
+              # bfloat16: (train + val, test) images per backbone, and the images timed per repeat.
+              "bfloat16_images": {"vgg16": (200, 160), "mobilenet": (300, 300)}, "bfloat16_timed": {"vgg16": 48, "mobilenet": 192}},
     "full": {"repeats": 3, "train_repeats": {"vgg16": 3, "mobilenet": 3}, "train_images": {"vgg16": 400, "mobilenet": 400}, "test_images": {"vgg16": 300, "mobilenet": 300},
              "raster_files": 960, "dicom_files": 1000, "infer_files": {"vgg16": 100, "mobilenet": 400},
              "memory_sizes": (1000, 8000), "scale_sizes": (1000, 50000), "memory_repeats": 3, "streaming": ("vgg16", "mobilenet"), "epochs": (10, 25),
-             "gpu_images": 2048, "distribute_images": 300, "distribute_epochs": 3},
+             "gpu_images": 2048, "distribute_images": 300, "distribute_epochs": 3,
+             # bfloat16: (train + val, test) images per backbone, and the images timed per repeat.
+             "bfloat16_images": {"vgg16": (240, 160), "mobilenet": (400, 300)}, "bfloat16_timed": {"vgg16": 64, "mobilenet": 256}},
     # Checks the script itself in a few minutes; its numbers mean nothing.
     "smoke": {"repeats": 1, "train_repeats": {"vgg16": 1, "mobilenet": 1}, "train_images": {"vgg16": 16, "mobilenet": 40}, "test_images": {"vgg16": 16, "mobilenet": 20},
               "raster_files": 40, "dicom_files": 40, "infer_files": {"vgg16": 4, "mobilenet": 8},
               "memory_sizes": (100, 300), "scale_sizes": (100, 300), "memory_repeats": 1, "streaming": ("mobilenet",), "epochs": (2, 3),
-              "gpu_images": 16, "distribute_images": 40, "distribute_epochs": 1},
+              "gpu_images": 16, "distribute_images": 40, "distribute_epochs": 1,
+              # bfloat16: (train + val, test) images per backbone, and the images timed per repeat.
+              "bfloat16_images": {"vgg16": (16, 16), "mobilenet": (40, 20)}, "bfloat16_timed": {"vgg16": 8, "mobilenet": 16}},
 }
 EPOCHS = (10, 25)  # set from the mode in main()
 BATCH_SIZE = 8  # the seeds'
@@ -578,7 +587,7 @@ def bench_accelerator(n_images: int, repeats: int, seed: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# 6. Distribution strategies: one device against mirrored, in fresh processes
+# 8. Distribution strategies: one device against mirrored, in fresh processes
 
 
 def bench_distribute(data_root: Path, work: Path, n_images: int, epochs: int, repeats: int, seed: int,
@@ -621,6 +630,107 @@ def bench_distribute(data_root: Path, work: Path, n_images: int, epochs: int, re
             "loss_difference": abs(losses["one"] - losses["mirrored"])}
     if len(gpus) < 2:
         out["rows"]["GPUs"] = {"status": "not measured: " + ("one GPU" if gpus else "no GPU on this machine")}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 9. bfloat16 on the CPU: feature extraction in float32 and mixed bfloat16, and the test AUC of each
+
+
+def backbone_spec_kwargs(backbone: str, weights_dir: Path | None) -> tuple[dict, str] | None:
+    """The :class:`ModelSpec` fields and a note on the weights for ``backbone`` here; None without MobileNet's weights."""
+    if backbone == "vgg16":
+        return {"backbone": "vgg16", "weights": None}, "none (random): ImageNet VGG16 weights cannot be downloaded on this machine"
+    if weights_dir is None:
+        return None
+    return ({"backbone": "mobilenet", "alpha": 0.25, "weights": str(weights_dir / "mobilenet_2_5_224_tf_no_top.h5")},
+            "ImageNet (../shared/weights/mobilenet_2_5_224_tf_no_top.h5)")
+
+
+def bench_bfloat16(backbone: str, data_root: Path, weights_dir: Path | None, work: Path, mode: dict, seed: int) -> dict:
+    """Feature extraction (the frozen backbone up to the head's pooling, batch ``features.default_batch_size()``) in
+    float32 and in mixed bfloat16, images/s interleaved over ``mode["repeats"]`` repeats on the same real images;
+    then two ``xraylib.runs.train`` runs (10 epochs, no augmentation), ``mixed_precision="off"`` and ``"bfloat16"``,
+    each extracting its own feature cache, with their test AUCs (each head on its own precision's test features)
+    and how close the two caches' test features are."""
+    import keras
+
+    from xraylib import features, models
+    from xraylib.runs import train
+    from xraylib.train import TrainSettings
+
+    found = backbone_spec_kwargs(backbone, weights_dir)
+    if found is None:
+        return {"backbone": backbone, "status": "not measured: ../shared/weights not found"}
+    spec_kwargs, weights_note = found
+    n_images, n_test = mode["bfloat16_images"][backbone]
+    folder = work / f"bfloat16_{backbone}"
+    log(f"bfloat16 {backbone}: preprocessing {n_images} + {n_test} real images")
+    data = training_data(data_root, folder, n_images, n_test, seed)
+    spec = models.ModelSpec(image_size=224, classes=CLASSES, **spec_kwargs)
+    policies = ("float32", "mixed_bfloat16")
+    out = {"backbone": backbone + (" (alpha 0.25)" if backbone == "mobilenet" else ""), "weights": weights_note,
+           "image_size": 224, "images": {name: len(split) for name, split in data.splits.items()},
+           "cpu_has_bfloat16_units": models.cpu_has_fast_bfloat16(models.cpu_flags()),
+           "cpu_bfloat16_flags": sorted(set(models.BFLOAT16_CPU_FLAGS) & models.cpu_flags()),
+           "auto_chooses": models.choose_dtype_policy("auto", backbone=spec.backbone),
+           "batch_size": features.default_batch_size(), "repeats": mode["repeats"]}
+
+    # Speed: the same weights in both precisions, the same images, the two alternating inside each repeat.
+    keras.utils.set_random_seed(seed)
+    built = {"float32": models.build_model(spec, dtype_policy="float32")}
+    built["mixed_bfloat16"] = models.build_model(spec, dtype_policy="mixed_bfloat16")
+    built["mixed_bfloat16"].set_weights(built["float32"].get_weights())
+    extractors = {policy: features.feature_extractor(built[policy]) for policy in policies}
+    timed = min(mode["bfloat16_timed"][backbone], len(data["train"]))
+    x = np.asarray(data["train"].images[:timed], dtype=np.float32)[..., None]
+    batch = out["batch_size"]
+    for policy in policies:
+        extractors[policy].predict(x[:batch], batch_size=batch, verbose=0)  # build the predict step first
+    seconds = {policy: [] for policy in policies}
+    loads = []
+    for repeat in range(mode["repeats"]):
+        log(f"bfloat16 {backbone}: timing repeat {repeat + 1} ({timed} images each)")
+        for policy in policies:
+            started = time.perf_counter()
+            extractors[policy].predict(x, batch_size=batch, verbose=0)
+            seconds[policy].append(time.perf_counter() - started)
+        loads.append(load_average())
+    out["timed_images"] = timed
+    out["extraction_seconds"] = seconds
+    out["load_average_during_timing"] = loads
+    out["images_per_second"] = {policy: timed / median(seconds[policy]) for policy in policies}
+    out["speedup"] = out["images_per_second"]["mixed_bfloat16"] / out["images_per_second"]["float32"]
+    keras.backend.clear_session()
+
+    # Quality: the whole training path once per precision, each with its own feature cache.
+    from sklearn.metrics import roc_auc_score
+
+    runs, test_features = {}, {}
+    for policy, setting in (("float32", "off"), ("mixed_bfloat16", "bfloat16")):
+        log(f"bfloat16 {backbone}: xraylib.runs.train with mixed_precision={setting!r}")
+        settings = TrainSettings(epochs=10, seed=seed, augment=None, mixed_precision=setting)
+        started = time.perf_counter()
+        result = train(data, spec, settings, folder / f"run_{policy}", resume=False, verbose=0)
+        train_seconds = time.perf_counter() - started
+        predicted = features.predict_split(result.model, data, spec, "test")
+        labels = data["test"].labels == CLASSES.index("covid")
+        auc = float(roc_auc_score(labels, predicted[f"prob_{CLASSES[1]}"])) if len(set(labels)) > 1 else float("nan")
+        test_features[policy] = np.asarray(features.split_features(result.model, data, spec, "test", progress=False))
+        cache = result.execution["feature_cache"]
+        runs[policy] = {"dtype_policy": result.execution["dtype_policy"], "train_seconds": train_seconds,
+                        "feature_cache_key": cache["key"], "feature_cache_seconds": cache["seconds"],
+                        "backbone_weights_sha1": features.backbone_sha1(result.model), "test_auc": auc}
+        keras.backend.clear_session()
+    out["runs"] = runs
+    a, b = test_features["float32"], test_features["mixed_bfloat16"]
+    cosine = np.sum(a * b, axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    out["test_features"] = {"mean_cosine": float(cosine.mean()), "min_cosine": float(cosine.min()),
+                            "relative_difference": float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12))}
+    out["same_backbone_weights"] = runs["float32"]["backbone_weights_sha1"] == runs["mixed_bfloat16"]["backbone_weights_sha1"]
+    out["separate_caches"] = runs["float32"]["feature_cache_key"] != runs["mixed_bfloat16"]["feature_cache_key"]
+    out["auc_difference"] = runs["mixed_bfloat16"]["test_auc"] - runs["float32"]["test_auc"]
+    out["train_speedup"] = runs["float32"]["train_seconds"] / runs["mixed_bfloat16"]["train_seconds"]
     return out
 
 
@@ -1068,6 +1178,7 @@ def markdown(results: dict) -> str:
                       f"{fmt(extra['cache_gb_every_file_512'])} GB at 512 px. Measured on local disk: a Drive folder "
                       "adds its latency to every file read (not measured here)."]
     lines += predict_memory_markdown(results.get("predict_memory"))
+    lines += bfloat16_markdown(results.get("bfloat16"))
     gpu = results.get("gpu", {})
     lines += ["", "## GPU", "", "| measurement | float32 | mixed float16 |", "|---|---|---|"]
     if gpu.get("status") == "measured":
@@ -1131,6 +1242,39 @@ def distribute_markdown(dist: dict | None) -> list[str]:
                         "the row shows what the strategy costs and that it gives the model one device gives."]
 
 
+def bfloat16_markdown(rows: list | None) -> list[str]:
+    """The bfloat16 section of speed.md (none when the part was not measured)."""
+    if not rows:
+        return []
+    lines = ["", "## bfloat16 on the CPU: frozen feature extraction, float32 against mixed bfloat16", "",
+             "| backbone | weights | images train/val/test | float32 (images/s) | bfloat16 (images/s) | speedup | "
+             "train run speedup | test features: mean cosine, relative difference | test AUC float32 | test AUC bfloat16 | "
+             "AUC difference | auto chooses |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if "runs" not in row:
+            lines.append(f"| {row['backbone']} | {row.get('status')} | | | | | | | | | | |")
+            continue
+        counts, rates, runs = row["images"], row["images_per_second"], row["runs"]
+        lines.append(f"| {row['backbone']} | {row['weights'].split(':')[0].split(' (')[0]} | "
+                     f"{counts['train']}/{counts['val']}/{counts['test']} | {fmt(rates['float32'])} | "
+                     f"{fmt(rates['mixed_bfloat16'])} | **{fmt(row['speedup'], 2)}x** | {fmt(row['train_speedup'], 2)}x | "
+                     f"{fmt(row['test_features']['mean_cosine'], 6)}, {fmt(100 * row['test_features']['relative_difference'])}% | "
+                     f"{fmt(runs['float32']['test_auc'], 3)} | "
+                     f"{fmt(runs['mixed_bfloat16']['test_auc'], 3)} | {row['auc_difference']:+.4f} | {row['auto_chooses']} |")
+    first = next((row for row in rows if "runs" in row), None)
+    if first:
+        flags = ", ".join(first["cpu_bfloat16_flags"]) or "none"
+        lines += ["", f"CPU bfloat16 units (/proc/cpuinfo): {flags}. Images/s: the frozen backbone up to the head's pooling "
+                      f"(`features.feature_extractor`), batch {first['batch_size']}, the same weights and the same real "
+                      f"images in both precisions, alternating inside each of {first['repeats']} repeats (median; load "
+                      "averages in speed.json). Train run speedup: the whole `xraylib.runs.train` call (feature extraction "
+                      "of train and val, 10 epochs of the head, saving) with `mixed_precision=\"off\"` against "
+                      "`\"bfloat16\"`; each run extracts its own feature cache (the precision is part of its key), and "
+                      "each head is scored on the test features of its own precision. VGG16 has random weights here (its "
+                      "ImageNet weights cannot be downloaded on this machine); MobileNet 0.25 has its real ImageNet weights."]
+    return lines
+
+
 def jsonable(value):
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
@@ -1146,7 +1290,7 @@ def jsonable(value):
 
 
 #: The parts of the benchmark (``--only``), in the order they run; ``--merge`` keeps the ones a run does not measure.
-PARTS = ("training", "preprocessing", "inference", "memory", "gpu", "scale", "predict_memory", "distribute")
+PARTS = ("training", "preprocessing", "inference", "memory", "gpu", "scale", "predict_memory", "distribute", "bfloat16")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1238,6 +1382,9 @@ def main(argv: list[str] | None = None) -> int:
                 if "inference" in parts and (run_dir / "model.keras").exists():
                     files = raster_files(data_root, mode["infer_files"][backbone], args.seed + 1)
                     results["inference"].append(bench_inference(backbone, run_dir, files, mode["repeats"]))
+        if "bfloat16" in parts:
+            results["bfloat16"] = [bench_bfloat16(backbone, data_root, weights_dir, work, mode, args.seed)
+                                   for backbone in args.backbones]
         if "gpu" in parts and (results["machine"]["gpus"] or mode_name == "smoke"):
             # (The smoke run measures these rows on the CPU too, to check the code; its numbers mean nothing.)
             log("accelerator rows: VGG16 training and inference, float32 and mixed float16")

@@ -14,6 +14,10 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptu
 
 from xraylib import config
 
+# The suite's numbers must not depend on the CPU that runs it: "auto" precision sees a CPU without bfloat16 units
+# (float32), here and in the processes the tests start. tests/test_cpu_bfloat16.py asks for bfloat16 itself.
+os.environ.setdefault("XRAYLIB_CPU_BFLOAT16", "0")
+
 
 @pytest.fixture
 def shared_data() -> Path:

@@ -442,8 +442,10 @@ def _add_training_options(p: argparse.ArgumentParser, backbone: str = "vgg16", w
     p.add_argument("--augment-views", type=int, default=1, metavar="K",
                    help="with augmentation and the feature cache: views cached per training image (default 1: plain "
                         "images only, no augmentation while the backbone is frozen; K costs K backbone passes, once)")
-    p.add_argument("--mixed-precision", choices=["auto", "on", "off"], default="auto",
-                   help="auto (default): float16 on a GPU of compute capability >= 7.0 (Colab's T4), float32 on a CPU")
+    p.add_argument("--mixed-precision", choices=["auto", "on", "off", "bfloat16"], default="auto",
+                   help="auto (default): float16 on a GPU of compute capability >= 7.0 (Colab's T4); on a CPU with "
+                        "bfloat16 units (AMX, AVX512-BF16) bfloat16 for a frozen VGG16, else float32; on: float16; "
+                        "bfloat16; off: float32")
     p.add_argument("--jit-compile", choices=["auto", "on", "off"], default="auto",
                    help="XLA: auto (default) uses it on a GPU only (slower on a CPU)")
     p.add_argument("--strategy", choices=["auto", "one", "mirrored", "tpu", "multi-worker"], default="auto",

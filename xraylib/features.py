@@ -147,7 +147,8 @@ def describe(model: keras.Model, spec: models.ModelSpec, preprocessing: Preproce
         "backbone_weights_sha1": backbone_sha1(model),
         "preprocessing": preprocessing.to_dict(),
         "pixels_version": PIXELS_VERSION,
-        "compute_dtype": "mixed_float16" if models.uses_mixed_precision(model) else "float32",
+        # "float32", "mixed_float16" or "mixed_bfloat16": features of different precisions never share a cache.
+        "compute_dtype": models.model_dtype_policy(model),
         "stored_dtype": "float32",
         # As given, for people: the key uses the weight values above, not the path they came from.
         "weights": spec.weights if spec.weights in (None, "imagenet") else str(spec.weights),

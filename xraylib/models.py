@@ -10,6 +10,7 @@ Keras' safe mode without any xraylib code. The backbone's layers sit directly in
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import warnings
@@ -158,9 +159,10 @@ def build_model(spec: ModelSpec | None = None, *, dtype_policy: str | None = Non
 
     ``build_model(backbone="vgg16", weights="imagenet")`` is the seeds' recipe. Keyword
     arguments override the fields of ``spec`` (or of the default :class:`ModelSpec`).
-    ``dtype_policy``: "float32" or "mixed_float16" (see :func:`choose_dtype_policy`); None
+    ``dtype_policy``: "float32", "mixed_float16" or "mixed_bfloat16" (see :func:`choose_dtype_policy`); None
     keeps Keras' global policy. Output: ``(N, len(classes))`` float32 softmax probabilities
-    (the last layer stays float32 under mixed precision). The spec is kept as ``model.xraylib_spec``.
+    (the last layer stays float32 under mixed precision; under "mixed_bfloat16" the whole head does, see
+    :data:`HEAD_POLICY`). The spec is kept as ``model.xraylib_spec``.
     """
     spec = ModelSpec(**{**(spec.to_dict() if spec else {}), **overrides}) if overrides or spec is None else spec
     with dtype_policy_scope(dtype_policy):
@@ -174,6 +176,7 @@ def build_model(spec: ModelSpec | None = None, *, dtype_policy: str | None = Non
             for layer in base.layers:
                 layer.trainable = False
             features = base.output
+    with dtype_policy_scope(HEAD_POLICY.get(dtype_policy, dtype_policy)):
         outputs = head(len(spec.classes), spec.head_units, spec.dropout, spec.head_pooling, spec.heads)(features)
         model = keras.Model(inputs, outputs, name=f"xraylib_{spec.backbone}")
     model.xraylib_spec = spec
@@ -181,12 +184,30 @@ def build_model(spec: ModelSpec | None = None, *, dtype_policy: str | None = Non
 
 
 # --------------------------------------------------------------------------------------------
-# Precision: mixed float16 on GPUs with tensor cores, float32 everywhere else
+# Precision: mixed float16 on GPUs with tensor cores, mixed bfloat16 for some backbones on CPUs with bfloat16
+# units, float32 everywhere else
 
-#: Values of the ``mixed_precision`` setting: "auto" (mixed on a GPU that supports it), "on", "off".
-MIXED_PRECISION_SETTINGS = ("auto", "on", "off")
+#: Values of the ``mixed_precision`` setting: "auto" (mixed where it is faster: see :func:`choose_dtype_policy`),
+#: "on" (mixed float16), "off" (float32), "bfloat16" (mixed bfloat16).
+MIXED_PRECISION_SETTINGS = ("auto", "on", "off", "bfloat16")
 #: Tensor cores (Volta and newer: V100 7.0, T4 7.5, A100 8.0) are what make float16 faster.
 MIN_MIXED_PRECISION_CAPABILITY = (7, 0)
+#: ``/proc/cpuinfo`` flags of CPU units that compute bfloat16 (Intel AMX from Sapphire Rapids, AVX512-BF16 from Cooper
+#: Lake; AMD Zen 4 has AVX512-BF16): without one, bfloat16 is emulated and slower than float32.
+BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+#: Backbone -> whether "auto" runs its frozen forward pass in mixed bfloat16 on a CPU with bfloat16 units: where it
+#: was measured faster there and the test AUC stayed within 0.005 of float32 (benchmarks/speed.py --only bfloat16,
+#: on a 2-core Xeon with AMX): VGG16 ran about 7x faster; MobileNet 0.25's depthwise convolutions about half as
+#: fast. Probed once at 224 px, batch 8 (speed only, random weights): ResNet50 1.3x, DenseNet121 1.1x, MobileNetV2
+#: 0.8x; their AUC in bfloat16 is unchecked, so "auto" keeps them (and any backbone not listed) in float32.
+BFLOAT16_FASTER: dict[str, bool] = {"vgg16": True, "mobilenet": False, "mobilenet_v2": False,
+                                    "resnet50": False, "densenet121": False, "small_cnn": False}
+#: The head's policy under a model's policy, where it differs: under mixed bfloat16 (8 bits of mantissa) the trained
+#: head and its pooling compute in float32, at no cost beside the backbone. The float16 path keeps its head as it was.
+HEAD_POLICY = {"mixed_bfloat16": "float32"}
+#: Set to "0" or "1" to say whether this CPU's bfloat16 is fast instead of reading ``/proc/cpuinfo`` (e.g. "0" in a
+#: container whose /proc/cpuinfo shows the host's flags but whose TensorFlow cannot use them).
+CPU_BFLOAT16_ENV = "XRAYLIB_CPU_BFLOAT16"
 
 
 def gpu_compute_capabilities() -> list[tuple[int, int]]:
@@ -204,12 +225,54 @@ def gpu_compute_capabilities() -> list[tuple[int, int]]:
     return capabilities
 
 
-def choose_dtype_policy(mixed_precision: str = "auto", capabilities: list[tuple[int, int]] | None = None) -> str:
-    """"mixed_float16" or "float32" for the ``mixed_precision`` setting.
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The CPU's feature flags from the text of ``/proc/cpuinfo`` (read when ``cpuinfo`` is None): the ``flags``
+    line of x86 Linux, ``Features`` on ARM; empty where there is no such file (macOS, Windows)."""
+    if cpuinfo is None:
+        return _cpu_flags_here()
+    for line in cpuinfo.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
 
-    "auto": mixed float16 when every visible GPU has compute capability >= 7.0 (T4, V100,
-    A100, ...), float32 otherwise and always on a CPU, where float16 is slower, not faster.
-    "on": mixed float16 wherever (on a CPU it works but is slow). "off": float32.
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags_here() -> frozenset[str]:
+    try:
+        return cpu_flags(Path("/proc/cpuinfo").read_text(errors="replace"))
+    except OSError:
+        return frozenset()
+
+
+def cpu_has_fast_bfloat16(flags: frozenset[str] | set[str] | None = None) -> bool:
+    """Whether a CPU with these flags computes bfloat16 in hardware (see :data:`BFLOAT16_CPU_FLAGS`).
+
+    ``flags`` None: this machine's, where ``$XRAYLIB_CPU_BFLOAT16`` ("0" or "1") overrides ``/proc/cpuinfo``, and
+    TensorFlow must use oneDNN (its default on x86 Linux; not with ``TF_ENABLE_ONEDNN_OPTS=0``) and be Keras' backend.
+    """
+    if flags is not None:
+        return any(flag in flags for flag in BFLOAT16_CPU_FLAGS)
+    said = os.environ.get(CPU_BFLOAT16_ENV, "").strip()
+    if said in ("0", "1"):
+        return said == "1"
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip() == "0" or keras.backend.backend() != "tensorflow":
+        return False
+    return cpu_has_fast_bfloat16(_cpu_flags_here())
+
+
+def choose_dtype_policy(mixed_precision: str = "auto", capabilities: list[tuple[int, int]] | None = None, *,
+                        backbone: str | None = None, frozen: bool = True,
+                        cpu_bfloat16: bool | None = None) -> str:
+    """"mixed_float16", "mixed_bfloat16" or "float32" for the ``mixed_precision`` setting.
+
+    "auto": on GPUs, mixed float16 when every visible GPU has compute capability >= 7.0 (T4, V100,
+    A100, ...), float32 otherwise. On a CPU (no GPU visible), mixed bfloat16 where the CPU has bfloat16 units
+    (``cpu_bfloat16``, default :func:`cpu_has_fast_bfloat16`), the backbone is ``frozen`` (no fine-tuning: only
+    the frozen forward pass is sped up) and :data:`BFLOAT16_FASTER` lists ``backbone`` as faster in it; float32
+    otherwise (float16 is slower, not faster, on a CPU). ``backbone`` None: float32 on a CPU.
+    "on": mixed float16 wherever (on a CPU it works but is slow). "bfloat16": mixed bfloat16 wherever (on a CPU
+    without bfloat16 units it works but is slow). "off": float32.
     ``capabilities`` defaults to :func:`gpu_compute_capabilities`.
     """
     if mixed_precision not in MIXED_PRECISION_SETTINGS:
@@ -218,10 +281,18 @@ def choose_dtype_policy(mixed_precision: str = "auto", capabilities: list[tuple[
         return "float32"
     if mixed_precision == "on":
         return "mixed_float16"
+    if mixed_precision == "bfloat16":
+        return "mixed_bfloat16"
     capabilities = gpu_compute_capabilities() if capabilities is None else capabilities
-    if capabilities and all(tuple(c) >= MIN_MIXED_PRECISION_CAPABILITY for c in capabilities):
-        return "mixed_float16"
-    return "float32"
+    if capabilities:
+        if all(tuple(c) >= MIN_MIXED_PRECISION_CAPABILITY for c in capabilities):
+            return "mixed_float16"
+        return "float32"
+    if backbone is None or not frozen or not BFLOAT16_FASTER.get(backbone, False):
+        return "float32"
+    if cpu_bfloat16 is None:
+        cpu_bfloat16 = cpu_has_fast_bfloat16()
+    return "mixed_bfloat16" if cpu_bfloat16 else "float32"
 
 
 @contextlib.contextmanager
@@ -247,9 +318,18 @@ def uses_mixed_precision(model: keras.Model) -> bool:
                if layer.name != "predictions")
 
 
+def model_dtype_policy(model: keras.Model) -> str:
+    """The policy ``model``'s backbone computes in: "float32", "mixed_float16" or "mixed_bfloat16"."""
+    for layer in model.layers:
+        name = getattr(layer.dtype_policy, "name", "float32")
+        if name != "float32" and layer.name != "predictions":
+            return name
+    return "float32"
+
+
 def as_float32(model: keras.Model, spec: ModelSpec) -> keras.Model:
-    """A float32 copy of a mixed-precision model (the same weights), so a model trained on a GPU in float16
-    predicts in float32 on any CPU; a float32 model is returned as it is."""
+    """A float32 copy of a mixed-precision model (the same weights), so a model trained on a GPU in float16, or on a
+    CPU with bfloat16 units in bfloat16, predicts in float32 on any CPU; a float32 model is returned as it is."""
     if not uses_mixed_precision(model):
         return model
     clone = build_model(dataclasses_replace(spec, weights=None), dtype_policy="float32")

@@ -13,7 +13,9 @@ Speed: while the backbone is frozen, the head trains on cached backbone features
 Fine-tuning, the small CNN and ``feature_cache=False`` stream the images from the memory-mapped
 cache through ``tf.data`` instead; memory stays flat in the number of images either way. On a
 GPU with tensor cores (compute capability >= 7.0) the model computes in mixed float16
-(``mixed_precision="auto"``) and Keras compiles the steps with XLA; on a CPU everything is float32.
+(``mixed_precision="auto"``) and Keras compiles the steps with XLA. On a CPU with bfloat16 units (AMX,
+AVX512-BF16) a frozen VGG16 backbone computes in mixed bfloat16 (the head in float32; see
+:func:`xraylib.models.choose_dtype_policy`); everything else on a CPU is float32.
 """
 from __future__ import annotations
 
@@ -65,7 +67,8 @@ class TrainSettings:
     feature_cache: bool = True
     #: With augmentation and the feature cache: views cached per training image (1: the plain image only).
     augment_views: int = 1
-    #: "auto" (mixed float16 on a GPU of compute capability >= 7.0, else float32), "on" or "off".
+    #: "auto" (mixed float16 on a GPU of compute capability >= 7.0; mixed bfloat16 for a frozen backbone that is faster
+    #: in it on a CPU with bfloat16 units; else float32), "on" (float16), "bfloat16" or "off" (float32).
     mixed_precision: str = "auto"
     #: XLA: "auto" (Keras' rule: on a GPU, not on a CPU), "on" or "off".
     jit_compile: str = "auto"
@@ -337,10 +340,11 @@ def _fit(data: PreprocessedData, spec: models.ModelSpec, settings: TrainSettings
         if distribute.replicas(strategy) > 1:  # its own optimizer (and state), the loss over the global batch
             compile_model(model, settings.learning_rate, settings.jit_compile, optimizer=model.optimizer)
     else:
-        model = models.build_model(spec, dtype_policy=models.choose_dtype_policy(settings.mixed_precision))
+        policy = models.choose_dtype_policy(settings.mixed_precision, backbone=spec.backbone,
+                                            frozen=settings.fine_tune_epochs == 0)
+        model = models.build_model(spec, dtype_policy=policy)
         compile_model(model, settings.learning_rate, settings.jit_compile)
-    execution: dict[str, Any] = {"dtype_policy": "mixed_float16" if models.uses_mixed_precision(model) else "float32",
-                                 **distribute.describe(strategy)}
+    execution: dict[str, Any] = {"dtype_policy": models.model_dtype_policy(model), **distribute.describe(strategy)}
     if done < total:
         distribute.check_same_epoch(strategy, done, str(run.root))
 
