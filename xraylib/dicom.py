@@ -12,7 +12,7 @@ import io
 import re
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pydicom
@@ -23,6 +23,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _at_pixel_data, _read_file_meta_info, read_preamble
 from pydicom.filereader import read_dataset as read_dataset_body
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .errors import BadFileError
 
@@ -150,10 +151,14 @@ def _read_deflated(zipped: bytes, preamble: bytes | None, meta, path: str, max_p
         raise BadFileError(path, f"deflated DICOM data inflates past {what}; refused (a decompression bomb?)")
     inflated = b"".join(parts)
     del parts
-    buffer = DicomBytesIO(inflated)
-    dataset = read_dataset_body(buffer, False, True)
-    ds = FileDataset(buffer, dataset, preamble, meta, False, True)
-    ds.set_original_encoding(False, True, dataset._character_set)
+    return _file_dataset(DicomBytesIO(inflated), preamble, meta, implicit=False)
+
+
+def _file_dataset(fp: DicomBytesIO, preamble: bytes | None, meta, implicit: bool, stop_when=None) -> FileDataset:
+    """The little-endian dataset at ``fp``'s position (after the file meta), read as :func:`pydicom.dcmread` does."""
+    dataset = read_dataset_body(fp, implicit, True, stop_when=stop_when)
+    ds = FileDataset(fp, dataset, preamble, meta, implicit, True)
+    ds.set_original_encoding(implicit, True, dataset._character_set)
     return ds
 
 
@@ -241,6 +246,9 @@ def read_dataset(data: bytes, path: str = "<bytes>", max_pixels: int = DEFAULT_M
     pixel data is not as long as its header declares (Rows x Columns x SamplesPerPixel x BitsAllocated/8 x
     NumberOfFrames), or that is deflated and inflates past what ``max_pixels`` pixels need (see :func:`_read_deflated`).
     """
+    native = read_native(data, max_pixels)
+    if native is not None:
+        return native
     ds = _read_dataset(data, path, max_pixels)
     header = _checked_header(ds, path)
     try:
@@ -284,6 +292,104 @@ def _check_pixel_length(ds: pydicom.Dataset, header: DicomHeader, path: str, max
                              "refused (a damaged file or a wrong header)")
 
 
+#: The transfer syntaxes whose pixels :func:`read_native` takes straight from the file's bytes: uncompressed little
+#: endian. (Deflated, big-endian and encapsulated (compressed) files are read by pydicom as a whole.)
+NATIVE_SYNTAXES = (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
+#: The tags pydicom stops before when it reads a file without its pixels (PixelData, FloatPixelData, DoubleFloatPixelData).
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+
+
+@dataclass(frozen=True)
+class NativePixels:
+    """Where the pixels of an uncompressed one-frame grey DICOM lie in its bytes (see :func:`read_native`)."""
+
+    buffer: bytes
+    offset: int
+    rows: int
+    columns: int
+    dtype: str  # "u1", "i1", "<u2" or "<i2"
+    unused_bits: int  # BitsAllocated - BitsStored
+
+    def array(self) -> np.ndarray:
+        """The pixels as pydicom's ``pixel_array`` gives them: ``(rows, columns)``, a read-only view of the bytes when
+        every allocated bit is stored, else a copy whose unused high bits are cleared (sign-extended when signed),
+        as pydicom's ``correct_unused_bits`` does."""
+        pixels = np.frombuffer(self.buffer, dtype=self.dtype, count=self.rows * self.columns, offset=self.offset)
+        pixels = pixels.reshape(self.rows, self.columns)
+        if self.unused_bits:
+            pixels = pixels.copy()
+            np.left_shift(pixels, self.unused_bits, out=pixels)
+            np.right_shift(pixels, self.unused_bits, out=pixels)
+        return pixels
+
+
+def read_native(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[FileDataset, DicomHeader] | None:
+    """:func:`read_dataset` for a plain uncompressed file, without copying or decoding its pixels through pydicom.
+
+    pydicom reads the header up to the pixel data (the same elements, LUTs included, as a full read); the pixels stay
+    where they are in ``data`` (:func:`native_pixels` says where). Only for a one-frame, one-sample MONOCHROME1/2
+    image of 8- or 16-bit integers in Implicit or Explicit VR Little Endian (:data:`NATIVE_SYNTAXES`: never a
+    deflated or encapsulated file), whose PixelData element is the file's last and holds exactly the bytes the
+    header declares (one padding byte allowed), within ``max_pixels``. Anything else gives None, and the caller reads
+    the file the general way, which refuses what is wrong with it (the same checks and messages).
+    """
+    try:
+        fp = DicomBytesIO(data)
+        preamble = read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+        syntax = meta.get("TransferSyntaxUID")
+        if syntax not in NATIVE_SYNTAXES:
+            return None
+        implicit = syntax == ImplicitVRLittleEndian
+        found: list[tuple[int, str | None, int]] = []
+
+        def at_pixels(tag, vr, length) -> bool:
+            if tag in _PIXEL_TAGS:
+                found.append((tag, vr, length))
+                return True
+            return False
+
+        ds = _file_dataset(fp, preamble, meta, implicit, stop_when=at_pixels)
+        if not found:
+            return None
+        tag, vr, length = found[0]
+        offset = fp.tell() + (8 if implicit else 12)  # the element's tag, (VR,) and length come first
+        if tag != 0x7FE00010 or (not implicit and vr not in ("OB", "OW")) or offset + length != len(data):
+            return None
+        pixels = _native_layout(ds, data, offset, length, max_pixels)
+        if pixels is None:
+            return None
+        header = replace(_header(ds), has_pixels=True)
+    except Exception:  # a damaged file: the general reader says what is wrong with it
+        return None
+    object.__setattr__(ds, "_xraylib_native", pixels)
+    return ds, header
+
+
+def _native_layout(ds: FileDataset, data: bytes, offset: int, length: int, max_pixels: int) -> NativePixels | None:
+    """The :class:`NativePixels` of a dataset read by :func:`read_native`; None where it is not a plain grey image."""
+    rows, columns = ds.get("Rows"), ds.get("Columns")
+    bits, stored = ds.get("BitsAllocated"), ds.get("BitsStored")
+    signed, samples = ds.get("PixelRepresentation"), ds.get("SamplesPerPixel")
+    frames = ds.get("NumberOfFrames", 1)
+    values = (rows, columns, bits, stored, signed, samples)
+    if not all(isinstance(v, int) for v in values) or ds.get("PhotometricInterpretation") not in ("MONOCHROME1", "MONOCHROME2"):
+        return None
+    if (bits not in (8, 16) or not 0 < stored <= bits or signed not in (0, 1) or samples != 1 or frames not in (1, "1")
+            or not 0 < rows * columns <= max_pixels):
+        return None
+    expected = rows * columns * bits // 8
+    if length not in (expected, expected + 1):
+        return None
+    dtype = ("i" if signed else "u") + str(bits // 8)
+    return NativePixels(data, offset, rows, columns, dtype if bits == 8 else "<" + dtype, bits - stored)
+
+
+def native_pixels(ds: pydicom.Dataset) -> NativePixels | None:
+    """Where :func:`read_native` found the dataset's pixels; None for a dataset read the general way."""
+    return getattr(ds, "_xraylib_native", None)
+
+
 def decode_dicom(data: bytes, path: str = "<bytes>") -> tuple[np.ndarray, DicomHeader]:
     """Decode a DICOM image to ``(H, W) uint8``, display-ready (MONOCHROME1 inverted), and its header.
 
@@ -304,15 +410,12 @@ def decode_dataset(ds: pydicom.Dataset, header: DicomHeader, path: str = "<bytes
     """
     if not header.has_pixels:
         raise BadFileError(path, "DICOM file has no pixel data (no PixelData element)")
+    native = native_pixels(ds)
     try:
-        # Decode only the first frame (the size guard checked one frame, not all of them), and let plain 8-bit
-        # pixels be a view of the bytes: the copy costs more than the parsing. (Asked of other pixels, pydicom
-        # copies anyway and logs a line per file.)
-        syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-        plain_8bit = (ds.get("BitsAllocated") == 8 and header.bits_stored == 8
-                      and syntax is not None and not syntax.is_compressed)
-        ds.pixel_array_options(index=0 if header.frames > 1 else None, view_only=plain_8bit)
-        pixels = ds.pixel_array
+        if native is not None:  # an uncompressed file: the pixels are a view of its bytes
+            pixels = native.array()
+        else:
+            pixels = _pydicom_pixels(ds, header)
     except Exception as exc:
         raise BadFileError(path, _decode_failure_message(header, exc, ds)) from None
     try:
@@ -325,6 +428,18 @@ def decode_dataset(ds: pydicom.Dataset, header: DicomHeader, path: str = "<bytes
     if writable and not image.flags.writeable:
         image = image.copy()
     return image
+
+
+def _pydicom_pixels(ds: pydicom.Dataset, header: DicomHeader) -> np.ndarray:
+    """The pixels of a dataset read by pydicom as a whole, decoded by pydicom (the first frame of several)."""
+    # Decode only the first frame (the size guard checked one frame, not all of them), and let plain 8-bit
+    # pixels be a view of the bytes: the copy costs more than the parsing. (Asked of other pixels, pydicom
+    # copies anyway and logs a line per file.)
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    plain_8bit = (ds.get("BitsAllocated") == 8 and header.bits_stored == 8
+                  and syntax is not None and not syntax.is_compressed)
+    ds.pixel_array_options(index=0 if header.frames > 1 else None, view_only=plain_8bit)
+    return ds.pixel_array
 
 
 def _display_pixels(pixels: np.ndarray, header: DicomHeader, ds: pydicom.Dataset) -> np.ndarray:
