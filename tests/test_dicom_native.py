@@ -38,9 +38,12 @@ def _general(data: bytes, path: str, monkeypatch) -> tuple[np.ndarray, dicom.Dic
         return dicom.decode_dataset(ds, header, path), header
 
 
-def _same_both_ways(path: Path, monkeypatch) -> np.ndarray:
-    """The file is read by the fast reader, and gives the general path's header and pixels."""
+def _same_both_ways(path: Path, monkeypatch, scanned: bool | None = None) -> np.ndarray:
+    """The file is read by the fast reader, and gives the general path's header and pixels. ``scanned``: whether
+    the fast reader's own scan (no pydicom) must read it, or pydicom's reading up to the pixels."""
     data = path.read_bytes()
+    if scanned is not None:
+        assert (dicom._scan_plain(data, dicom.DEFAULT_MAX_PIXELS) is not None) is scanned
     ds, header = dicom.read_dataset(data, str(path))
     assert dicom.native_pixels(ds) is not None, "the fast reader was not used"
     fast = dicom.decode_dataset(ds, header, str(path))
@@ -74,7 +77,10 @@ TWELVE_BIT = (GRADIENT.astype(np.int32) * 16 + np.arange(48) % 16).astype(np.uin
                                   "12in16-signed-garbage", "rescale", "negative-slope", "window", "rescale-window",
                                   "voi-lut-sequence", "modality-lut-sequence"])
 @pytest.mark.parametrize("implicit", [False, True], ids=["explicit", "implicit"])
-def test_fast_reader_gives_the_general_paths_pixels(tmp_path, monkeypatch, case, photometric, implicit):
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "pydicom-header"])
+def test_fast_reader_gives_the_general_paths_pixels(tmp_path, monkeypatch, case, photometric, implicit, scan):
+    """Both ways of the fast reader (its own scan for plain files; pydicom's reading up to the pixels for files with
+    a display transform, or with the scan switched off here) against the general path."""
     path = tmp_path / f"{case}.dcm"
     bits = 8 if case.startswith("8bit") else 16
     source = GRADIENT if bits == 8 else TWELVE_BIT
@@ -108,7 +114,42 @@ def test_fast_reader_gives_the_general_paths_pixels(tmp_path, monkeypatch, case,
 
     _resave(path, change)
     assert pydicom.dcmread(path).is_implicit_VR is implicit
-    _same_both_ways(path, monkeypatch)
+    if not scan:
+        monkeypatch.setattr(dicom, "_scan_plain", lambda *args: None)
+    transformed = rescale or window or "sequence" in case
+    _same_both_ways(path, monkeypatch, scanned=scan and not transformed)
+
+
+@pytest.mark.parametrize("change", ["non-ascii-name", "two-values", "other-vr", "sequence", "frames-1", "nul-padding",
+                                    "empty-values"])
+def test_headers_the_scan_leaves_to_pydicom_read_the_same(tmp_path, monkeypatch, change):
+    """The scan converts plain ASCII values itself; the rest goes to pydicom, with the same header either way."""
+    path = write_dicom(tmp_path / f"{change}.dcm", GRADIENT, patient_id="patient 7 ")
+
+    def edit(ds: Dataset) -> None:
+        if change == "non-ascii-name":
+            ds.SpecificCharacterSet, ds.PatientID = "ISO_IR 100", "M\xfcller"
+        elif change == "two-values":
+            ds.BodyPartExamined = ["CHEST", "ABDOMEN"]
+        elif change == "other-vr":
+            ds["PatientID"].VR = "SH"
+        elif change == "sequence":
+            item = Dataset()
+            item.ReferencedSOPInstanceUID = uid.generate_uid()
+            ds.ReferencedStudySequence = [item]
+            ds["ReferencedStudySequence"].is_undefined_length = True
+        elif change == "frames-1":
+            ds.NumberOfFrames = 1
+        elif change == "nul-padding":  # (some writers pad text with NUL, not a space)
+            ds.add_new(0x00100040, "CS", b"F\0")
+        elif change == "empty-values":
+            ds.PatientAge, ds.ViewPosition = "", ""
+
+    _resave(path, edit)
+    if change == "nul-padding":
+        assert b"F\0" in path.read_bytes()
+    scanned = change in ("frames-1", "nul-padding", "empty-values")
+    _same_both_ways(path, monkeypatch, scanned=scanned)
 
 
 def test_unused_high_bits_are_cleared_as_pydicom_clears_them(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 import warnings
 import zlib
 from dataclasses import dataclass, replace
@@ -343,6 +344,9 @@ def read_native(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[File
     header declares (one padding byte allowed), within ``max_pixels``. Anything else gives None, and the caller reads
     the file the general way, which refuses what is wrong with it (the same checks and messages).
     """
+    scanned = _scan_plain(data, max_pixels)
+    if scanned is not None:
+        return scanned
     try:
         fp = DicomBytesIO(data)
         preamble = read_preamble(fp, False)
@@ -366,7 +370,7 @@ def read_native(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[File
         offset = fp.tell() + (8 if implicit else 12)  # the element's tag, (VR,) and length come first
         if tag != 0x7FE00010 or (not implicit and vr not in ("OB", "OW")) or offset + length != len(data):
             return None
-        pixels = _native_layout(ds, data, offset, length, max_pixels)
+        pixels = _native_layout([ds.get(keyword) for keyword in _LAYOUT_KEYWORDS], data, offset, length, max_pixels)
         if pixels is None:
             return None
         header = replace(_header(ds), has_pixels=True)
@@ -376,16 +380,19 @@ def read_native(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[File
     return ds, header
 
 
-def _native_layout(ds: FileDataset, data: bytes, offset: int, length: int, max_pixels: int) -> NativePixels | None:
-    """The :class:`NativePixels` of a dataset read by :func:`read_native`; None where it is not a plain grey image."""
-    rows, columns = ds.get("Rows"), ds.get("Columns")
-    bits, stored = ds.get("BitsAllocated"), ds.get("BitsStored")
-    signed, samples = ds.get("PixelRepresentation"), ds.get("SamplesPerPixel")
-    frames = ds.get("NumberOfFrames", 1)
-    values = (rows, columns, bits, stored, signed, samples)
-    if not all(isinstance(v, int) for v in values) or ds.get("PhotometricInterpretation") not in ("MONOCHROME1", "MONOCHROME2"):
+#: The elements that say how the pixels are laid out, in the order :func:`_native_layout` takes their values.
+_LAYOUT_KEYWORDS = ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel",
+                    "NumberOfFrames", "PhotometricInterpretation")
+
+
+def _native_layout(values: list, data: bytes, offset: int, length: int, max_pixels: int) -> NativePixels | None:
+    """The :class:`NativePixels` of a file read by :func:`read_native`, from the values of :data:`_LAYOUT_KEYWORDS`
+    (None where absent); None where it is not a plain one-frame grey image of the length its header declares."""
+    rows, columns, bits, stored, signed, samples, frames, photometric = values
+    if not all(isinstance(v, int) for v in (rows, columns, bits, stored, signed, samples)):
         return None
-    if (bits not in (8, 16) or not 0 < stored <= bits or signed not in (0, 1) or samples != 1 or frames not in (1, "1")
+    if (bits not in (8, 16) or not 0 < stored <= bits or signed not in (0, 1) or samples != 1
+            or frames not in (None, 1, "1") or photometric not in ("MONOCHROME1", "MONOCHROME2")
             or not 0 < rows * columns <= max_pixels):
         return None
     expected = rows * columns * bits // 8
@@ -393,6 +400,129 @@ def _native_layout(ds: FileDataset, data: bytes, offset: int, length: int, max_p
         return None
     dtype = ("i" if signed else "u") + str(bits // 8)
     return NativePixels(data, offset, rows, columns, dtype if bits == 8 else "<" + dtype, bits - stored)
+
+
+#: VRs whose explicit-VR elements have a 4-byte length (after 2 reserved bytes); the others in :data:`_SHORT_VRS`.
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+_SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN",
+                        b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
+#: The header's elements :func:`_scan_plain` converts itself, with their standard VRs.
+_SCANNED = {0x00100020: ("PatientID", b"LO"), 0x00100040: ("PatientSex", b"CS"), 0x00101010: ("PatientAge", b"AS"),
+            0x00185101: ("ViewPosition", b"CS"), 0x00080060: ("Modality", b"CS"),
+            0x00180015: ("BodyPartExamined", b"CS"), 0x00280010: ("Rows", b"US"), 0x00280011: ("Columns", b"US"),
+            0x00280100: ("BitsAllocated", b"US"), 0x00280101: ("BitsStored", b"US"),
+            0x00280103: ("PixelRepresentation", b"US"), 0x00280002: ("SamplesPerPixel", b"US"),
+            0x00280008: ("NumberOfFrames", b"IS"), 0x00280004: ("PhotometricInterpretation", b"CS")}
+#: Elements of the display transform (rescale, LUTs, window): a file with any is left to pydicom's reading.
+_TRANSFORM_TAGS = frozenset({0x00281050, 0x00281051, 0x00281052, 0x00281053, 0x00281054, 0x00281056, 0x00283000,
+                             0x00283010})
+
+
+def _scan_plain(data: bytes, max_pixels: int) -> tuple[pydicom.Dataset, DicomHeader] | None:
+    """:func:`read_native` without pydicom, for the plainest files: no rescale, LUT or window element, no element of
+    undefined length, ASCII header values, every element in order with the standard VR of the ones read here.
+
+    The header's values are converted here as pydicom converts them (text stripped, US little-endian, IS a
+    number); anything else (and anything odd) gives None, and pydicom reads the file. The dataset returned is empty:
+    with no transform element, the display transform reads nothing from it.
+    """
+    if data[128:132] != b"DICM":
+        return None
+    meta = _scan_elements(data, 132, implicit=False, meta=True)
+    if meta is None or 0x00020010 not in meta[0]:
+        return None
+    syntax = _ascii_value(data, meta[0][0x00020010])
+    if syntax not in NATIVE_SYNTAXES:
+        return None
+    implicit = syntax == ImplicitVRLittleEndian
+    scanned = _scan_elements(data, meta[1], implicit=implicit, meta=False)
+    if scanned is None or 0x7FE00010 not in scanned[0]:
+        return None
+    elements = scanned[0]
+    if not _TRANSFORM_TAGS.isdisjoint(elements):
+        return None
+    values = {}
+    for tag, (keyword, standard_vr) in _SCANNED.items():
+        if tag in elements:
+            vr, start, length = elements[tag]
+            if vr is not None and vr != standard_vr:
+                return None
+            if standard_vr == b"US":
+                if length != 2:
+                    return None
+                values[keyword] = data[start] | data[start + 1] << 8
+            else:
+                values[keyword] = _ascii_value(data, elements[tag])
+                if values[keyword] is None:
+                    return None
+    frames = values.get("NumberOfFrames")
+    if frames is not None and frames not in ("", "1"):
+        return None
+    values["NumberOfFrames"] = None
+    vr, offset, length = elements[0x7FE00010]
+    if vr not in (None, b"OB", b"OW") or offset + length != len(data):
+        return None
+    pixels = _native_layout([values.get(keyword) for keyword in _LAYOUT_KEYWORDS], data, offset, length, max_pixels)
+    if pixels is None:
+        return None
+    header = DicomHeader(
+        patient_id=values.get("PatientID") or None, sex=values.get("PatientSex") or None,
+        age=parse_age(values.get("PatientAge")), view=values.get("ViewPosition") or None,
+        modality=values.get("Modality") or None, body_part=values.get("BodyPartExamined") or None,
+        rows=values["Rows"], columns=values["Columns"], bits_stored=values["BitsStored"],
+        photometric=values["PhotometricInterpretation"] or None, frames=1, has_pixels=True,
+        transfer_syntax=pydicom.uid.UID(syntax).name, transfer_syntax_uid=syntax)
+    ds = pydicom.Dataset()
+    object.__setattr__(ds, "_xraylib_native", pixels)
+    return ds, header
+
+
+def _scan_elements(data: bytes, pos: int, implicit: bool, meta: bool) -> tuple[dict, int] | None:
+    """``{tag: (VR or None, value offset, length)}`` of the top-level elements from ``pos``, and where they end: the
+    file meta's (group 2, explicit VR) or the dataset's up to and with PixelData. None where an element has an
+    undefined length, an unknown VR, runs past the end, or comes out of order (pydicom reads those)."""
+    found: dict[int, tuple[bytes | None, int, int]] = {}
+    end, last = len(data), -1
+    while pos + 8 <= end:
+        group, element = _TAG.unpack_from(data, pos)
+        tag = group << 16 | element
+        if meta and group != 2:
+            break
+        if tag <= last or (not meta and group <= 2):
+            return None
+        last = tag
+        vr = data[pos + 4:pos + 6]
+        if implicit:
+            if not found and (vr in _SHORT_VRS or vr in _LONG_VRS):
+                return None  # explicit VR after all? (pydicom checks and switches)
+            vr, length, start = None, _LENGTH.unpack_from(data, pos + 4)[0], pos + 8
+        elif vr in _SHORT_VRS:
+            length, start = data[pos + 6] | data[pos + 7] << 8, pos + 8
+        elif vr in _LONG_VRS and pos + 12 <= end:
+            length, start = _LENGTH.unpack_from(data, pos + 8)[0], pos + 12
+        else:
+            return None
+        if length == 0xFFFFFFFF or start + length > end:
+            return None
+        found[tag] = (vr, start, length)
+        if tag == 0x7FE00010 and not meta:
+            break
+        pos = start + length
+    return found, pos
+
+
+_TAG = struct.Struct("<HH")
+_LENGTH = struct.Struct("<I")
+
+
+def _ascii_value(data: bytes, entry: tuple[bytes | None, int, int]) -> str | None:
+    """A text element's value as pydicom gives it and ``str(value).strip()`` makes it; None where that is not sure
+    (non-ASCII, several values, NUL bytes inside or escape bytes: pydicom's conversion decides those)."""
+    _, start, length = entry
+    raw = data[start:start + length].rstrip(b"\0 ")  # (pydicom strips trailing NUL padding and spaces)
+    if not raw.isascii() or b"\\" in raw or b"\0" in raw or b"\x1b" in raw:
+        return None
+    return raw.decode("ascii").strip()
 
 
 def native_pixels(ds: pydicom.Dataset) -> NativePixels | None:
