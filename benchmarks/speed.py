@@ -26,6 +26,8 @@ the two sides of a comparison alternate inside each repeat, so a noisy machine s
    synthetic 256x256 JPEG Baseline DICOMs in the RSNA layout, each in a fresh process.
 5. GPU rows: VGG16 training (frozen backbone, streamed) and inference images/s, float32 and
    mixed float16, measured where a GPU is visible; otherwise marked "not measured".
+6. ``--only dicom_fast``: uncompressed 8- and 16-bit DICOMs through xraylib's fast reader against the plain
+   loop and the general path (pydicom's full read), every cached image checked against the general path's.
 
 Not part of the tests. Needs ../shared/data (or $XRAYLIB_SHARED_DATA) and ../shared/weights.
 """
@@ -519,19 +521,22 @@ def bench_dicom_fast(bits: int, n: int, work: Path, repeats: int, seed: int, siz
             ("xraylib_1_worker", lambda: xraylib_preprocess(files, work / "fast_1", 1)),
             ("general_path_2_workers", lambda: general_path(2)))
     times: dict[str, list[float]] = {name: [] for name, _ in runs}
+    cpu: dict[str, list[float]] = {name: [] for name, _ in runs}  # this process's CPU seconds, all its threads
     loads = [load_average()]
     for repeat in range(repeats):
         log(f"uncompressed {bits}-bit DICOMs, repeat {repeat + 1}: {n} files")
         for name, run in runs:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             run()
             times[name].append(time.perf_counter() - started)
+            cpu[name].append(time.process_time() - cpu_started)
         loads.append(load_average())
     fast, general = load_preprocessed(work / "fast_2"), load_preprocessed(work / "fast_general")
     same = all(np.array_equal(fast.splits[s].images, general.splits[s].images) for s in fast.splits)
     compared = sum(len(split) for split in fast.splits.values())
     rates = {name: n / median(values) for name, values in times.items()}
     return {"bits": bits, "files": n, "size": size, "repeats": repeats, "seconds": times, "images_per_second": rates,
+            "cpu_ms_per_file": {name: 1000 * median(values) / n for name, values in cpu.items()},
             "speedup_2_workers_vs_plain_loop": rates["xraylib_2_workers"] / rates["plain_loop"],
             "speedup_2_workers_vs_general_path": rates["xraylib_2_workers"] / rates["general_path_2_workers"],
             "same_pixels_as_general_path": same, "images_compared": compared, "load_averages": loads}
@@ -830,25 +835,28 @@ def markdown(results: dict) -> str:
         lines += ["", "## Uncompressed DICOMs: the fast reader (images/s, decode + resize to 224, 2 workers unless said)", "",
                   "| DICOMs (1024x1024 unless said) | n | plain loop (pydicom + cv2) | xraylib 1 worker | xraylib 2 workers | "
                   "general path, 2 workers (before) | 2 workers vs plain loop | vs general path | same pixels | "
-                  "load average (start .. end) | runs |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "load average (start .. end) | CPU ms per file: plain loop / xraylib 2 workers | runs |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in fast_rows:
             rates = row["images_per_second"]
             what = f"{row['bits']}-bit" + ("" if row["size"] == 1024 else f", {row['size']}x{row['size']}")
-            loads = row["load_averages"]
+            loads, cpu = row["load_averages"], row.get("cpu_ms_per_file", {})
             lines.append(f"| {what} | {row['files']} | {fmt(rates['plain_loop'])} | {fmt(rates['xraylib_1_worker'])} | "
                          f"{fmt(rates['xraylib_2_workers'])} | {fmt(rates['general_path_2_workers'])} | "
                          f"**{fmt(row['speedup_2_workers_vs_plain_loop'], 2)}x** | "
                          f"{fmt(row['speedup_2_workers_vs_general_path'], 2)}x | "
                          f"{'all ' + str(row['images_compared']) if row['same_pixels_as_general_path'] else 'NO'} | "
-                         f"{loads[0][0]:.1f} .. {loads[-1][0]:.1f} | {row['repeats']} |")
+                         f"{loads[0][0]:.1f} .. {loads[-1][0]:.1f} | {fmt(cpu['plain_loop'], 2)} / "
+                         f"{fmt(cpu['xraylib_2_workers'], 2)} | {row['repeats']} |")
         lines += ["", "Synthetic phantoms written with pydicom, Explicit VR Little Endian, MONOCHROME2 (16-bit: 12 bits "
                       "stored). The fast reader (`xraylib.dicom.read_native`) reads the header with pydicom up to the "
                       "pixel data and takes the pixels as a NumPy view of the file's bytes; the general path is the "
                       "reader before it (pydicom's full read and `pixel_array`), run in the same repeats. Same pixels: "
                       "every cached image of the fast run equals the general path's. The plain loop does less per file "
                       "(no display transform, `INTER_LINEAR` straight to 224); the ratios are medians of interleaved "
-                      "runs on a shared 2-core machine (load average in the table)."]
+                      "runs on a shared 2-core machine (load average in the table). CPU ms per file: this process's "
+                      "CPU time (all threads) per file, which the load changes little; with two free cores the 2 "
+                      "workers' rate approaches 2000 / that figure per second."]
     lines += ["", "## Inference throughput for a folder of files (images/s, decode + preprocess + predict)", "",
               "| model | files | one model.predict per image | xraylib predict_files (batched) | speedup | runs |",
               "|---|---|---|---|---|---|"]

@@ -296,3 +296,24 @@ def test_real_files_stored_uncompressed_read_fast_and_monochrome1_is_the_inverse
         assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == uid.ExplicitVRLittleEndian
         decoded[source.name] = _same_both_ways(path, monkeypatch)
     np.testing.assert_array_equal(decoded[fake.name], 255 - decoded[real.name])
+
+
+def test_the_dicom_fast_benchmark_part_runs_on_a_few_small_files(tmp_path):
+    """benchmarks/speed.py's dicom_fast part at a tiny size: its timings mean nothing; its pixel check must pass."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import speed
+    finally:
+        sys.path.pop(0)
+    for bits in (8, 16):
+        row = speed.bench_dicom_fast(bits, 6, tmp_path, repeats=1, seed=0, size=64)
+        assert row["same_pixels_as_general_path"] and row["images_compared"] == 6
+        assert set(row["images_per_second"]) == {"plain_loop", "xraylib_1_worker", "xraylib_2_workers",
+                                                 "general_path_2_workers"}
+        assert dicom.read_native is not None and dicom.read_native.__name__ == "read_native"  # put back
+    assert "Uncompressed DICOMs: the fast reader" in speed.markdown({
+        "machine": {"cpu_model": "x", "cores_available": 2, "cores_logical": 2, "tensorflow": "-", "keras": "-",
+                    "python": "-", "gpus": []}, "mode": "smoke", "started": "-", "finished": "-", "training": [],
+        "preprocessing": [], "inference": [], "dicom_fast": [row]})
