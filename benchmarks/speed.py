@@ -873,8 +873,9 @@ def markdown(results: dict) -> str:
                          f"{fmt(cpu['xraylib_2_workers'], 2)} | {fmt(row.get('resize_2_threads_vs_1'), 2)}x | "
                          f"{row['repeats']} |")
         lines += ["", "Synthetic phantoms written with pydicom, Explicit VR Little Endian, MONOCHROME2 (16-bit: 12 bits "
-                      "stored). The fast reader (`xraylib.dicom.read_native`) reads the header with pydicom up to the "
-                      "pixel data and takes the pixels as a NumPy view of the file's bytes; the general path is the "
+                      "stored). The fast reader (`xraylib.dicom.read_native`) reads the header itself (these plain files; "
+                      "with pydicom up to the pixel data where there is a rescale, LUT or window) and takes the "
+                      "pixels as a NumPy view of the file's bytes; the general path is the "
                       "reader before it (pydicom's full read and `pixel_array`), run in the same repeats. Same pixels: "
                       "every cached image of the fast run equals the general path's. The plain loop does less per file "
                       "(no display transform, `INTER_LINEAR` straight to 224); the ratios are medians of interleaved "
