@@ -504,6 +504,7 @@ def bench_dicom_fast(bits: int, n: int, work: Path, repeats: int, seed: int, siz
     from xraylib.preprocess import load_preprocessed
 
     folder = work / f"dicoms_raw{bits}_{n}"
+    measured = datetime.datetime.now().isoformat(timespec="minutes")
     log(f"uncompressed {bits}-bit DICOMs: writing {n} files of {size}x{size}")
     files = sorted(folder.glob("*.dcm")) if len(list(folder.glob("*.dcm"))) == n else \
         dicom_files(folder, n, size, seed, jpeg_quality=None, bits=bits)
@@ -541,7 +542,7 @@ def bench_dicom_fast(bits: int, n: int, work: Path, repeats: int, seed: int, siz
             "speedup_2_workers_vs_plain_loop": rates["xraylib_2_workers"] / rates["plain_loop"],
             "speedup_2_workers_vs_general_path": rates["xraylib_2_workers"] / rates["general_path_2_workers"],
             "same_pixels_as_general_path": same, "images_compared": compared, "load_averages": loads,
-            "resize_2_threads_vs_1": scaling}
+            "resize_2_threads_vs_1": scaling, "measured": measured}
 
 
 def resize_thread_scaling(path: Path, n: int = 400) -> float:
@@ -858,9 +859,9 @@ def markdown(results: dict) -> str:
                   "| DICOMs (1024x1024 unless said) | n | plain loop (pydicom + cv2) | xraylib 1 worker | xraylib 2 workers | "
                   "general path, 2 workers (before) | 2 workers vs plain loop | vs general path | same pixels | "
                   "load average (start .. end) | CPU ms per file: plain loop / xraylib 2 workers | "
-                  "resize alone, 2 threads vs 1 | runs |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for row in fast_rows:
+                  "resize alone, 2 threads vs 1 | runs | measured |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for row in sorted(fast_rows, key=lambda row: (row["size"], row["files"], row["bits"])):
             rates = row["images_per_second"]
             what = f"{row['bits']}-bit" + ("" if row["size"] == 1024 else f", {row['size']}x{row['size']}")
             loads, cpu = row["load_averages"], row.get("cpu_ms_per_file", {})
@@ -871,7 +872,7 @@ def markdown(results: dict) -> str:
                          f"{'all ' + str(row['images_compared']) if row['same_pixels_as_general_path'] else 'NO'} | "
                          f"{loads[0][0]:.1f} .. {loads[-1][0]:.1f} | {fmt(cpu['plain_loop'], 2)} / "
                          f"{fmt(cpu['xraylib_2_workers'], 2)} | {fmt(row.get('resize_2_threads_vs_1'), 2)}x | "
-                         f"{row['repeats']} |")
+                         f"{row['repeats']} | {row.get('measured', '')} |")
         lines += ["", "Synthetic phantoms written with pydicom, Explicit VR Little Endian, MONOCHROME2 (16-bit: 12 bits "
                       "stored). The fast reader (`xraylib.dicom.read_native`) reads the header itself (these plain files; "
                       "with pydicom up to the pixel data where there is a rescale, LUT or window) and takes the "
@@ -962,6 +963,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="numbers of DICOMs for the memory part (default 1000 8000)")
     parser.add_argument("--dicom-fast-files", type=int, nargs="+", default=None, metavar="N",
                         help="numbers of uncompressed DICOMs for the dicom_fast part (default 1000; smoke: 12)")
+    parser.add_argument("--dicom-fast-bits", type=int, nargs="+", default=[8, 16], choices=(8, 16),
+                        help="bit depths for the dicom_fast part (default 8 16)")
     parser.add_argument("--memory-child", nargs=2, metavar=("SOURCE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -1011,7 +1014,7 @@ def main(argv: list[str] | None = None) -> int:
             sizes = args.dicom_fast_files or ([12] if mode_name == "smoke" else [1000])
             side = 128 if mode_name == "smoke" else 1024
             results["dicom_fast"] = [bench_dicom_fast(bits, n, work / "dicom_fast", mode["repeats"], args.seed, side)
-                                     for n in sizes for bits in (8, 16)]
+                                     for n in sizes for bits in args.dicom_fast_bits]
         if "training" in parts or "inference" in parts:
             for backbone in args.backbones:
                 if "training" in parts:
@@ -1044,6 +1047,10 @@ def main(argv: list[str] | None = None) -> int:
                         "started": previous.get("started"),
                         "load_average_start": previous.get("machine", {}).get("load_average_start"),
                         "load_average_end": previous.get("machine", {}).get("load_average_end")})
+            if "dicom_fast" in parts:  # rows of other sizes or bit depths, measured in earlier runs, are kept
+                done = {(row["bits"], row["files"], row["size"]) for row in results.get("dicom_fast", [])}
+                results["dicom_fast"] = results.get("dicom_fast", []) + [
+                    row for row in previous.get("dicom_fast", []) if (row["bits"], row["files"], row["size"]) not in done]
         clean = jsonable(results)
         (out / "speed.json").write_text(json.dumps(clean, indent=2) + "\n")
         (out / "speed.md").write_text(markdown(clean))
