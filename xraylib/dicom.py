@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import cv2
 import numpy as np
 import pydicom
 from pydicom.encaps import generate_frames
@@ -23,6 +25,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _at_pixel_data, _read_file_meta_info, read_preamble
 from pydicom.filereader import read_dataset as read_dataset_body
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .errors import BadFileError
 
@@ -150,10 +153,14 @@ def _read_deflated(zipped: bytes, preamble: bytes | None, meta, path: str, max_p
         raise BadFileError(path, f"deflated DICOM data inflates past {what}; refused (a decompression bomb?)")
     inflated = b"".join(parts)
     del parts
-    buffer = DicomBytesIO(inflated)
-    dataset = read_dataset_body(buffer, False, True)
-    ds = FileDataset(buffer, dataset, preamble, meta, False, True)
-    ds.set_original_encoding(False, True, dataset._character_set)
+    return _file_dataset(DicomBytesIO(inflated), preamble, meta, implicit=False)
+
+
+def _file_dataset(fp: DicomBytesIO, preamble: bytes | None, meta, implicit: bool, stop_when=None) -> FileDataset:
+    """The little-endian dataset at ``fp``'s position (after the file meta), read as :func:`pydicom.dcmread` does."""
+    dataset = read_dataset_body(fp, implicit, True, stop_when=stop_when)
+    ds = FileDataset(fp, dataset, preamble, meta, implicit, True)
+    ds.set_original_encoding(implicit, True, dataset._character_set)
     return ds
 
 
@@ -241,6 +248,9 @@ def read_dataset(data: bytes, path: str = "<bytes>", max_pixels: int = DEFAULT_M
     pixel data is not as long as its header declares (Rows x Columns x SamplesPerPixel x BitsAllocated/8 x
     NumberOfFrames), or that is deflated and inflates past what ``max_pixels`` pixels need (see :func:`_read_deflated`).
     """
+    native = read_native(data, max_pixels)
+    if native is not None:
+        return native
     ds = _read_dataset(data, path, max_pixels)
     header = _checked_header(ds, path)
     try:
@@ -284,6 +294,252 @@ def _check_pixel_length(ds: pydicom.Dataset, header: DicomHeader, path: str, max
                              "refused (a damaged file or a wrong header)")
 
 
+#: The transfer syntaxes whose pixels :func:`read_native` takes straight from the file's bytes: uncompressed little
+#: endian. (Deflated, big-endian and encapsulated (compressed) files are read by pydicom as a whole.)
+NATIVE_SYNTAXES = (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
+#: The tags pydicom stops before when it reads a file without its pixels (PixelData, FloatPixelData, DoubleFloatPixelData).
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+
+
+@dataclass(frozen=True)
+class NativePixels:
+    """Where the pixels of an uncompressed one-frame grey DICOM lie in its bytes (see :func:`read_native`)."""
+
+    buffer: bytes
+    offset: int
+    rows: int
+    columns: int
+    dtype: str  # "u1", "i1", "<u2" or "<i2"
+    unused_bits: int  # BitsAllocated - BitsStored
+
+    def array(self) -> np.ndarray:
+        """The pixels as pydicom's ``pixel_array`` gives them: ``(rows, columns)``, a read-only view of the bytes when
+        no unused high bit (above BitsStored) is set, else a copy whose unused bits are cleared (sign-extended when
+        signed), as pydicom's ``correct_unused_bits`` does."""
+        pixels = np.frombuffer(self.buffer, dtype=self.dtype, count=self.rows * self.columns, offset=self.offset)
+        pixels = pixels.reshape(self.rows, self.columns)
+        if self.unused_bits and _within(pixels, 8 * pixels.itemsize - self.unused_bits, signed="i" in self.dtype):
+            return pixels  # no unused bit set (as most files): the correction would change nothing
+        if self.unused_bits and "u" in self.dtype:  # unsigned: the shifts come to a mask, one pass
+            pixels = np.bitwise_and(pixels, (1 << (8 * pixels.itemsize - self.unused_bits)) - 1)
+        elif self.unused_bits:
+            pixels = np.left_shift(pixels, self.unused_bits)
+            np.right_shift(pixels, self.unused_bits, out=pixels)
+        return pixels
+
+
+def _within(pixels: np.ndarray, stored: int, signed: bool) -> bool:
+    """Whether every value is a ``stored``-bit integer (two's complement when ``signed``)."""
+    low, high = (-(1 << (stored - 1)), (1 << (stored - 1)) - 1) if signed else (0, (1 << stored) - 1)
+    least, most = _min_max(pixels)
+    return low <= least and most <= high
+
+
+def _min_max(values: np.ndarray) -> tuple[int, int]:
+    """The least and the largest of 8- or 16-bit integers (2-D: OpenCV's one pass, twice NumPy's speed)."""
+    if values.ndim == 2 and values.size and values.dtype.isnative:
+        least, most = cv2.minMaxLoc(values)[:2]
+        return int(least), int(most)
+    return int(values.min()), int(values.max())
+
+
+def read_native(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[pydicom.Dataset, DicomHeader] | None:
+    """:func:`read_dataset` for a plain uncompressed file, without copying or decoding its pixels through pydicom.
+
+    The header of the plainest files is read by :func:`_scan_plain` (no pydicom), of the others by pydicom up to the
+    pixel data (the same elements, LUTs included, as a full read); the pixels stay where they are in ``data``
+    (:func:`native_pixels` says where). Only for a one-frame, one-sample MONOCHROME1/2
+    image of 8- or 16-bit integers in Implicit or Explicit VR Little Endian (:data:`NATIVE_SYNTAXES`: never a
+    deflated or encapsulated file), whose PixelData element is the file's last and holds exactly the bytes the
+    header declares (one padding byte allowed), within ``max_pixels``. Anything else gives None, and the caller reads
+    the file the general way, which refuses what is wrong with it (the same checks and messages).
+    """
+    scanned = _scan_plain(data, max_pixels)
+    if scanned is not None:
+        return scanned
+    try:
+        fp = DicomBytesIO(data)
+        preamble = read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+        syntax = meta.get("TransferSyntaxUID")
+        if syntax not in NATIVE_SYNTAXES:
+            return None
+        implicit = syntax == ImplicitVRLittleEndian
+        found: list[tuple[int, str | None, int]] = []
+
+        def at_pixels(tag, vr, length) -> bool:
+            if tag in _PIXEL_TAGS:
+                found.append((tag, vr, length))
+                return True
+            return False
+
+        ds = _file_dataset(fp, preamble, meta, implicit, stop_when=at_pixels)
+        if not found:
+            return None
+        tag, vr, length = found[0]
+        offset = fp.tell() + (8 if implicit else 12)  # the element's tag, (VR,) and length come first
+        if tag != 0x7FE00010 or (not implicit and vr not in ("OB", "OW")) or offset + length != len(data):
+            return None
+        pixels = _native_layout([ds.get(keyword) for keyword in _LAYOUT_KEYWORDS], data, offset, length, max_pixels)
+        if pixels is None:
+            return None
+        header = replace(_header(ds), has_pixels=True)
+    except Exception:  # a damaged file: the general reader says what is wrong with it
+        return None
+    object.__setattr__(ds, "_xraylib_native", pixels)
+    return ds, header
+
+
+#: The elements that say how the pixels are laid out, in the order :func:`_native_layout` takes their values.
+_LAYOUT_KEYWORDS = ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel",
+                    "NumberOfFrames", "PhotometricInterpretation")
+
+
+def _native_layout(values: list, data: bytes, offset: int, length: int, max_pixels: int) -> NativePixels | None:
+    """The :class:`NativePixels` of a file read by :func:`read_native`, from the values of :data:`_LAYOUT_KEYWORDS`
+    (None where absent); None where it is not a plain one-frame grey image of the length its header declares."""
+    rows, columns, bits, stored, signed, samples, frames, photometric = values
+    if not all(isinstance(v, int) for v in (rows, columns, bits, stored, signed, samples)):
+        return None
+    if (bits not in (8, 16) or not 0 < stored <= bits or signed not in (0, 1) or samples != 1
+            or frames not in (None, 1, "1") or photometric not in ("MONOCHROME1", "MONOCHROME2")
+            or not 0 < rows * columns <= max_pixels):
+        return None
+    expected = rows * columns * bits // 8
+    if length not in (expected, expected + 1):
+        return None
+    dtype = ("i" if signed else "u") + str(bits // 8)
+    return NativePixels(data, offset, rows, columns, dtype if bits == 8 else "<" + dtype, bits - stored)
+
+
+#: VRs whose explicit-VR elements have a 4-byte length (after 2 reserved bytes); the others in :data:`_SHORT_VRS`.
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+_SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN",
+                        b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
+#: The header's elements :func:`_scan_plain` converts itself, with their standard VRs.
+_SCANNED = {0x00100020: ("PatientID", b"LO"), 0x00100040: ("PatientSex", b"CS"), 0x00101010: ("PatientAge", b"AS"),
+            0x00185101: ("ViewPosition", b"CS"), 0x00080060: ("Modality", b"CS"),
+            0x00180015: ("BodyPartExamined", b"CS"), 0x00280010: ("Rows", b"US"), 0x00280011: ("Columns", b"US"),
+            0x00280100: ("BitsAllocated", b"US"), 0x00280101: ("BitsStored", b"US"),
+            0x00280103: ("PixelRepresentation", b"US"), 0x00280002: ("SamplesPerPixel", b"US"),
+            0x00280008: ("NumberOfFrames", b"IS"), 0x00280004: ("PhotometricInterpretation", b"CS")}
+#: Elements of the display transform (rescale, LUTs, window): a file with any is left to pydicom's reading.
+_TRANSFORM_TAGS = frozenset({0x00281050, 0x00281051, 0x00281052, 0x00281053, 0x00281054, 0x00281056, 0x00283000,
+                             0x00283010})
+
+
+def _scan_plain(data: bytes, max_pixels: int) -> tuple[pydicom.Dataset, DicomHeader] | None:
+    """:func:`read_native` without pydicom, for the plainest files: no rescale, LUT or window element, no element of
+    undefined length, ASCII header values, every element in order with the standard VR of the ones read here.
+
+    The header's values are converted here as pydicom converts them (text stripped, US little-endian, IS a
+    number); anything else (and anything odd) gives None, and pydicom reads the file. The dataset returned is empty:
+    with no transform element, the display transform reads nothing from it.
+    """
+    if data[128:132] != b"DICM":
+        return None
+    meta = _scan_elements(data, 132, implicit=False, meta=True)
+    if meta is None or 0x00020010 not in meta[0]:
+        return None
+    syntax = _ascii_value(data, meta[0][0x00020010])
+    if syntax not in NATIVE_SYNTAXES:
+        return None
+    implicit = syntax == ImplicitVRLittleEndian
+    scanned = _scan_elements(data, meta[1], implicit=implicit, meta=False)
+    if scanned is None or 0x7FE00010 not in scanned[0]:
+        return None
+    elements = scanned[0]
+    if not _TRANSFORM_TAGS.isdisjoint(elements):
+        return None
+    values = {}
+    for tag, (keyword, standard_vr) in _SCANNED.items():
+        if tag in elements:
+            vr, start, length = elements[tag]
+            if vr is not None and vr != standard_vr:
+                return None
+            if standard_vr == b"US":
+                if length != 2:
+                    return None
+                values[keyword] = data[start] | data[start + 1] << 8
+            else:
+                values[keyword] = _ascii_value(data, elements[tag])
+                if values[keyword] is None:
+                    return None
+    frames = values.get("NumberOfFrames")
+    if frames is not None and frames not in ("", "1"):
+        return None
+    values["NumberOfFrames"] = None
+    vr, offset, length = elements[0x7FE00010]
+    if vr not in (None, b"OB", b"OW") or offset + length != len(data):
+        return None
+    pixels = _native_layout([values.get(keyword) for keyword in _LAYOUT_KEYWORDS], data, offset, length, max_pixels)
+    if pixels is None:
+        return None
+    header = DicomHeader(
+        patient_id=values.get("PatientID") or None, sex=values.get("PatientSex") or None,
+        age=parse_age(values.get("PatientAge")), view=values.get("ViewPosition") or None,
+        modality=values.get("Modality") or None, body_part=values.get("BodyPartExamined") or None,
+        rows=values["Rows"], columns=values["Columns"], bits_stored=values["BitsStored"],
+        photometric=values["PhotometricInterpretation"] or None, frames=1, has_pixels=True,
+        transfer_syntax=pydicom.uid.UID(syntax).name, transfer_syntax_uid=syntax)
+    ds = pydicom.Dataset()
+    object.__setattr__(ds, "_xraylib_native", pixels)
+    return ds, header
+
+
+def _scan_elements(data: bytes, pos: int, implicit: bool, meta: bool) -> tuple[dict, int] | None:
+    """``{tag: (VR or None, value offset, length)}`` of the top-level elements from ``pos``, and where they end: the
+    file meta's (group 2, explicit VR) or the dataset's up to and with PixelData. None where an element has an
+    undefined length, an unknown VR, runs past the end, or comes out of order (pydicom reads those)."""
+    found: dict[int, tuple[bytes | None, int, int]] = {}
+    end, last = len(data), -1
+    while pos + 8 <= end:
+        group, element = _TAG.unpack_from(data, pos)
+        tag = group << 16 | element
+        if meta and group != 2:
+            break
+        if tag <= last or (not meta and group <= 2):
+            return None
+        last = tag
+        vr = data[pos + 4:pos + 6]
+        if implicit:
+            if not found and (vr in _SHORT_VRS or vr in _LONG_VRS):
+                return None  # explicit VR after all? (pydicom checks and switches)
+            vr, length, start = None, _LENGTH.unpack_from(data, pos + 4)[0], pos + 8
+        elif vr in _SHORT_VRS:
+            length, start = data[pos + 6] | data[pos + 7] << 8, pos + 8
+        elif vr in _LONG_VRS and pos + 12 <= end:
+            length, start = _LENGTH.unpack_from(data, pos + 8)[0], pos + 12
+        else:
+            return None
+        if length == 0xFFFFFFFF or start + length > end:
+            return None
+        found[tag] = (vr, start, length)
+        if tag == 0x7FE00010 and not meta:
+            break
+        pos = start + length
+    return found, pos
+
+
+_TAG = struct.Struct("<HH")
+_LENGTH = struct.Struct("<I")
+
+
+def _ascii_value(data: bytes, entry: tuple[bytes | None, int, int]) -> str | None:
+    """A text element's value as pydicom gives it and ``str(value).strip()`` makes it; None where that is not sure
+    (non-ASCII, several values, NUL bytes inside or escape bytes: pydicom's conversion decides those)."""
+    _, start, length = entry
+    raw = data[start:start + length].rstrip(b"\0 ")  # (pydicom strips trailing NUL padding and spaces)
+    if not raw.isascii() or b"\\" in raw or b"\0" in raw or b"\x1b" in raw:
+        return None
+    return raw.decode("ascii").strip()
+
+
+def native_pixels(ds: pydicom.Dataset) -> NativePixels | None:
+    """Where :func:`read_native` found the dataset's pixels; None for a dataset read the general way."""
+    return getattr(ds, "_xraylib_native", None)
+
+
 def decode_dicom(data: bytes, path: str = "<bytes>") -> tuple[np.ndarray, DicomHeader]:
     """Decode a DICOM image to ``(H, W) uint8``, display-ready (MONOCHROME1 inverted), and its header.
 
@@ -304,15 +560,12 @@ def decode_dataset(ds: pydicom.Dataset, header: DicomHeader, path: str = "<bytes
     """
     if not header.has_pixels:
         raise BadFileError(path, "DICOM file has no pixel data (no PixelData element)")
+    native = native_pixels(ds)
     try:
-        # Decode only the first frame (the size guard checked one frame, not all of them), and let plain 8-bit
-        # pixels be a view of the bytes: the copy costs more than the parsing. (Asked of other pixels, pydicom
-        # copies anyway and logs a line per file.)
-        syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-        plain_8bit = (ds.get("BitsAllocated") == 8 and header.bits_stored == 8
-                      and syntax is not None and not syntax.is_compressed)
-        ds.pixel_array_options(index=0 if header.frames > 1 else None, view_only=plain_8bit)
-        pixels = ds.pixel_array
+        if native is not None:  # an uncompressed file: the pixels are a view of its bytes
+            pixels = native.array()
+        else:
+            pixels = _pydicom_pixels(ds, header)
     except Exception as exc:
         raise BadFileError(path, _decode_failure_message(header, exc, ds)) from None
     try:
@@ -325,6 +578,18 @@ def decode_dataset(ds: pydicom.Dataset, header: DicomHeader, path: str = "<bytes
     if writable and not image.flags.writeable:
         image = image.copy()
     return image
+
+
+def _pydicom_pixels(ds: pydicom.Dataset, header: DicomHeader) -> np.ndarray:
+    """The pixels of a dataset read by pydicom as a whole, decoded by pydicom (the first frame of several)."""
+    # Decode only the first frame (the size guard checked one frame, not all of them), and let plain 8-bit
+    # pixels be a view of the bytes: the copy costs more than the parsing. (Asked of other pixels, pydicom
+    # copies anyway and logs a line per file.)
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    plain_8bit = (ds.get("BitsAllocated") == 8 and header.bits_stored == 8
+                  and syntax is not None and not syntax.is_compressed)
+    ds.pixel_array_options(index=0 if header.frames > 1 else None, view_only=plain_8bit)
+    return ds.pixel_array
 
 
 def _display_pixels(pixels: np.ndarray, header: DicomHeader, ds: pydicom.Dataset) -> np.ndarray:
@@ -475,11 +740,19 @@ def _integers_to_uint8(values: np.ndarray) -> np.ndarray:
 
     A 16-bit image has at most 65,536 distinct values, so scaling each value once and indexing
     gives the very same bytes as scaling every pixel, at a third of the time and memory.
+
+    The table has an entry for every value of the type (65,536 for 16 bits), a negative value's at the index
+    it has as unsigned, so the pixels index it as they are: no offset array.
     """
-    low, high = int(values.min()), int(values.max())
+    low, high = _min_max(values)
     if high <= low:
         return np.zeros(values.shape, dtype=np.uint8)
-    table = _scale(np.arange(low, high + 1, dtype=np.float64), low, high)
-    offsets = values if low == 0 and values.dtype.kind == "u" else \
-        np.subtract(values, low, dtype=np.int32 if values.dtype.kind == "i" else values.dtype)
-    return np.take(table, offsets)
+    size = 1 << (8 * values.itemsize)
+    table = np.zeros(size, dtype=np.uint8)
+    table[np.arange(low, high + 1) % size] = _scale(np.arange(low, high + 1, dtype=np.float64), low, high)
+    values = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("="))
+    if values.ndim != 2:
+        return np.take(table, values, mode="wrap")
+    # OpenCV looks 8- and 16-bit values up in a table, as unsigned, three times as fast as NumPy indexes
+    # (which converts every value to an 8-byte index first)
+    return cv2.LUT(values.view(np.uint8 if values.itemsize == 1 else np.uint16), table)
