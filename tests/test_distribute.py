@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -136,6 +137,7 @@ def cluster(data, tmp_path_factory):
     chief.wait(timeout=60)
     states = [json.loads((folder / "checkpoints" / "state.json").read_text())["epochs_done"]
               for folder in (tmp / "cluster", tmp / "cluster" / "workers" / "worker-1")]
+    shutil.copytree(tmp / "cluster" / "workers" / "worker-1", tmp / "worker-1-after-kill")  # for the uneven test
     resumed = [results(p)[0] for p in start_cluster(data, tmp, "cluster")]
     return tmp, killed, states, resumed
 
@@ -159,6 +161,19 @@ def test_a_killed_worker_and_a_resumed_cluster_end_where_an_uninterrupted_run_en
     assert [r["resumed_from"] for r in resumed] == [1, 1] and [r["epochs"] for r in resumed] == [3, 3]
     # The uninterrupted run: on one device (an uninterrupted cluster gives it too: 3e-8 apart when tried by hand).
     assert same_model((resumed[0], np.load(tmp / "cluster.0.npy")), on_two_cpus["one"])
+
+
+def test_workers_whose_checkpoints_end_at_different_epochs_are_refused_also_at_the_last_epoch(data, cluster):
+    # The chief's checkpoint at the end (epoch 3 of 3), the other worker's at epoch 1 (a kill between the last
+    # epoch's saves): both must say so. The chief used to skip the check there and finish alone, leaving the other
+    # worker in the check's all-reduce (a gRPC "Socket closed" traceback, or a hang).
+    tmp = cluster[0]
+    shutil.copytree(tmp / "cluster", tmp / "uneven")
+    shutil.rmtree(tmp / "uneven" / "workers" / "worker-1")
+    shutil.copytree(tmp / "worker-1-after-kill", tmp / "uneven" / "workers" / "worker-1")
+    for process in start_cluster(data, tmp, "uneven"):
+        _, err = process.communicate(timeout=300)
+        assert process.returncode != 0 and "another worker's is elsewhere" in err, err[-3000:]
 
 
 # --------------------------------------------------------------------------------------------
