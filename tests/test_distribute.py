@@ -202,6 +202,18 @@ def test_strategies_that_cannot_run_here_say_why():
     assert distribute.on_tpu_runtime({"COLAB_TPU_ADDR": "10.0.0.2:8470"})
 
 
+def test_auto_on_a_tpu_runtime_whose_tpu_does_not_answer_says_so(monkeypatch):
+    def no_tpu():
+        raise ConfigError("strategy 'tpu': no TPU answered (default: not found)")
+
+    monkeypatch.setattr(distribute, "_tpu", no_tpu)
+    with pytest.warns(RuntimeWarning, match="looks like a TPU runtime, but strategy 'tpu': no TPU answered"):
+        strategy = distribute.choose_strategy("auto", environ={"COLAB_TPU_ADDR": "10.0.0.2:8470"})
+    assert distribute.replicas(strategy) >= 1
+    with pytest.raises(ConfigError, match="no TPU answered"):
+        distribute.choose_strategy("tpu", environ={})
+
+
 def test_the_strategy_is_not_part_of_a_run_fingerprint():
     class Data:
         key = "k"
