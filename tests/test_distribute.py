@@ -214,6 +214,19 @@ def test_auto_on_a_tpu_runtime_whose_tpu_does_not_answer_says_so(monkeypatch):
         distribute.choose_strategy("tpu", environ={})
 
 
+def test_a_tpu_reached_by_address_is_one_machine_not_a_cluster():
+    # TPUStrategy's resolver for Colab's COLAB_TPU_ADDR says task ("worker", 0) in a cluster of one worker: xraylib took
+    # that for a multi-worker cluster (no "already trained" shortcut, the metrics' cluster workaround on the TPU).
+    import tensorflow as tf
+    from types import SimpleNamespace
+
+    tpu = SimpleNamespace(cluster_resolver=tf.distribute.cluster_resolver.TPUClusterResolver(tpu="grpc://10.0.0.2:8470"),
+                          num_replicas_in_sync=8)
+    assert tpu.cluster_resolver.task_type == "worker" and tpu.cluster_resolver.cluster_spec().as_dict()
+    assert distribute.worker(tpu) is None and distribute.is_chief(tpu)
+    assert distribute.describe(tpu) == {"strategy": "SimpleNamespace", "replicas": 8}
+
+
 def test_the_strategy_is_not_part_of_a_run_fingerprint():
     class Data:
         key = "k"

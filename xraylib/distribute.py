@@ -144,6 +144,12 @@ def replicas(strategy) -> int:
 
 def worker(strategy) -> tuple[str, int] | None:
     """This process's ``(task type, index)`` in a multi-worker cluster, else None (one machine)."""
+    import tensorflow as tf
+
+    # Only MultiWorkerMirroredStrategy's processes are workers of a cluster: a TPUStrategy has a cluster resolver too,
+    # whose task is ("worker", 0) for a TPU reached by address (Colab's COLAB_TPU_ADDR), but one process drives it.
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not getattr(resolver, "task_type", None) or not resolver.cluster_spec().as_dict():
         return None
