@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -136,6 +137,7 @@ def cluster(data, tmp_path_factory):
     chief.wait(timeout=60)
     states = [json.loads((folder / "checkpoints" / "state.json").read_text())["epochs_done"]
               for folder in (tmp / "cluster", tmp / "cluster" / "workers" / "worker-1")]
+    shutil.copytree(tmp / "cluster" / "workers" / "worker-1", tmp / "worker-1-after-kill")  # for the uneven test
     resumed = [results(p)[0] for p in start_cluster(data, tmp, "cluster")]
     return tmp, killed, states, resumed
 
@@ -159,6 +161,19 @@ def test_a_killed_worker_and_a_resumed_cluster_end_where_an_uninterrupted_run_en
     assert [r["resumed_from"] for r in resumed] == [1, 1] and [r["epochs"] for r in resumed] == [3, 3]
     # The uninterrupted run: on one device (an uninterrupted cluster gives it too: 3e-8 apart when tried by hand).
     assert same_model((resumed[0], np.load(tmp / "cluster.0.npy")), on_two_cpus["one"])
+
+
+def test_workers_whose_checkpoints_end_at_different_epochs_are_refused_also_at_the_last_epoch(data, cluster):
+    # The chief's checkpoint at the end (epoch 3 of 3), the other worker's at epoch 1 (a kill between the last
+    # epoch's saves): both must say so. The chief used to skip the check there and finish alone, leaving the other
+    # worker in the check's all-reduce (a gRPC "Socket closed" traceback, or a hang).
+    tmp = cluster[0]
+    shutil.copytree(tmp / "cluster", tmp / "uneven")
+    shutil.rmtree(tmp / "uneven" / "workers" / "worker-1")
+    shutil.copytree(tmp / "worker-1-after-kill", tmp / "uneven" / "workers" / "worker-1")
+    for process in start_cluster(data, tmp, "uneven"):
+        _, err = process.communicate(timeout=300)
+        assert process.returncode != 0 and "another worker's is elsewhere" in err, err[-3000:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,6 +200,31 @@ def test_strategies_that_cannot_run_here_say_why():
     assert distribute.replicas(distribute.choose_strategy("one")) == 1
     assert not distribute.on_tpu_runtime({}) or Path("/dev/accel0").exists()
     assert distribute.on_tpu_runtime({"COLAB_TPU_ADDR": "10.0.0.2:8470"})
+
+
+def test_auto_on_a_tpu_runtime_whose_tpu_does_not_answer_says_so(monkeypatch):
+    def no_tpu():
+        raise ConfigError("strategy 'tpu': no TPU answered (default: not found)")
+
+    monkeypatch.setattr(distribute, "_tpu", no_tpu)
+    with pytest.warns(RuntimeWarning, match="looks like a TPU runtime, but strategy 'tpu': no TPU answered"):
+        strategy = distribute.choose_strategy("auto", environ={"COLAB_TPU_ADDR": "10.0.0.2:8470"})
+    assert distribute.replicas(strategy) >= 1
+    with pytest.raises(ConfigError, match="no TPU answered"):
+        distribute.choose_strategy("tpu", environ={})
+
+
+def test_a_tpu_reached_by_address_is_one_machine_not_a_cluster():
+    # TPUStrategy's resolver for Colab's COLAB_TPU_ADDR says task ("worker", 0) in a cluster of one worker: xraylib took
+    # that for a multi-worker cluster (no "already trained" shortcut, the metrics' cluster workaround on the TPU).
+    import tensorflow as tf
+    from types import SimpleNamespace
+
+    tpu = SimpleNamespace(cluster_resolver=tf.distribute.cluster_resolver.TPUClusterResolver(tpu="grpc://10.0.0.2:8470"),
+                          num_replicas_in_sync=8)
+    assert tpu.cluster_resolver.task_type == "worker" and tpu.cluster_resolver.cluster_spec().as_dict()
+    assert distribute.worker(tpu) is None and distribute.is_chief(tpu)
+    assert distribute.describe(tpu) == {"strategy": "SimpleNamespace", "replicas": 8}
 
 
 def test_the_strategy_is_not_part_of_a_run_fingerprint():

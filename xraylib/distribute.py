@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -56,9 +57,12 @@ def choose_strategy(name: str = "auto", environ: Mapping[str, str] | None = None
     if name == "tpu" or (name == "auto" and on_tpu_runtime(environ)):
         try:
             return _tpu()
-        except ConfigError:
+        except ConfigError as exc:
             if name == "tpu":
                 raise
+            # Not silently: on a TPU runtime the fallback trains on its CPU, many times slower than the TPU.
+            warnings.warn(f"strategy 'auto': this looks like a TPU runtime, but {exc}; training on this machine's "
+                          "other devices instead", RuntimeWarning, stacklevel=2)
     gpus = [device.name for device in tf.config.list_logical_devices("GPU")]
     if name == "mirrored" or (name == "auto" and len(gpus) > 1):
         return _mirrored(tuple(gpus))
@@ -140,6 +144,12 @@ def replicas(strategy) -> int:
 
 def worker(strategy) -> tuple[str, int] | None:
     """This process's ``(task type, index)`` in a multi-worker cluster, else None (one machine)."""
+    import tensorflow as tf
+
+    # Only MultiWorkerMirroredStrategy's processes are workers of a cluster: a TPUStrategy has a cluster resolver too,
+    # whose task is ("worker", 0) for a TPU reached by address (Colab's COLAB_TPU_ADDR), but one process drives it.
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not getattr(resolver, "task_type", None) or not resolver.cluster_spec().as_dict():
         return None

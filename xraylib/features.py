@@ -361,6 +361,28 @@ def _copy_known_rows(old: np.ndarray, old_ids: list[str], ids: list[str], out: n
         done[chunk[:, 0]] = True
 
 
+def _in_cluster() -> bool:
+    import tensorflow as tf
+
+    from . import distribute
+
+    strategy = tf.distribute.get_strategy()  # a TPU's strategy has a cluster too: it predicts on the TPU as before
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and distribute.worker(strategy) is not None
+
+
+def _extract_locally(extractor: keras.Model, dataset) -> np.ndarray:
+    """The features of ``dataset``'s batches, computed by this process alone. In a multi-worker cluster each worker
+    fills its own cache: ``predict`` under the strategy is collective, so workers whose caches hold different rows
+    (one machine's cache complete, the other's missing or cut by a kill) met each other's collective operations
+    in another order and both failed ("Collective instance ... expected type"). The weights are the same on every
+    worker (the chief's), so the features are too."""
+    import tensorflow as tf
+
+    step = tf.function(lambda x: extractor(x, training=False))
+    parts = [np.asarray(keras.ops.convert_to_numpy(step(batch)), dtype=np.float32) for batch in dataset]
+    return np.concatenate(parts) if parts else np.zeros((0, *extractor.output_shape[1:]), dtype=np.float32)
+
+
 def _extract_rows(extractor: keras.Model, images_uint8: np.ndarray, rows: np.ndarray, ids: list[str], view: int,
                   augment: AugmentSettings | None, batch_size: int) -> np.ndarray:
     """Features ``(len(rows), D) float32`` of the given rows (augmented as view ``view``), through a tf.data pipeline:
@@ -386,6 +408,8 @@ def _extract_rows(extractor: keras.Model, images_uint8: np.ndarray, rows: np.nda
                    .map(shaped, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
                    .prefetch(tf.data.AUTOTUNE))
         try:
+            if _in_cluster():
+                return _extract_locally(extractor, dataset)
             return np.asarray(extractor.predict(dataset, verbose=0), dtype=np.float32)
         except tf.errors.ResourceExhaustedError:
             if batch_size == 1:

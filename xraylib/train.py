@@ -345,8 +345,9 @@ def _fit(data: PreprocessedData, spec: models.ModelSpec, settings: TrainSettings
         model = models.build_model(spec, dtype_policy=policy)
         compile_model(model, settings.learning_rate, settings.jit_compile)
     execution: dict[str, Any] = {"dtype_policy": models.model_dtype_policy(model), **distribute.describe(strategy)}
-    if done < total:
-        distribute.check_same_epoch(strategy, done, str(run.root))
+    # Every worker of a cluster, also one whose checkpoint is at the end: skipping it there left the others alone in
+    # its all-reduce (a worker killed between the last epoch's saves: a gRPC error or a hang instead of this message).
+    distribute.check_same_epoch(strategy, done, str(run.root))
 
     distribute.check_batch(settings.batch_size, len(data["train"]), strategy)
     val_batch_size = distribute.validation_batch(settings.batch_size, len(data["val"]), strategy)
