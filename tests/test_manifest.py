@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -381,3 +382,20 @@ def test_a_changed_file_and_a_line_cut_by_a_kill_are_read_again(sources, tmp_pat
     third = build_manifest(sources, task="pneumonia_vs_normal", views=None, progress=False, checkpoint=checkpoint).frame
     pd.testing.assert_frame_equal(third, again)
     assert str(changed) not in reads and cut_path not in reads
+
+
+def test_a_file_replaced_by_one_of_the_same_size_and_time_is_read_again(sources, tmp_path, monkeypatch):
+    """As ``cp -p``, ``rsync -a`` or unpacking an archive replace a file: same size, same modification time. Only the
+    inode change time (which no copy can set) tells, and the checkpoint keeps it."""
+    checkpoint = tmp_path / "manifest_files.jsonl"
+    first = build_manifest(sources, task="pneumonia_vs_normal", views=None, progress=False, checkpoint=checkpoint).frame
+    replaced = Path(first.loc[first["source"] == "nih", "path"].iloc[0])
+    before = replaced.stat()
+    data = bytearray(replaced.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # other bytes, the same size
+    replaced.write_bytes(bytes(data))
+    os.utime(replaced, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (replaced.stat().st_size, replaced.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    reads = _counting_reads(monkeypatch)
+    build_manifest(sources, task="pneumonia_vs_normal", views=None, progress=False, checkpoint=checkpoint)
+    assert str(replaced) in reads

@@ -172,14 +172,18 @@ CHECKPOINT_SECONDS = 10.0
 
 def _inspect_with_checkpoint(paths: list[str], checkpoint: Path, workers: int, progress: bool,
                              opener: Callable[[str, str], Any]) -> dict[str, _FileFacts | str]:
-    """:func:`_inspect_all` as facts, reusing the readable files ``checkpoint`` records with their size and time
-    now, and appending each file newly read (one JSON line: path, size, mtime_ns, the facts)."""
+    """:func:`_inspect_all` as facts, reusing the readable files ``checkpoint`` records with their size and times
+    now, and appending each file newly read (one JSON line: path, size, mtime_ns, ctime_ns, the facts).
+
+    The inode change time (ctime) is in the signature because copies that keep the modification time (``cp -p``,
+    ``rsync -a``, unpacking an archive) cannot keep it: a file replaced by another of the same size is read again.
+    At each flush the file is closed and opened again, so a mount that uploads on close (Google Drive) keeps it."""
     known = _read_checkpoint(checkpoint)
 
-    def inspect(path: str) -> tuple[str, tuple[tuple[int, int] | None, _FileFacts | None], str | None]:
+    def inspect(path: str) -> tuple[str, tuple[tuple[int, int, int] | None, _FileFacts | None], str | None]:
         try:
             stat = os.stat(path)
-            signature = (stat.st_size, stat.st_mtime_ns)  # taken before the read: a file changed during it is read again next time
+            signature = (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)  # before the read: a file changed during it is read again next time
         except OSError:
             signature = None
         entry = known.get(path)
@@ -191,7 +195,8 @@ def _inspect_with_checkpoint(paths: list[str], checkpoint: Path, workers: int, p
     inspected: dict[str, _FileFacts | str] = {}
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     cut = _ends_cut(checkpoint)
-    with open(checkpoint, "a", encoding="utf-8") as log:
+    log = open(checkpoint, "a", encoding="utf-8")
+    try:
         if cut:
             log.write("\n")  # a line cut by a kill: ended, so the next one stands on its own (the cut one is skipped)
         pending, flushed = 0, time.monotonic()
@@ -206,8 +211,11 @@ def _inspect_with_checkpoint(paths: list[str], checkpoint: Path, workers: int, p
             log.write(json.dumps([path, *signature, *facts[:-1], facts.header]) + "\n")
             pending += 1
             if pending >= CHECKPOINT_EVERY or time.monotonic() - flushed > CHECKPOINT_SECONDS:
-                log.flush()
+                log.close()
+                log = open(checkpoint, "a", encoding="utf-8")
                 pending, flushed = 0, time.monotonic()
+    finally:
+        log.close()
     return inspected
 
 
@@ -221,10 +229,10 @@ def _ends_cut(path: Path) -> bool:
         return False
 
 
-def _read_checkpoint(checkpoint: Path) -> dict[str, tuple[tuple[int, int], _FileFacts]]:
-    """``{path: ((size, mtime_ns), facts)}`` from a checkpoint file (the last line of a path wins); lines that do not
+def _read_checkpoint(checkpoint: Path) -> dict[str, tuple[tuple[int, int, int], _FileFacts]]:
+    """``{path: ((size, mtime_ns, ctime_ns), facts)}`` from a checkpoint file (the last line of a path wins); lines that do not
     parse (one cut by a kill, a damaged file) are skipped: their files are read again."""
-    known: dict[str, tuple[tuple[int, int], _FileFacts]] = {}
+    known: dict[str, tuple[tuple[int, int, int], _FileFacts]] = {}
     try:
         log = open(checkpoint, encoding="utf-8", errors="replace")
     except FileNotFoundError:
@@ -232,8 +240,8 @@ def _read_checkpoint(checkpoint: Path) -> dict[str, tuple[tuple[int, int], _File
     with log:
         for line in log:
             try:
-                path, size, mtime_ns, *values, header = json.loads(line)
-                known[path] = ((int(size), int(mtime_ns)),
+                path, size, mtime_ns, ctime_ns, *values, header = json.loads(line)
+                known[path] = ((int(size), int(mtime_ns), int(ctime_ns)),
                                _FileFacts(*values, header=None if header is None else tuple(header)))
             except (ValueError, TypeError):
                 continue
