@@ -366,8 +366,8 @@ def _in_cluster() -> bool:
 
     from . import distribute
 
-    strategy = tf.distribute.get_strategy()  # a TPU's strategy has a cluster too: it predicts on the TPU as before
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and distribute.worker(strategy) is not None
+    # (distribute.worker: only a MultiWorkerMirroredStrategy's processes; a TPU predicts on the TPU as before)
+    return distribute.worker(tf.distribute.get_strategy()) is not None
 
 
 def _extract_locally(extractor: keras.Model, dataset) -> np.ndarray:

@@ -314,8 +314,7 @@ def dtype_policy_scope(name: str | None) -> Iterator[None]:
 
 
 def uses_mixed_precision(model: keras.Model) -> bool:
-    return any(getattr(layer.dtype_policy, "name", "float32") != "float32" for layer in model.layers
-               if layer.name != "predictions")
+    return model_dtype_policy(model) != "float32"
 
 
 def model_dtype_policy(model: keras.Model) -> str:

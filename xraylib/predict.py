@@ -123,16 +123,22 @@ def preprocess_files(loaded: LoadedModel, paths: Iterable[str | os.PathLike], wi
     return _preprocess_batch(list(paths), PreprocessSettings.from_dict(loaded.metadata["preprocessing"]), with_facts)
 
 
+def _batch_files(batch_files: int) -> int:
+    """``batch_files`` checked: a positive whole number of files per batch."""
+    if isinstance(batch_files, bool) or int(batch_files) < 1:
+        raise ConfigError(f"batch_files must be a positive integer, got {batch_files!r}")
+    return int(batch_files)
+
+
 def iter_preprocessed(loaded: LoadedModel, paths: Iterable[str | os.PathLike], with_facts: bool = False,
                       batch_files: int = FILES_PER_BATCH) -> Iterator[tuple[np.ndarray, pd.DataFrame, list]]:
     """:func:`preprocess_files` ``batch_files`` files at a time: each batch is read only when the one before is taken."""
-    if isinstance(batch_files, bool) or int(batch_files) < 1:
-        raise ConfigError(f"batch_files must be a positive integer, got {batch_files!r}")
+    batch_files = _batch_files(batch_files)
     settings = PreprocessSettings.from_dict(loaded.metadata["preprocessing"])
     batch: list = []
     for path in paths:
         batch.append(path)
-        if len(batch) == int(batch_files):
+        if len(batch) == batch_files:
             yield _preprocess_batch(batch, settings, with_facts)
             batch = []
     if batch:
@@ -184,25 +190,24 @@ def iter_predictions(model: LoadedModel | str | os.PathLike, target, batch_size:
     """
     from . import ood, runs
 
-    if isinstance(batch_files, bool) or int(batch_files) < 1:
-        raise ConfigError(f"batch_files must be a positive integer, got {batch_files!r}")
+    batch_files = _batch_files(batch_files)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     loaded = loaded.for_site(site) if site is not None else loaded  # a model already made for a site keeps its threshold
     paths = collect_image_paths(target)
     reference, _ = runs.prepare_ood(loaded, data_dir, say=say)
     guard = ood.OODGuard.for_model(loaded, reference)
-    shown = len(paths) > int(batch_files) if progress is None else bool(progress)
-    return _prediction_batches(loaded, guard, paths, batch_size, int(batch_files), say, shown)
+    shown = len(paths) > batch_files if progress is None else bool(progress)
+    return _prediction_batches(loaded, guard, paths, batch_size, batch_files, say, shown)
 
 
 def _prediction_batches(loaded: LoadedModel, guard, paths: list[Path], batch_size: int, batch_files: int,
                         say: Callable[[str], None], progress: bool) -> Iterator[pd.DataFrame]:
     flagged = readable = 0
-    size = PreprocessSettings.from_dict(loaded.metadata["preprocessing"]).image_size
     with tqdm(total=len(paths), desc="predicting", unit="file", disable=not progress) as bar:
         batches = iter_preprocessed(loaded, paths, with_facts=True, batch_files=batch_files)
-        if not paths:
-            batches = iter([(np.zeros((0, size, size), np.uint8), pd.DataFrame(columns=["path", "ok", "error"]), [])])
+        if not paths:  # one empty table all the same
+            settings = PreprocessSettings.from_dict(loaded.metadata["preprocessing"])
+            batches = iter([_preprocess_batch([], settings, with_facts=True)])
         for images, frame, facts in batches:
             frame = _predicted(loaded, guard, images, frame, facts, batch_size)
             del images, facts  # only the rows wait for the caller
