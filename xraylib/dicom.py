@@ -13,7 +13,7 @@ import re
 import struct
 import warnings
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -297,6 +297,7 @@ def _check_pixel_length(ds: pydicom.Dataset, header: DicomHeader, path: str, max
 #: The transfer syntaxes whose pixels :func:`read_native` takes straight from the file's bytes: uncompressed little
 #: endian. (Deflated, big-endian and encapsulated (compressed) files are read by pydicom as a whole.)
 NATIVE_SYNTAXES = (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
+_SYNTAX_NAMES = {uid: uid.name for uid in NATIVE_SYNTAXES}  # (a UID checks its text each time it is made)
 #: The tags pydicom stops before when it reads a file without its pixels (PixelData, FloatPixelData, DoubleFloatPixelData).
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 
@@ -305,7 +306,7 @@ _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 class NativePixels:
     """Where the pixels of an uncompressed one-frame grey DICOM lie in its bytes (see :func:`read_native`)."""
 
-    buffer: bytes
+    buffer: bytes = field(repr=False)  # the whole file: not printed
     offset: int
     rows: int
     columns: int
@@ -316,23 +317,26 @@ class NativePixels:
         """The pixels as pydicom's ``pixel_array`` gives them: ``(rows, columns)``, a read-only view of the bytes when
         no unused high bit (above BitsStored) is set, else a copy whose unused bits are cleared (sign-extended when
         signed), as pydicom's ``correct_unused_bits`` does."""
+        return self.array_and_extremes()[0]
+
+    def array_and_extremes(self) -> tuple[np.ndarray, tuple[int, int] | None]:
+        """:meth:`array`, and the least and largest pixel value where finding them was part of the work (the view
+        of a file with unused high bits, none set), else None: so that scaling to 8 bits does not look again."""
         pixels = np.frombuffer(self.buffer, dtype=self.dtype, count=self.rows * self.columns, offset=self.offset)
         pixels = pixels.reshape(self.rows, self.columns)
-        if self.unused_bits and _within(pixels, 8 * pixels.itemsize - self.unused_bits, signed="i" in self.dtype):
-            return pixels  # no unused bit set (as most files): the correction would change nothing
-        if self.unused_bits and "u" in self.dtype:  # unsigned: the shifts come to a mask, one pass
-            pixels = np.bitwise_and(pixels, (1 << (8 * pixels.itemsize - self.unused_bits)) - 1)
-        elif self.unused_bits:
-            pixels = np.left_shift(pixels, self.unused_bits)
-            np.right_shift(pixels, self.unused_bits, out=pixels)
-        return pixels
-
-
-def _within(pixels: np.ndarray, stored: int, signed: bool) -> bool:
-    """Whether every value is a ``stored``-bit integer (two's complement when ``signed``)."""
-    low, high = (-(1 << (stored - 1)), (1 << (stored - 1)) - 1) if signed else (0, (1 << stored) - 1)
-    least, most = _min_max(pixels)
-    return low <= least and most <= high
+        if not self.unused_bits:
+            return pixels, None
+        stored = 8 * pixels.itemsize - self.unused_bits
+        signed = "i" in self.dtype
+        extremes = _min_max(pixels)
+        low, high = (-(1 << (stored - 1)), (1 << (stored - 1)) - 1) if signed else (0, (1 << stored) - 1)
+        if low <= extremes[0] and extremes[1] <= high:
+            return pixels, extremes  # no unused bit set (as most files): the correction would change nothing
+        if not signed:  # unsigned: the shifts come to a mask, one pass
+            return np.bitwise_and(pixels, (1 << stored) - 1), None
+        pixels = np.left_shift(pixels, self.unused_bits)
+        np.right_shift(pixels, self.unused_bits, out=pixels)
+        return pixels, None
 
 
 def _min_max(values: np.ndarray) -> tuple[int, int]:
@@ -481,7 +485,7 @@ def _scan_plain(data: bytes, max_pixels: int) -> tuple[pydicom.Dataset, DicomHea
         modality=values.get("Modality") or None, body_part=values.get("BodyPartExamined") or None,
         rows=values["Rows"], columns=values["Columns"], bits_stored=values["BitsStored"],
         photometric=values["PhotometricInterpretation"] or None, frames=1, has_pixels=True,
-        transfer_syntax=pydicom.uid.UID(syntax).name, transfer_syntax_uid=syntax)
+        transfer_syntax=_SYNTAX_NAMES[syntax], transfer_syntax_uid=syntax)
     ds = pydicom.Dataset()
     object.__setattr__(ds, "_xraylib_native", pixels)
     return ds, header
@@ -561,15 +565,16 @@ def decode_dataset(ds: pydicom.Dataset, header: DicomHeader, path: str = "<bytes
     if not header.has_pixels:
         raise BadFileError(path, "DICOM file has no pixel data (no PixelData element)")
     native = native_pixels(ds)
+    extremes = None
     try:
         if native is not None:  # an uncompressed file: the pixels are a view of its bytes
-            pixels = native.array()
+            pixels, extremes = native.array_and_extremes()
         else:
             pixels = _pydicom_pixels(ds, header)
     except Exception as exc:
         raise BadFileError(path, _decode_failure_message(header, exc, ds)) from None
     try:
-        image = _display_pixels(pixels, header, ds)
+        image = _display_pixels(pixels, header, ds, extremes)
     except Exception as exc:  # a damaged LUT, rescale or window element (pydicom reads them only now)
         raise BadFileError(path, f"cannot apply the DICOM file's pixel transforms; the file may be damaged: "
                                  f"{_one_line(exc)}") from None
@@ -592,10 +597,12 @@ def _pydicom_pixels(ds: pydicom.Dataset, header: DicomHeader) -> np.ndarray:
     return ds.pixel_array
 
 
-def _display_pixels(pixels: np.ndarray, header: DicomHeader, ds: pydicom.Dataset) -> np.ndarray:
+def _display_pixels(pixels: np.ndarray, header: DicomHeader, ds: pydicom.Dataset,
+                    extremes: tuple[int, int] | None = None) -> np.ndarray:
     """Decoded pixels to ``(H, W) uint8`` display values: LUTs, 8-bit scaling, MONOCHROME1 inversion.
 
-    Plain 8-bit pixels come back as they are (possibly a read-only view); the rest are new arrays.
+    Plain 8-bit pixels come back as they are (possibly a read-only view); the rest are new arrays. ``extremes``:
+    the least and largest of ``pixels`` where known (see :meth:`NativePixels.array_and_extremes`).
     """
     if header.frames > 1 and pixels.ndim >= 3 and pixels.shape[0] == header.frames:
         pixels = pixels[0]
@@ -614,14 +621,14 @@ def _display_pixels(pixels: np.ndarray, header: DicomHeader, ds: pydicom.Dataset
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             # e.g. RescaleSlope 1e308: scaling would give noise, not an image
             raise ValueError("pixel values are not finite after the rescale slope/intercept and window")
-        image = _to_uint8(values)
+        image = _to_uint8(values, extremes if values is pixels else None)
     # Invert after scaling, so a MONOCHROME1 file reads as exactly 255 - x of the same pixels
     # labelled MONOCHROME2 (inverting before the rounding made ties round the other way).
     return invert_monochrome1(image, header)
 
 
 def _has_luts(ds: pydicom.Dataset) -> bool:
-    return any(k in ds for k in _LUT_KEYWORDS)
+    return len(ds) > 0 and any(k in ds for k in _LUT_KEYWORDS)  # (a dataset of _scan_plain's is empty)
 
 
 def invert_monochrome1(image: np.ndarray, header: DicomHeader) -> np.ndarray:
@@ -691,11 +698,12 @@ def _decoder_available(ds: pydicom.Dataset) -> bool:
         return False
 
 
-def _to_uint8(values: np.ndarray) -> np.ndarray:
-    """Min-max scale any numeric image to the full 0..255 range (a constant image becomes 0)."""
+def _to_uint8(values: np.ndarray, extremes: tuple[int, int] | None = None) -> np.ndarray:
+    """Min-max scale any numeric image to the full 0..255 range (a constant image becomes 0); ``extremes``: its
+    least and largest value where already known (8- and 16-bit integers only)."""
     values = np.asarray(values)
     if values.dtype.kind in "ui" and values.itemsize <= 2:
-        return _integers_to_uint8(values)
+        return _integers_to_uint8(values, extremes)
     values = np.asarray(values, dtype=np.float64)
     low, high = float(np.min(values)), float(np.max(values))
     if high <= low:
@@ -735,7 +743,7 @@ def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def _integers_to_uint8(values: np.ndarray) -> np.ndarray:
+def _integers_to_uint8(values: np.ndarray, extremes: tuple[int, int] | None = None) -> np.ndarray:
     """:func:`_to_uint8` of 8- or 16-bit integers through a table: the same float64 arithmetic, once per value.
 
     A 16-bit image has at most 65,536 distinct values, so scaling each value once and indexing
@@ -744,7 +752,7 @@ def _integers_to_uint8(values: np.ndarray) -> np.ndarray:
     The table has an entry for every value of the type (65,536 for 16 bits), a negative value's at the index
     it has as unsigned, so the pixels index it as they are: no offset array.
     """
-    low, high = _min_max(values)
+    low, high = extremes or _min_max(values)
     if high <= low:
         return np.zeros(values.shape, dtype=np.uint8)
     size = 1 << (8 * values.itemsize)
