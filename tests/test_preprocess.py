@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -447,7 +447,8 @@ def test_two_workers_give_the_same_arrays_as_one_from_one_pool_per_call(tmp_path
     manifest = make_split_manifest(tmp_path / "src", {"train": 40, "val": 2, "test": 3})
     pools = []
     real_pool = preprocess_module._pool
-    monkeypatch.setattr(preprocess_module, "_pool", lambda workers: pools.append(real_pool(workers)) or pools[-1])
+    monkeypatch.setattr(preprocess_module, "_pool",
+                        lambda workers, processes: pools.append(real_pool(workers, processes)) or pools[-1])
     one = run(manifest, tmp_path / "one", workers=1)
     assert pools == [None]  # one worker: decoded in the calling thread
     threads = []
@@ -460,6 +461,42 @@ def test_two_workers_give_the_same_arrays_as_one_from_one_pool_per_call(tmp_path
     for name, images in arrays(one).items():
         np.testing.assert_array_equal(two[name].images, images)
     pd.testing.assert_frame_equal(two.manifest, one.manifest)
+
+
+def test_worker_processes_give_what_threads_give_and_report_the_same_bad_files(tmp_path, monkeypatch):
+    manifest = make_split_manifest(tmp_path / "src", {"train": 24, "val": 4, "test": 4})
+    # A damaged file and a file changed since the manifest was built, in the middle of the stream.
+    Path(manifest.loc[5, "path"]).write_bytes(b"not an image at all")
+    manifest.loc[9, "sha1"] = "0" * 40
+    pools = []
+    real_pool = preprocess_module._pool
+    monkeypatch.setattr(preprocess_module, "_pool",
+                        lambda workers, processes: pools.append(real_pool(workers, processes)) or pools[-1])
+    threads = run(manifest, tmp_path / "threads", workers=2, processes=False, chunk_size=5)
+    processes = run(manifest, tmp_path / "processes", workers=2, processes=True, chunk_size=5)
+    assert isinstance(pools[0], ThreadPoolExecutor) and isinstance(pools[1], ProcessPoolExecutor)
+    for name, images in arrays(threads).items():
+        np.testing.assert_array_equal(arrays(processes)[name], images)
+    pd.testing.assert_frame_equal(processes.manifest, threads.manifest)
+    assert processes.report["problems"] == threads.report["problems"] and processes.report["skipped"] == 2
+    reasons = {Path(p["path"]).name: p["reason"] for p in processes.report["problems"]}
+    assert "changed since the manifest was built" in reasons[Path(manifest.loc[9, "path"]).name]
+    assert len(processes.manifest) == len(manifest) - 2
+
+
+def test_the_default_takes_processes_for_many_files_in_a_notebook_only(tmp_path, monkeypatch):
+    manifest = make_split_manifest(tmp_path / "src", {"train": 4, "val": 2, "test": 2})
+    chosen = []
+    monkeypatch.setattr(preprocess_module, "_pool", lambda workers, processes: chosen.append(processes))
+    monkeypatch.setattr(preprocess_module, "PROCESS_MIN_FILES", 8)
+    run(manifest, tmp_path / "a", workers=2)  # under pytest, __main__ is a script: threads
+    monkeypatch.setattr(preprocess_module, "script_safe_for_processes", lambda: True)  # as in a notebook
+    run(manifest, tmp_path / "b", workers=2)
+    run(manifest.iloc[:7], tmp_path / "c", workers=2)  # fewer files than PROCESS_MIN_FILES
+    run(manifest, tmp_path / "d", workers=2, opener=lambda path, mode: open(path, mode))  # an opener: threads
+    assert chosen == [False, True, False, False]
+    with pytest.raises(ConfigError, match="processes=True"):
+        run(manifest, tmp_path / "e", workers=2, processes=True, opener=lambda path, mode: open(path, mode))
 
 
 def test_inputs_are_checked_before_any_work(tmp_path):

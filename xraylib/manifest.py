@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -26,6 +26,7 @@ from . import images
 from .config import SOURCE_KEYS, DrivePaths
 from .errors import BadFileError, ConfigError, SourceError
 from .fileio import write_csv_atomic, write_json_atomic
+from .parallel import map_ahead
 from .sources import SOURCE_COLUMNS, SourceTable, fill_site, source_by_drive_key
 
 #: Tasks and their classes; index 0 is the negative class, the last one the positive class.
@@ -126,15 +127,10 @@ def _inspect_all(paths: Iterable[str], workers: int, progress: bool, opener: Cal
     """
     unique = list(dict.fromkeys(paths))
     inspect = inspect or partial(_inspect, opener=opener)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pending: deque = deque()
-        with tqdm(total=len(unique), desc="checking images", disable=not progress, unit="img") as bar:
-            for path in unique:
-                pending.append(pool.submit(inspect, path))
-                if len(pending) >= 4 * max(1, workers):
-                    yield _inspected(pending.popleft().result(), bar)
-            while pending:
-                yield _inspected(pending.popleft().result(), bar)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
+            tqdm(total=len(unique), desc="checking images", disable=not progress, unit="img") as bar:
+        for result in map_ahead(pool, inspect, unique, ahead=4 * max(1, workers)):
+            yield _inspected(result, bar)
 
 
 def _inspected(result: tuple[str, Any, str | None], bar: tqdm) -> tuple[str, Any]:

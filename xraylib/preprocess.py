@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import itertools
 import json
 import math
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
@@ -32,6 +33,7 @@ from .fileio import (
 from .fileio import release_pages
 from .images import decode_bytes, read_image_bytes
 from .manifest import read_manifest_csv
+from .parallel import map_batched, opencv_threads, process_pool, script_safe_for_processes
 from .split import SPLITS, assert_patient_disjoint, split_by_patient
 
 RESIZE_MODES = ("stretch", "pad")
@@ -439,6 +441,15 @@ def cache_key(split_manifest: pd.DataFrame, classes: tuple[str, ...], settings: 
     return h.hexdigest()
 
 
+#: The fewest rows for which :func:`preprocess_dataset` decodes in worker processes by default (see there). On the
+#: 2-core test machine, two processes preprocessed uncompressed DICOMs 3% to 20% faster than two threads, and their
+#: first start in a Python process cost about 1.1 s (later calls 0.1 s): about 10,000 files pay that back.
+PROCESS_MIN_FILES = 10_000
+#: Files a decoding thread reads and preprocesses before it hands their results over (see
+#: :func:`xraylib.parallel.map_batched`): about 0.8 MB of pixels at 224 px, and a few milliseconds of work.
+DECODE_BATCH = 16
+
+
 def _work(job: tuple[str, PreprocessSettings, Callable[[str, str], Any], str | None]) -> tuple[bool, np.ndarray | str]:
     path, settings, opener, sha1 = job
     try:
@@ -471,17 +482,24 @@ def preprocess_dataset(
     progress: bool = True,
     chunk_size: int = 256,
     opener: Callable[[str, str], Any] = open,
+    processes: bool | None = None,
 ) -> PreprocessedData:
     """Decode and resize every image of ``split_manifest`` (with a ``split`` column) into ``out_dir``.
 
     Writes ``{split}_images.npy`` ``(N, S, S) uint8``, ``{split}_labels.npy``, ``manifest.csv``
     (the rows kept, with ``split`` and ``row``) and ``preprocess.json``. Unreadable files are
     reported (``report["problems"]``) and left out. Re-running with the same inputs loads the
-    cache; a run interrupted part-way resumes from its last finished chunk. ``workers``
-    threads decode in parallel (default: the number of CPU cores; 1: no pool), one pool for the
-    whole call: OpenCV decodes and resizes without holding Python's lock, so threads scale
-    without the start-up and memory of worker processes. ``opener`` opens each image file
-    (default :func:`open`; called from those threads; see :func:`xraylib.fileio.read_bytes`).
+    cache; a run interrupted part-way resumes from its last finished chunk.
+
+    ``workers`` decode in parallel (default: the number of CPU cores; 1: all here), one pool for the whole call:
+    threads, or worker processes with ``processes=True``. The default (None) takes processes for
+    :data:`PROCESS_MIN_FILES` files or more, where their first start (about 1 s, see
+    :func:`xraylib.parallel.process_pool`) is paid back, in a notebook or the CLI (a script passes
+    ``processes=True`` itself: see :func:`xraylib.parallel.script_safe_for_processes`). OpenCV decodes and resizes
+    without holding Python's lock, but the parsing holds it: two threads keep 2 cores about 80% busy, and two
+    processes were 3% to 20% faster on uncompressed DICOMs (the speed benchmark's dicom_fast rows). The pixels are
+    the same either way. ``opener`` opens each image file (default :func:`open`; called from the decoding threads;
+    see :func:`xraylib.fileio.read_bytes`); processes need the default.
     """
     classes = tuple(classes)
     if "split" not in split_manifest.columns:
@@ -510,20 +528,36 @@ def preprocess_dataset(
     write_json_atomic(out_dir / "preprocess.json", {"key": key, "complete": False, "settings": settings.to_dict(),
                                                     "classes": list(classes)})
     workers = workers or os.cpu_count() or 1
+    if processes and opener is not open:
+        raise ConfigError("processes=True decodes in worker processes, which open files themselves: pass no opener, "
+                          "or decode in threads (processes=False)")
+    if processes is None:
+        processes = opener is open and len(split_manifest) >= PROCESS_MIN_FILES and script_safe_for_processes()
     problems: list[dict] = []
     kept_frames = []
     decoded_new = 0
-    with _pool(workers) or contextlib.nullcontext() as pool:
-        for split in SPLITS:
-            rows = split_manifest[split_manifest["split"] == split].reset_index(drop=True)
-            ok_mask, new, split_problems = _fill_split(rows, out_dir, split, settings, pool, progress, chunk_size, opener)
-            decoded_new += new
-            problems += split_problems
-            kept = rows[ok_mask].reset_index(drop=True)
-            _finalise_split(out_dir, split, ok_mask)
-            labels = np.array([classes.index(l) for l in kept["label"]], dtype=np.int64)
-            save_npy_atomic(out_dir / f"{split}_labels.npy", labels)
-            kept_frames.append(kept.assign(row=np.arange(len(kept))))
+    pool = _pool(workers, processes)
+    with pool or contextlib.nullcontext(), opencv_threads(1 if isinstance(pool, ThreadPoolExecutor) else None):
+        opened = [_open_split(split_manifest[split_manifest["split"] == split].reset_index(drop=True), out_dir, split,
+                              settings) for split in SPLITS]
+        # One stream of files through the splits, so the workers go on with the next split's first files while one
+        # split's last are written: no pause at each split's end. Files not started yet when an error or an
+        # interrupt stops the call are not decoded (closing the stream cancels them).
+        jobs = itertools.chain.from_iterable(_split_jobs(split, settings, opener) for split in opened)
+        results = map_batched(pool, _work, jobs, batch=DECODE_BATCH, ahead=2 * workers) if pool else map(_work, jobs)
+        try:
+            for split in opened:
+                ok_mask, new, split_problems = _fill_split(split, results, progress, chunk_size)
+                decoded_new += new
+                problems += split_problems
+                kept = split.rows[ok_mask].reset_index(drop=True)
+                _finalise_split(out_dir, split.split, ok_mask)
+                labels = np.array([classes.index(l) for l in kept["label"]], dtype=np.int64)
+                save_npy_atomic(out_dir / f"{split.split}_labels.npy", labels)
+                kept_frames.append(kept.assign(row=np.arange(len(kept))))
+        finally:
+            if hasattr(results, "close"):
+                results.close()
     kept_all = pd.concat(kept_frames, ignore_index=True)
     write_csv_atomic(out_dir / "manifest.csv", kept_all)
     report = {"problems": problems, "skipped": len(problems), "cached": int(len(kept_all) - decoded_new), "new": decoded_new}
@@ -574,11 +608,14 @@ def _megabytes(n: int) -> str:
 
 def _disk_full(out_dir: Path, split: str, exc: OSError) -> OSError:
     """A write of ``split``'s cache that failed: on a full disk its partial array and status are removed (they hold
-    the space the disk lacks) and one :class:`WriteError` says so; any other failure is returned as it is."""
+    the space the disk lacks), with the other unfinished splits' (opened with it: the files are decoded in one
+    stream), and one :class:`WriteError` says so; any other failure is returned as it is."""
     if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
         return write_error(out_dir, exc)
-    for name in (f"{split}_images.partial.npy", f"{split}_status.npy", f"{split}_problems.json"):
-        (out_dir / name).unlink(missing_ok=True)
+    for name in SPLITS:
+        if name == split or (out_dir / f"{name}_images.partial.npy").exists():
+            for path in (f"{name}_images.partial.npy", f"{name}_status.npy", f"{name}_problems.json"):
+                (out_dir / path).unlink(missing_ok=True)
     return WriteError(out_dir, f"the disk filled up while preprocessing the {split} images ({os.strerror(exc.errno)}); "
                                f"their partial files were removed: free some space or choose another output folder",
                       exc.errno)
@@ -595,6 +632,7 @@ def split_and_preprocess(
     workers: int | None = None,
     progress: bool = True,
     opener: Callable[[str, str], Any] = open,
+    processes: bool | None = None,
 ) -> PreprocessedData:
     """Keep the rows of ``classes``, split them by patient, and fill the cache (notebook 02 and the CLI)."""
     classes = tuple(classes)
@@ -602,18 +640,25 @@ def split_and_preprocess(
     if rows.empty:
         raise ConfigError(f"the manifest has no images of the classes {list(classes)}; rebuild it for this task")
     split_frame = split_by_patient(rows, fractions=fractions, seed=seed, external_test_sources=external_test_sources)
-    return preprocess_dataset(split_frame, out_dir, classes, settings, workers=workers, progress=progress, opener=opener)
+    return preprocess_dataset(split_frame, out_dir, classes, settings, workers=workers, progress=progress, opener=opener,
+                              processes=processes)
 
 
-def _fill_split(rows: pd.DataFrame, out_dir: Path, split: str, settings: PreprocessSettings,
-                pool: ThreadPoolExecutor | None, progress: bool, chunk_size: int,
-                opener: Callable[[str, str], Any] = open) -> tuple[np.ndarray, int, list[dict]]:
-    """Decode one split into ``{split}_images.partial.npy``, resuming from ``{split}_status.npy``.
+@dataclass
+class _OpenSplit:
+    """One split's cache as :func:`_open_split` found or made it: ``images`` is None for a split finished earlier."""
 
-    ``pool``: the call's decoding threads (None: decode here).
+    rows: pd.DataFrame
+    out_dir: Path
+    split: str
+    images: np.memmap | None
+    status: np.ndarray  # per row: 0 to do, 1 decoded, 2 unreadable
+    reasons: dict[str, str]
+    todo_start: int  # the first row to decode; every row from there on is decoded (again)
 
-    Status per row: 0 to do, 1 decoded, 2 unreadable. Returns (ok mask, rows decoded now, problems).
-    """
+
+def _open_split(rows: pd.DataFrame, out_dir: Path, split: str, settings: PreprocessSettings) -> _OpenSplit:
+    """``{split}_images.partial.npy`` and ``{split}_status.npy`` opened to resume, or made (after a free-space check)."""
     n, size = len(rows), settings.image_size
     partial = out_dir / f"{split}_images.partial.npy"
     status_path = out_dir / f"{split}_status.npy"
@@ -621,7 +666,7 @@ def _fill_split(rows: pd.DataFrame, out_dir: Path, split: str, settings: Preproc
     if final.exists() and status_path.exists():  # finished earlier in an interrupted run
         status = np.load(status_path)
         if len(status) == n and (status > 0).all():
-            return status == 1, 0, _problems(rows, status, out_dir, split)
+            return _OpenSplit(rows, out_dir, split, None, status, {}, n)
     if partial.exists() and status_path.exists() and len(np.load(status_path)) == n:
         images = np.load(partial, mmap_mode="r+")
         status = np.load(status_path)
@@ -633,46 +678,74 @@ def _fill_split(rows: pd.DataFrame, out_dir: Path, split: str, settings: Preproc
             save_npy_atomic(status_path, status)
         except OSError as exc:
             raise _disk_full(out_dir, split, exc) from None
-    reasons = _load_reasons(out_dir, split)
     todo_start = int(np.argmin(status > 0)) if (status == 0).any() else n
-    new = 0
-    paths = rows["path"].tolist()
+    return _OpenSplit(rows, out_dir, split, images, status, _load_reasons(out_dir, split), todo_start)
+
+
+def _split_jobs(opened: _OpenSplit, settings: PreprocessSettings, opener: Callable[[str, str], Any]) -> Iterator[tuple]:
+    """:func:`_work`'s jobs for the rows of ``opened`` still to decode, in order."""
+    rows, start = opened.rows, opened.todo_start
     # The content hash each file had when the manifest was built; None where the manifest holds none.
-    hashes = [h if isinstance(h, str) and h else None for h in rows["sha1"]] if "sha1" in rows.columns else [None] * n
-    bar = tqdm(total=n, initial=todo_start, desc=f"preprocessing {split}", unit="img", disable=not progress or n == 0)
+    hashes = rows["sha1"].tolist()[start:] if "sha1" in rows.columns else [None] * (len(rows) - start)
+    for path, sha1 in zip(rows["path"].tolist()[start:], hashes):
+        yield path, settings, opener, sha1 if isinstance(sha1, str) and sha1 else None
+
+
+def _fill_split(opened: _OpenSplit, results: Iterator[tuple[bool, Any]], progress: bool,
+                chunk_size: int) -> tuple[np.ndarray, int, list[dict]]:
+    """Write the decoded rows of one split into its ``{split}_images.partial.npy``, taking from ``results`` (the
+    call's :func:`_work` results, in order: this split's after the splits before it) exactly its rows to decode.
+
+    Every ``chunk_size`` rows the pixels are flushed, then the status saved. Returns (ok mask, rows decoded now,
+    problems).
+    """
+    rows, out_dir, split, status, reasons = opened.rows, opened.out_dir, opened.split, opened.status, opened.reasons
+    n, images, new = len(rows), opened.images, 0
+    if images is None:
+        return status == 1, 0, _problems(rows, status, out_dir, split)
+    status_path = out_dir / f"{split}_status.npy"
+    bar = tqdm(total=n, initial=opened.todo_start, desc=f"preprocessing {split}", unit="img",
+               disable=not progress or n == 0)
+    target = images.view(np.ndarray)  # rows written through a plain view: np.memmap's bookkeeping costs 0.05 ms a row
+    written_reasons = -1
     try:
-        for begin, end in _chunks(n, chunk_size, todo_start):
-            jobs = [(path, settings, opener, sha1) for path, sha1 in zip(paths[begin:end], hashes[begin:end])]
-            results = pool.map(_work, jobs) if pool else map(_work, jobs)
-            for offset, (ok, value) in enumerate(results):
-                i = begin + offset
-                if ok:
-                    images[i] = value
-                    status[i] = 1
-                    new += 1
-                else:
-                    status[i] = 2
-                    reasons[str(i)] = value
-                bar.update(1)
+        for i, (ok, value) in zip(range(opened.todo_start, n), results):  # (range first: no result taken past n)
+            if ok:
+                target[i] = value
+                status[i] = 1
+                new += 1
+            else:
+                status[i] = 2
+                reasons[str(i)] = value
+            bar.update(1)
+            if (i + 1 - opened.todo_start) % chunk_size and i + 1 < n:
+                continue
             images.flush()  # pixels reach the disk before the status that says they are there
-            write_json_atomic(out_dir / f"{split}_problems.json", reasons)
+            if len(reasons) != written_reasons:  # (only ever added to)
+                write_json_atomic(out_dir / f"{split}_problems.json", reasons)
+                written_reasons = len(reasons)
             save_npy_atomic(status_path, status)
-            # A fresh mapping for each chunk: the pages written so far leave this process's RSS (they stay in the
-            # page cache), so memory stays flat in the number of images instead of growing to the file's size.
-            del images
-            images = np.load(partial, mmap_mode="r+")
+            # The pages written so far leave this process's RSS (they stay in the page cache), so memory stays flat
+            # in the number of images instead of growing to the file's size.
+            release_pages(images)
     except OSError as exc:
-        images = None  # unmapped before its file is removed
+        images = target = opened.images = None  # unmapped before its file is removed
         raise _disk_full(out_dir, split, exc) from None
     finally:
         bar.close()
-    del images
+    opened.images = None
+    del images, target
     return status == 1, new, _problems(rows, status, out_dir, split)
 
 
-def _pool(workers: int) -> ThreadPoolExecutor | None:
-    """The decoding threads of one :func:`preprocess_dataset` call; None for one worker (decode in this thread)."""
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xraylib-decode") if workers > 1 else None
+def _pool(workers: int, processes: bool) -> Executor | None:
+    """The decoding threads or processes of one :func:`preprocess_dataset` call; None for one worker (decode in this
+    thread)."""
+    if workers <= 1:
+        return None
+    if processes:
+        return process_pool(workers, preload=(__name__,))
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xraylib-decode")
 
 
 def _load_reasons(out_dir: Path, split: str) -> dict[str, str]:
