@@ -486,14 +486,15 @@ def plain_loop(files: list[Path], size: int = 224) -> None:
         cv2.resize(image, (size, size))
 
 
-def xraylib_preprocess(files: list[Path], out_dir: Path, workers: int) -> None:
+def xraylib_preprocess(files: list[Path], out_dir: Path, workers: int, processes: bool | None = False) -> None:
+    """``preprocess_dataset`` of ``files`` into ``out_dir`` (which the caller empties before it starts its clock)."""
     from xraylib.preprocess import PreprocessSettings, preprocess_dataset
 
     frame = pd.DataFrame({"path": [str(p) for p in files], "label": [CLASSES[i % 2] for i in range(len(files))],
                           "patient_id": [f"p{i}" for i in range(len(files))], "sha1": "",
                           "split": [("train", "val", "test")[i % 3] for i in range(len(files))]})
-    shutil.rmtree(out_dir, ignore_errors=True)
-    data = preprocess_dataset(frame, out_dir, CLASSES, PreprocessSettings(image_size=224), workers=workers, progress=False)
+    data = preprocess_dataset(frame, out_dir, CLASSES, PreprocessSettings(image_size=224), workers=workers, progress=False,
+                              processes=processes)
     if data.report.get("skipped"):
         log(f"  ({data.report['skipped']} unreadable files skipped)")
 
@@ -505,6 +506,8 @@ def bench_preprocessing(kind: str, files: list[Path], work: Path, repeats: int) 
         for name, run in (("plain_loop", lambda: plain_loop(files)),
                           ("xraylib_1_worker", lambda: xraylib_preprocess(files, work / "prep1", 1)),
                           ("xraylib_2_workers", lambda: xraylib_preprocess(files, work / "prep2", 2))):
+            for out in (work / "prep1", work / "prep2"):
+                shutil.rmtree(out, ignore_errors=True)  # the last repeat's cache: not part of the time
             started = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - started)
@@ -536,32 +539,55 @@ def bench_dicom_fast(bits: int, n: int, work: Path, repeats: int, seed: int, siz
         finally:
             dicom.read_native = fast_reader
 
-    runs = (("plain_loop", lambda: plain_loop(files, size=224)),
-            ("xraylib_2_workers", lambda: xraylib_preprocess(files, work / "fast_2", 2)),
-            ("xraylib_1_worker", lambda: xraylib_preprocess(files, work / "fast_1", 1)),
-            ("general_path_2_workers", lambda: general_path(2)))
-    times: dict[str, list[float]] = {name: [] for name, _ in runs}
-    cpu: dict[str, list[float]] = {name: [] for name, _ in runs}  # this process's CPU seconds, all its threads
+    runs = (("plain_loop", None, lambda: plain_loop(files, size=224)),
+            ("xraylib_2_workers", "fast_2", lambda: xraylib_preprocess(files, work / "fast_2", 2)),
+            ("xraylib_2_processes", "fast_2p", lambda: xraylib_preprocess(files, work / "fast_2p", 2, processes=True)),
+            ("xraylib_1_worker", "fast_1", lambda: xraylib_preprocess(files, work / "fast_1", 1)),
+            ("general_path_2_workers", "fast_general", lambda: general_path(2)))
+    times: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+    # This process's CPU seconds, all its threads (not the worker processes': the processes' row has none).
+    cpu: dict[str, list[float]] = {name: [] for name, _, _ in runs}
     loads = [load_average()]
     for repeat in range(repeats):
         log(f"uncompressed {bits}-bit DICOMs, repeat {repeat + 1}: {n} files")
-        for name, run in runs:
+        for name, out, run in runs:
+            if out:
+                shutil.rmtree(work / out, ignore_errors=True)  # the last repeat's cache: not part of the time
             started, cpu_started = time.perf_counter(), time.process_time()
             run()
             times[name].append(time.perf_counter() - started)
             cpu[name].append(time.process_time() - cpu_started)
         loads.append(load_average())
     scaling = resize_thread_scaling(files[0])
-    fast, general = load_preprocessed(work / "fast_2"), load_preprocessed(work / "fast_general")
-    same = all(np.array_equal(fast.splits[s].images, general.splits[s].images) for s in fast.splits)
-    compared = sum(len(split) for split in fast.splits.values())
+    general = load_preprocessed(work / "fast_general")
+    same = all(np.array_equal(load_preprocessed(work / out).splits[s].images, general.splits[s].images)
+               for out in ("fast_2", "fast_2p", "fast_1") for s in general.splits)
+    compared = sum(len(split) for split in general.splits.values())
     rates = {name: n / median(values) for name, values in times.items()}
     return {"bits": bits, "files": n, "size": size, "repeats": repeats, "seconds": times, "images_per_second": rates,
-            "cpu_ms_per_file": {name: 1000 * median(values) / n for name, values in cpu.items()},
+            "cpu_ms_per_file": {name: 1000 * median(values) / n for name, values in cpu.items()
+                                if name != "xraylib_2_processes"},
             "speedup_2_workers_vs_plain_loop": rates["xraylib_2_workers"] / rates["plain_loop"],
+            "speedup_2_processes_vs_plain_loop": rates["xraylib_2_processes"] / rates["plain_loop"],
             "speedup_2_workers_vs_general_path": rates["xraylib_2_workers"] / rates["general_path_2_workers"],
             "same_pixels_as_general_path": same, "images_compared": compared, "load_averages": loads,
             "resize_2_threads_vs_1": scaling, "measured": measured}
+
+
+def process_pool_start(work: Path) -> dict[str, float]:
+    """What worker processes add to a ``preprocess_dataset`` call of 8 small files over threads: the first call in a
+    process (which starts the fork server, importing xraylib's decoding modules) and a later one (which forks the
+    workers from it). The dicom_fast rows' process times are later calls."""
+    files = dicom_files(work / "start", 8, 64, 0, jpeg_quality=None)
+    seconds = {}
+    for name, processes in (("first_call", True), ("later_call", True), ("threads", False)):
+        shutil.rmtree(work / "start_out", ignore_errors=True)
+        started = time.perf_counter()
+        xraylib_preprocess(files, work / "start_out", 2, processes=processes)
+        seconds[name] = time.perf_counter() - started
+    log(f"worker processes' start: first call {seconds['first_call']:.2f} s, later {seconds['later_call']:.3f} s "
+        f"(threads: {seconds['threads']:.3f} s)")
+    return seconds
 
 
 def resize_thread_scaling(path: Path, n: int = 400) -> float:
@@ -1217,17 +1243,21 @@ def markdown(results: dict) -> str:
     if fast_rows:
         lines += ["", "## Uncompressed DICOMs: the fast reader (images/s, decode + resize to 224, 2 workers unless said)", "",
                   "| DICOMs (1024x1024 unless said) | n | plain loop (pydicom + cv2) | xraylib 1 worker | xraylib 2 workers | "
-                  "general path, 2 workers (before) | 2 workers vs plain loop | vs general path | same pixels | "
+                  "xraylib 2 processes | general path, 2 workers (before) | 2 workers vs plain loop | "
+                  "2 processes vs plain loop | 2 workers vs general path | same pixels | "
                   "load average (start .. end) | CPU ms per file: plain loop / xraylib 2 workers | "
                   "resize alone, 2 threads vs 1 | runs | measured |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in sorted(fast_rows, key=lambda row: (row["size"], row["files"], row["bits"])):
             rates = row["images_per_second"]
             what = f"{row['bits']}-bit" + ("" if row["size"] == 1024 else f", {row['size']}x{row['size']}")
             loads, cpu = row["load_averages"], row.get("cpu_ms_per_file", {})
+            processes = rates.get("xraylib_2_processes")
             lines.append(f"| {what} | {row['files']} | {fmt(rates['plain_loop'])} | {fmt(rates['xraylib_1_worker'])} | "
-                         f"{fmt(rates['xraylib_2_workers'])} | {fmt(rates['general_path_2_workers'])} | "
+                         f"{fmt(rates['xraylib_2_workers'])} | {fmt(processes) if processes else '-'} | "
+                         f"{fmt(rates['general_path_2_workers'])} | "
                          f"**{fmt(row['speedup_2_workers_vs_plain_loop'], 2)}x** | "
+                         f"{fmt(row['speedup_2_processes_vs_plain_loop'], 2) + 'x' if processes else '-'} | "
                          f"{fmt(row['speedup_2_workers_vs_general_path'], 2)}x | "
                          f"{'all ' + str(row['images_compared']) if row['same_pixels_as_general_path'] else 'NO'} | "
                          f"{loads[0][0]:.1f} .. {loads[-1][0]:.1f} | {fmt(cpu['plain_loop'], 2)} / "
@@ -1243,7 +1273,15 @@ def markdown(results: dict) -> str:
                       "runs on a shared 2-core machine (load average in the table). CPU ms per file: this process's "
                       "CPU time (all threads) per file, which the load changes little; with two free cores the 2 "
                       "workers' rate approaches 2000 / that figure per second. Resize alone: the same image shrunk "
-                      "400 times in two threads against one, after the repeats: 2.0x where two cores are free."]
+                      "400 times in two threads against one, after the repeats: 2.0x where two cores are free. "
+                      "2 processes: `preprocess_dataset(..., processes=True)`, a later call in the process (the "
+                      "workers forked from a running fork server); each output directory is emptied before its clock "
+                      "starts."]
+    starts = next((row["process_pool_start_seconds"] for row in fast_rows if "process_pool_start_seconds" in row), None)
+    if starts:
+        lines += ["", f"Worker processes' start, on 8 small files: the first call in a process "
+                      f"{fmt(starts['first_call'], 2)} s (it starts the fork server, which imports xraylib's decoding "
+                      f"modules), a later call {fmt(starts['later_call'], 3)} s, threads {fmt(starts['threads'], 3)} s."]
     lines += ["", "## Inference throughput for a folder of files (images/s, decode + preprocess + predict)", "",
               "| model | files | one model.predict per image | xraylib predict_files (batched) | speedup | runs |",
               "|---|---|---|---|---|---|"]
@@ -1421,6 +1459,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="numbers of DICOMs for the memory part (default 1000 8000)")
     parser.add_argument("--dicom-fast-files", type=int, nargs="+", default=None, metavar="N",
                         help="numbers of uncompressed DICOMs for the dicom_fast part (default 1000; smoke: 12)")
+    parser.add_argument("--dicom-fast-side", type=int, default=1024, metavar="PX",
+                        help="rows and columns of the dicom_fast part's files (default 1024; smoke: 128)")
     parser.add_argument("--dicom-fast-bits", type=int, nargs="+", default=[8, 16], choices=(8, 16),
                         help="bit depths for the dicom_fast part (default 8 16)")
     parser.add_argument("--memory-child", nargs=2, metavar=("SOURCE", "OUT"), help=argparse.SUPPRESS)
@@ -1490,8 +1530,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                 work / "prep_dicom_raw", mode["repeats"]))
         if "dicom_fast" in parts:
             sizes = args.dicom_fast_files or ([12] if mode_name == "smoke" else [1000])
-            side = 128 if mode_name == "smoke" else 1024
-            results["dicom_fast"] = [bench_dicom_fast(bits, n, work / "dicom_fast", mode["repeats"], args.seed, side)
+            side = 128 if mode_name == "smoke" else args.dicom_fast_side
+            started = process_pool_start(work / "dicom_fast")
+            results["dicom_fast"] = [{**bench_dicom_fast(bits, n, work / "dicom_fast", mode["repeats"], args.seed, side),
+                                      "process_pool_start_seconds": started}
                                      for n in sizes for bits in args.dicom_fast_bits]
         if "training" in parts or "inference" in parts:
             for backbone in args.backbones:
