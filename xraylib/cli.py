@@ -500,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42, help="split seed (default 42)")
     p.add_argument("--external-test-source", nargs="*", metavar="SOURCE",
                    help="sources held out whole as the test set (e.g. nih)")
-    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPU cores)")
+    p.add_argument("--workers", type=int, default=None, help="decoding threads, worker processes from 10,000 files (default: CPU cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_preprocess)
 
