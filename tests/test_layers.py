@@ -25,7 +25,7 @@ PACKAGE = ROOT / "xraylib"
 
 #: The data side, with the helpers every layer may use (errors, fileio, reporting: no TensorFlow, no xraylib layer).
 DATA = {"config", "errors", "fileio", "reporting", "sources", "dicom", "images", "manifest", "split", "preprocess",
-        "phantoms", "sample_layouts", "synthetic", "views"}
+        "parallel", "phantoms", "sample_layouts", "synthetic", "views"}
 MODEL = {"models", "batches", "features", "train", "distribute"}
 JUDGE = {"evaluate", "shortcuts", "explain", "ood", "outofsite"}
 USE = {"predict", "calibrate", "serve", "cli"}

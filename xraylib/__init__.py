@@ -2,7 +2,7 @@
 
 Research software, not a diagnostic device: nothing it outputs is a medical diagnosis.
 
-The data side (config, sources, dicom, images, manifest, split, preprocess, phantoms, sample_layouts,
+The data side (config, sources, dicom, images, manifest, split, preprocess, parallel, phantoms, sample_layouts,
 synthetic) imports no TensorFlow; the model side (models, train, evaluate, explain, predict) does.
 """
 __version__ = "0.1.0"
