@@ -47,10 +47,11 @@ def map_batched(pool: Executor, fn: Callable[[T], R], items: Iterable[T], batch:
     """:func:`map_ahead` with each task running ``fn`` over ``batch`` consecutive items: the results come in the
     items' order, a task's at a time. A thread that decodes 16 files before it hands its results over needs
     Python's lock (and wakes the caller) a sixteenth as often: on 2 cores, 10% more files a second."""
-    batches = iter(lambda: list(itertools.islice(iterator, batch)), [])
     iterator = iter(items)
-    for results in map_ahead(pool, partial(_map_list, fn), batches, ahead):
-        yield from results
+    batches = iter(lambda: list(itertools.islice(iterator, batch)), [])
+    with contextlib.closing(map_ahead(pool, partial(_map_list, fn), batches, ahead)) as tasks:
+        for results in tasks:
+            yield from results
 
 
 def _map_list(fn: Callable[[T], R], items: list[T]) -> list[R]:
