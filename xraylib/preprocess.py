@@ -468,8 +468,8 @@ def _work(job: tuple[str, PreprocessSettings, Callable[[str, str], Any], str | N
         return False, f"unexpected {type(exc).__name__}: {exc}"
 
 
-def _chunks(n: int, size: int, start: int = 0) -> Iterator[tuple[int, int]]:
-    for begin in range(start, n, size):
+def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
+    for begin in range(0, n, size):
         yield begin, min(n, begin + size)
 
 
@@ -666,7 +666,7 @@ def _open_split(rows: pd.DataFrame, out_dir: Path, split: str, settings: Preproc
     if final.exists() and status_path.exists():  # finished earlier in an interrupted run
         status = np.load(status_path)
         if len(status) == n and (status > 0).all():
-            return _OpenSplit(rows, out_dir, split, None, status, {}, n)
+            return _OpenSplit(rows, out_dir, split, None, status, _load_reasons(out_dir, split), n)
     if partial.exists() and status_path.exists() and len(np.load(status_path)) == n:
         images = np.load(partial, mmap_mode="r+")
         status = np.load(status_path)
@@ -702,7 +702,7 @@ def _fill_split(opened: _OpenSplit, results: Iterator[tuple[bool, Any]], progres
     rows, out_dir, split, status, reasons = opened.rows, opened.out_dir, opened.split, opened.status, opened.reasons
     n, images, new = len(rows), opened.images, 0
     if images is None:
-        return status == 1, 0, _problems(rows, status, out_dir, split)
+        return status == 1, 0, _problems(rows, status, reasons)
     status_path = out_dir / f"{split}_status.npy"
     bar = tqdm(total=n, initial=opened.todo_start, desc=f"preprocessing {split}", unit="img",
                disable=not progress or n == 0)
@@ -735,7 +735,7 @@ def _fill_split(opened: _OpenSplit, results: Iterator[tuple[bool, Any]], progres
         bar.close()
     opened.images = None
     del images, target
-    return status == 1, new, _problems(rows, status, out_dir, split)
+    return status == 1, new, _problems(rows, status, reasons)
 
 
 def _pool(workers: int, processes: bool) -> Executor | None:
@@ -753,8 +753,7 @@ def _load_reasons(out_dir: Path, split: str) -> dict[str, str]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _problems(rows: pd.DataFrame, status: np.ndarray, out_dir: Path, split: str) -> list[dict]:
-    reasons = _load_reasons(out_dir, split)
+def _problems(rows: pd.DataFrame, status: np.ndarray, reasons: dict[str, str]) -> list[dict]:
     return [{"path": rows["path"].iloc[i], "reason": reasons.get(str(i), "unreadable")} for i in np.flatnonzero(status == 2)]
 
 
