@@ -484,6 +484,33 @@ def test_worker_processes_give_what_threads_give_and_report_the_same_bad_files(t
     assert len(processes.manifest) == len(manifest) - 2
 
 
+def test_worker_processes_resume_an_interrupted_cache_at_the_right_rows(tmp_path, monkeypatch):
+    """Stopped after the train split's first chunk was saved (rows 0-3), then resumed in worker processes, which
+    write the rows left into the partial file at their offsets: the same cache as one uninterrupted run."""
+    manifest = make_split_manifest(tmp_path / "src")  # 10 train, 6 val, 5 test
+    reference = run(manifest, tmp_path / "reference", workers=1)
+    real_save = preprocess_module.save_npy_atomic
+    saves = []
+
+    def stop_at_the_second_chunk(path, array):
+        if Path(path).name == "train_status.npy":
+            saves.append(int((array == 1).sum()))
+            if len(saves) == 3:  # made, first chunk saved, then interrupted before the second is
+                raise KeyboardInterrupt
+        real_save(path, array)
+
+    monkeypatch.setattr(preprocess_module, "save_npy_atomic", stop_at_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        run(manifest, tmp_path / "out", workers=2, processes=True, chunk_size=4)
+    monkeypatch.setattr(preprocess_module, "save_npy_atomic", real_save)
+    assert saves[:2] == [0, 4] and np.load(tmp_path / "out" / "train_status.npy").tolist()[:5] == [1, 1, 1, 1, 0]
+    data = run(manifest, tmp_path / "out", workers=2, processes=True, chunk_size=4)
+    assert data.report["cached"] == 4 and data.report["new"] == 17
+    for name, images in arrays(reference).items():
+        np.testing.assert_array_equal(data[name].images, images)
+    pd.testing.assert_frame_equal(data.manifest, reference.manifest)
+
+
 def test_the_default_takes_processes_for_many_files_in_a_notebook_only(tmp_path, monkeypatch):
     manifest = make_split_manifest(tmp_path / "src", {"train": 4, "val": 2, "test": 2})
     chosen = []
@@ -686,10 +713,11 @@ def opener(path, how):  # "fill-during": another program fills the disk while th
     return open(path, how)
 if mode != "checked":
     preprocess._check_free_space = lambda *args: None
+# "processes": the rows are written by two worker processes (with write(), not through the memory map)
+workers = {"processes": {"workers": 2, "processes": True}}.get(mode, {"workers": 1, "opener": opener})
 try:
     preprocess.preprocess_dataset(pd.read_csv(manifest, dtype=str), out, ("normal", "pneumonia", "covid"),
-                                  preprocess.PreprocessSettings(image_size=size), workers=1, progress=False,
-                                  opener=opener)
+                                  preprocess.PreprocessSettings(image_size=size), progress=False, **workers)
 except WriteError as exc:
     print(exc)
     sys.exit(3)
@@ -779,3 +807,18 @@ def test_a_disk_filling_up_during_preprocessing_removes_the_partial_files(tmp_pa
                                      "device); their partial files were removed: free some space or choose another "
                                      "output folder")
     assert sorted(p.name for p in out.iterdir()) == ["preprocess.json"]  # says "not complete": the next run starts again
+
+
+def test_worker_processes_that_fill_the_disk_stop_the_call_with_one_clear_error(tmp_path, small_tmpfs):
+    """Unchecked, 12 images of 512x512 (3 MB) on a 2 MB tmpfs, written by worker processes: their writes fail with
+    ENOSPC (no SIGBUS: they do not write through a memory map), and the call ends with the disk-full error, its
+    partial files removed, not with a worker's traceback or a "bad file" per row."""
+    manifest = make_split_manifest(tmp_path / "src", {"train": 12, "val": 0, "test": 0})
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    out = small_tmpfs / "cache"
+    result = _preprocess_in_child(tmp_path / "manifest.csv", out, "processes")
+    assert result.returncode == 3, result.stdout + result.stderr[-2000:]
+    assert result.stdout.strip() == (f"{out}: the disk filled up while preprocessing the train images (No space left on "
+                                     "device); their partial files were removed: free some space or choose another "
+                                     "output folder")
+    assert sorted(p.name for p in out.iterdir()) == ["preprocess.json"]

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import shutil
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
@@ -442,30 +442,56 @@ def cache_key(split_manifest: pd.DataFrame, classes: tuple[str, ...], settings: 
 
 
 #: The fewest rows for which :func:`preprocess_dataset` decodes in worker processes by default (see there). On the
-#: 2-core test machine, two processes preprocessed uncompressed DICOMs 3% to 20% faster than two threads, and their
-#: first start in a Python process cost about 1.1 s (later calls 0.1 s): about 10,000 files pay that back.
+#: 2-core test machine, two processes preprocessed uncompressed DICOMs 21% to 29% faster than two threads, and their
+#: first start in a Python process cost 0.55 s to 1.1 s (later calls 0.07 s): 5,000 to 10,000 files pay that back.
 PROCESS_MIN_FILES = 10_000
 #: Files a decoding thread reads and preprocesses before it hands their results over (see
 #: :func:`xraylib.parallel.map_batched`): about 0.8 MB of pixels at 224 px, and a few milliseconds of work.
 DECODE_BATCH = 16
 
 
-def _work(job: tuple[str, PreprocessSettings, Callable[[str, str], Any], str | None]) -> tuple[bool, np.ndarray | str]:
-    path, settings, opener, sha1 = job
+def _work(job: tuple[str, PreprocessSettings, Callable[[str, str], Any], str | None, tuple[str, int] | None]
+          ) -> tuple[bool, np.ndarray | str | None]:
+    """(True, pixels) or (False, the reason a file is left out); (True, None) where the job names its row of the
+    cache file (``(path, byte offset)``: worker processes write their rows themselves, see :func:`_write_row`)."""
+    path, settings, opener, sha1, row = job
     try:
         if sha1 is None:  # a manifest without hashes (made by hand): nothing to compare
-            return True, preprocess_file(path, settings, opener)
-        data = read_image_bytes(path, opener=opener)
-        # The manifest's sha1 is of the file's bytes (images.inspect_file): hashing them again here costs about a
-        # millisecond per MB beside the decoding, and tells a file replaced since the manifest was built.
-        if (now := sha1_bytes(data)) != sha1:
-            return False, (f"changed since the manifest was built (content differs: SHA-1 {sha1[:12]}... in the "
-                           f"manifest, {now[:12]}... now, {len(data)} bytes); rebuild the manifest")
-        return True, preprocess_bytes(data, str(path), settings)
+            pixels = preprocess_file(path, settings, opener)
+        else:
+            data = read_image_bytes(path, opener=opener)
+            # The manifest's sha1 is of the file's bytes (images.inspect_file): hashing them again here costs about a
+            # millisecond per MB beside the decoding, and tells a file replaced since the manifest was built.
+            if (now := sha1_bytes(data)) != sha1:
+                return False, (f"changed since the manifest was built (content differs: SHA-1 {sha1[:12]}... in the "
+                               f"manifest, {now[:12]}... now, {len(data)} bytes); rebuild the manifest")
+            pixels = preprocess_bytes(data, str(path), settings)
     except BadFileError as exc:
         return False, exc.reason
     except Exception as exc:  # a decoder bug must not kill a run of thousands of files
         return False, f"unexpected {type(exc).__name__}: {exc}"
+    if row is None:
+        return True, pixels
+    _write_row(*row, pixels)  # (outside the try: a full disk stops the call, it is not a bad file)
+    return True, None
+
+
+#: A worker process's open cache files, by path (see :func:`_write_row`); they close when the process ends, with
+#: the call's pool.
+_row_files: dict[str, int] = {}
+
+
+def _write_row(path: str, offset: int, pixels: np.ndarray) -> None:
+    """Write one decoded row at ``offset`` in the cache file ``path``, from a worker process (one thread: the seek
+    and the write are not raced). Handing 50 KB of pixels back to the calling process cost it a fifth of the
+    throughput on 2 cores; the file's one page cache makes these rows what the caller's memory map reads, and its
+    flush (``msync``) syncs them. A full disk is an ``OSError`` here (ENOSPC), not the SIGBUS a memory map gets."""
+    if (fd := _row_files.get(path)) is None:
+        fd = _row_files[path] = os.open(path, os.O_WRONLY | getattr(os, "O_BINARY", 0))
+    view = memoryview(np.ascontiguousarray(pixels, dtype=np.uint8)).cast("B")
+    os.lseek(fd, offset, os.SEEK_SET)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
@@ -497,8 +523,8 @@ def preprocess_dataset(
     :func:`xraylib.parallel.process_pool`) is paid back, in a notebook or the CLI (a script passes
     ``processes=True`` itself: see :func:`xraylib.parallel.script_safe_for_processes`). OpenCV decodes and resizes
     without holding Python's lock, but the parsing holds it: two threads keep 2 cores about 80% busy, and two
-    processes were 3% to 20% faster on uncompressed DICOMs (the speed benchmark's dicom_fast rows). The pixels are
-    the same either way. ``opener`` opens each image file (default :func:`open`; called from the decoding threads;
+    processes, which write their rows into the cache file themselves, were 21% to 29% faster on uncompressed DICOMs
+    (the speed benchmark's dicom_fast rows). The pixels are the same either way. ``opener`` opens each image file (default :func:`open`; called from the decoding threads;
     see :func:`xraylib.fileio.read_bytes`); processes need the default.
     """
     classes = tuple(classes)
@@ -543,7 +569,8 @@ def preprocess_dataset(
         # One stream of files through the splits, so the workers go on with the next split's first files while one
         # split's last are written: no pause at each split's end. Files not started yet when an error or an
         # interrupt stops the call are not decoded (closing the stream cancels them).
-        jobs = itertools.chain.from_iterable(_split_jobs(split, settings, opener) for split in opened)
+        jobs = itertools.chain.from_iterable(_split_jobs(split, settings, opener, isinstance(pool, ProcessPoolExecutor))
+                                             for split in opened)
         results = map_batched(pool, _work, jobs, batch=DECODE_BATCH, ahead=2 * workers) if pool else map(_work, jobs)
         try:
             for split in opened:
@@ -682,13 +709,17 @@ def _open_split(rows: pd.DataFrame, out_dir: Path, split: str, settings: Preproc
     return _OpenSplit(rows, out_dir, split, images, status, _load_reasons(out_dir, split), todo_start)
 
 
-def _split_jobs(opened: _OpenSplit, settings: PreprocessSettings, opener: Callable[[str, str], Any]) -> Iterator[tuple]:
-    """:func:`_work`'s jobs for the rows of ``opened`` still to decode, in order."""
+def _split_jobs(opened: _OpenSplit, settings: PreprocessSettings, opener: Callable[[str, str], Any],
+                writes_rows: bool) -> Iterator[tuple]:
+    """:func:`_work`'s jobs for the rows of ``opened`` still to decode, in order; with ``writes_rows`` (worker
+    processes) each names its row of the partial array file, which the worker writes itself."""
     rows, start = opened.rows, opened.todo_start
     # The content hash each file had when the manifest was built; None where the manifest holds none.
     hashes = rows["sha1"].tolist()[start:] if "sha1" in rows.columns else [None] * (len(rows) - start)
-    for path, sha1 in zip(rows["path"].tolist()[start:], hashes):
-        yield path, settings, opener, sha1 if isinstance(sha1, str) and sha1 else None
+    partial = str(opened.out_dir / f"{opened.split}_images.partial.npy")
+    for i, path, sha1 in zip(itertools.count(start), rows["path"].tolist()[start:], hashes):
+        row = (partial, opened.images.offset + i * settings.image_size ** 2) if writes_rows else None
+        yield path, settings, opener, sha1 if isinstance(sha1, str) and sha1 else None, row
 
 
 def _fill_split(opened: _OpenSplit, results: Iterator[tuple[bool, Any]], progress: bool,
@@ -711,7 +742,8 @@ def _fill_split(opened: _OpenSplit, results: Iterator[tuple[bool, Any]], progres
     try:
         for i, (ok, value) in zip(range(opened.todo_start, n), results):  # (range first: no result taken past n)
             if ok:
-                target[i] = value
+                if value is not None:  # (None: a worker process wrote the row itself)
+                    target[i] = value
                 status[i] = 1
                 new += 1
             else:
@@ -720,7 +752,9 @@ def _fill_split(opened: _OpenSplit, results: Iterator[tuple[bool, Any]], progres
             bar.update(1)
             if (i + 1 - opened.todo_start) % chunk_size and i + 1 < n:
                 continue
-            images.flush()  # pixels reach the disk before the status that says they are there
+            # Pixels reach the disk before the status that says they are there: msync syncs the file's range, the
+            # rows worker processes wrote too (one page cache).
+            images.flush()
             if len(reasons) != written_reasons:  # (only ever added to)
                 write_json_atomic(out_dir / f"{split}_problems.json", reasons)
                 written_reasons = len(reasons)
