@@ -504,11 +504,43 @@ def test_worker_processes_resume_an_interrupted_cache_at_the_right_rows(tmp_path
         run(manifest, tmp_path / "out", workers=2, processes=True, chunk_size=4)
     monkeypatch.setattr(preprocess_module, "save_npy_atomic", real_save)
     assert saves[:2] == [0, 4] and np.load(tmp_path / "out" / "train_status.npy").tolist()[:5] == [1, 1, 1, 1, 0]
+    # The rows not recorded as done hold junk (the interrupted run may have written them): the resumed run's workers
+    # must write every one of them again.
+    for split, first in (("train", 4), ("val", 0), ("test", 0)):
+        partial = np.load(tmp_path / "out" / f"{split}_images.partial.npy", mmap_mode="r+")
+        partial[first:] = 0xAB
+        partial.flush()
+        del partial
+    pools = []
+    real_pool = preprocess_module._pool
+    monkeypatch.setattr(preprocess_module, "_pool",
+                        lambda workers, processes: pools.append(real_pool(workers, processes)) or pools[-1])
     data = run(manifest, tmp_path / "out", workers=2, processes=True, chunk_size=4)
+    assert len(pools) == 1 and isinstance(pools[0], ProcessPoolExecutor)
     assert data.report["cached"] == 4 and data.report["new"] == 17
     for name, images in arrays(reference).items():
         np.testing.assert_array_equal(data[name].images, images)
     pd.testing.assert_frame_equal(data.manifest, reference.manifest)
+
+
+def test_a_worker_writes_only_its_own_row_and_refuses_a_wrong_size_or_a_replaced_cache_file(tmp_path):
+    path = tmp_path / "train_images.partial.npy"
+    cache = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(3, 4, 4))
+    offset, stride = cache.offset, cache.strides[0]
+    del cache
+    identity = (path.stat().st_dev, path.stat().st_ino)
+    preprocess_module._write_row((str(path), offset + stride, stride, identity), np.full((4, 4), 7, np.uint8))
+    assert np.load(path).reshape(3, 16).tolist() == [[0] * 16, [7] * 16, [0] * 16]
+
+    with pytest.raises(ValueError, match=r"does not fit a cache row of 16 bytes"):
+        preprocess_module._write_row((str(path), offset, stride, identity), np.full((5, 4), 9, np.uint8))
+    # Another call replaced the file under the same name (a fresh cache): a worker of the old call must not write
+    # into it.
+    np.save(tmp_path / "other.npy", np.zeros((3, 4, 4), np.uint8))
+    os.replace(tmp_path / "other.npy", path)
+    with pytest.raises(FileNotFoundError, match="replaced while preprocessing"):
+        preprocess_module._write_row((str(path), offset, stride, identity), np.full((4, 4), 9, np.uint8))
+    assert not np.load(path).any()
 
 
 def test_the_default_takes_processes_for_many_files_in_a_notebook_only(tmp_path, monkeypatch):
@@ -713,7 +745,7 @@ def opener(path, how):  # "fill-during": another program fills the disk while th
     return open(path, how)
 if mode != "checked":
     preprocess._check_free_space = lambda *args: None
-# "processes": the rows are written by two worker processes (with write(), not through the memory map)
+# "processes": the rows are written by worker processes (with write(), not through the memory map)
 workers = {"processes": {"workers": 2, "processes": True}}.get(mode, {"workers": 1, "opener": opener})
 try:
     preprocess.preprocess_dataset(pd.read_csv(manifest, dtype=str), out, ("normal", "pneumonia", "covid"),

@@ -450,10 +450,10 @@ PROCESS_MIN_FILES = 10_000
 DECODE_BATCH = 16
 
 
-def _work(job: tuple[str, PreprocessSettings, Callable[[str, str], Any], str | None, tuple[str, int] | None]
+def _work(job: tuple[str, PreprocessSettings, Callable[[str, str], Any], str | None, tuple | None]
           ) -> tuple[bool, np.ndarray | str | None]:
     """(True, pixels) or (False, the reason a file is left out); (True, None) where the job names its row of the
-    cache file (``(path, byte offset)``: worker processes write their rows themselves, see :func:`_write_row`)."""
+    cache file (worker processes write their rows themselves: see :func:`_write_row`)."""
     path, settings, opener, sha1, row = job
     try:
         if sha1 is None:  # a manifest without hashes (made by hand): nothing to compare
@@ -472,26 +472,41 @@ def _work(job: tuple[str, PreprocessSettings, Callable[[str, str], Any], str | N
         return False, f"unexpected {type(exc).__name__}: {exc}"
     if row is None:
         return True, pixels
-    _write_row(*row, pixels)  # (outside the try: a full disk stops the call, it is not a bad file)
+    _write_row(row, pixels)  # (outside the try: a full disk stops the call, it is not a bad file)
     return True, None
 
 
-#: A worker process's open cache files, by path (see :func:`_write_row`); they close when the process ends, with
-#: the call's pool.
-_row_files: dict[str, int] = {}
-
-
-def _write_row(path: str, offset: int, pixels: np.ndarray) -> None:
-    """Write one decoded row at ``offset`` in the cache file ``path``, from a worker process (one thread: the seek
-    and the write are not raced). Handing 50 KB of pixels back to the calling process cost it a fifth of the
-    throughput on 2 cores; the file's one page cache makes these rows what the caller's memory map reads, and its
-    flush (``msync``) syncs them. A full disk is an ``OSError`` here (ENOSPC), not the SIGBUS a memory map gets."""
-    if (fd := _row_files.get(path)) is None:
-        fd = _row_files[path] = os.open(path, os.O_WRONLY | getattr(os, "O_BINARY", 0))
+def _write_row(row: tuple[str, int, int, tuple[int, int]], pixels: np.ndarray) -> None:
+    """Write one decoded row into the cache file, from a worker process: ``row`` is the file's path, the row's byte
+    offset and size, and the file's (device, inode). Handing 50 KB of pixels back to the calling process instead
+    cost a fifth of the throughput on 2 cores. The file is opened and closed for each row (about 20 us): a file held
+    open could not be renamed or removed on Windows, and a removed one would keep its space until the call's end.
+    The caller syncs the file before it records the rows as done (:func:`_sync_rows`). A full disk is an
+    ``OSError`` here (ENOSPC), not the SIGBUS a memory map gets."""
+    path, offset, size, identity = row
     view = memoryview(np.ascontiguousarray(pixels, dtype=np.uint8)).cast("B")
-    os.lseek(fd, offset, os.SEEK_SET)
-    while view:
-        view = view[os.write(fd, view):]
+    if view.nbytes != size:  # (a wrong shape would overwrite the next row; the memory map's assignment refuses it)
+        raise ValueError(f"a preprocessed image of {pixels.shape} does not fit a cache row of {size} bytes")
+    fd = os.open(path, os.O_WRONLY | getattr(os, "O_BINARY", 0))
+    try:
+        status = os.fstat(fd)
+        if (status.st_dev, status.st_ino) != identity:  # another call's file by that name: not ours to write
+            raise FileNotFoundError(errno.ENOENT, "the cache file was replaced while preprocessing", path)
+        os.lseek(fd, offset, os.SEEK_SET)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def _sync_rows(path: Path) -> None:
+    """Sync the rows worker processes wrote into ``path`` to the disk (``fsync``: guaranteed for data written by
+    any process, where a memory map's flush is only on Linux)."""
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
@@ -524,8 +539,9 @@ def preprocess_dataset(
     ``processes=True`` itself: see :func:`xraylib.parallel.script_safe_for_processes`). OpenCV decodes and resizes
     without holding Python's lock, but the parsing holds it: two threads keep 2 cores about 80% busy, and two
     processes, which write their rows into the cache file themselves, were 21% to 29% faster on uncompressed DICOMs
-    (the speed benchmark's dicom_fast rows). The pixels are the same either way. ``opener`` opens each image file (default :func:`open`; called from the decoding threads;
-    see :func:`xraylib.fileio.read_bytes`); processes need the default.
+    (the speed benchmark's dicom_fast rows). The pixels are the same either way. ``opener`` opens each image file
+    (default :func:`open`; called from the decoding threads; see :func:`xraylib.fileio.read_bytes`); processes need
+    the default.
     """
     classes = tuple(classes)
     if "split" not in split_manifest.columns:
@@ -716,16 +732,20 @@ def _split_jobs(opened: _OpenSplit, settings: PreprocessSettings, opener: Callab
     rows, start = opened.rows, opened.todo_start
     # The content hash each file had when the manifest was built; None where the manifest holds none.
     hashes = rows["sha1"].tolist()[start:] if "sha1" in rows.columns else [None] * (len(rows) - start)
-    partial = str(opened.out_dir / f"{opened.split}_images.partial.npy")
+    if writes_rows and start < len(rows):
+        partial = opened.out_dir / f"{opened.split}_images.partial.npy"
+        identity = (partial.stat().st_dev, partial.stat().st_ino)
+        first, stride = opened.images.offset, opened.images.strides[0]
     for i, path, sha1 in zip(itertools.count(start), rows["path"].tolist()[start:], hashes):
-        row = (partial, opened.images.offset + i * settings.image_size ** 2) if writes_rows else None
+        row = (str(partial), first + i * stride, stride, identity) if writes_rows else None
         yield path, settings, opener, sha1 if isinstance(sha1, str) and sha1 else None, row
 
 
 def _fill_split(opened: _OpenSplit, results: Iterator[tuple[bool, Any]], progress: bool,
                 chunk_size: int) -> tuple[np.ndarray, int, list[dict]]:
-    """Write the decoded rows of one split into its ``{split}_images.partial.npy``, taking from ``results`` (the
-    call's :func:`_work` results, in order: this split's after the splits before it) exactly its rows to decode.
+    """Fill one split's ``{split}_images.partial.npy`` from ``results`` (the call's :func:`_work` results, in order:
+    this split's after the splits before it), taking exactly its rows to decode: each decoded row written here, or
+    already written by a worker process (``None``).
 
     Every ``chunk_size`` rows the pixels are flushed, then the status saved. Returns (ok mask, rows decoded now,
     problems).
@@ -738,11 +758,13 @@ def _fill_split(opened: _OpenSplit, results: Iterator[tuple[bool, Any]], progres
     bar = tqdm(total=n, initial=opened.todo_start, desc=f"preprocessing {split}", unit="img",
                disable=not progress or n == 0)
     target = images.view(np.ndarray)  # rows written through a plain view: np.memmap's bookkeeping costs 0.05 ms a row
-    written_reasons = -1
+    written_reasons, by_workers = -1, False
     try:
         for i, (ok, value) in zip(range(opened.todo_start, n), results):  # (range first: no result taken past n)
             if ok:
-                if value is not None:  # (None: a worker process wrote the row itself)
+                if value is None:  # a worker process wrote the row itself
+                    by_workers = True
+                else:
                     target[i] = value
                 status[i] = 1
                 new += 1
@@ -752,9 +774,9 @@ def _fill_split(opened: _OpenSplit, results: Iterator[tuple[bool, Any]], progres
             bar.update(1)
             if (i + 1 - opened.todo_start) % chunk_size and i + 1 < n:
                 continue
-            # Pixels reach the disk before the status that says they are there: msync syncs the file's range, the
-            # rows worker processes wrote too (one page cache).
-            images.flush()
+            images.flush()  # pixels reach the disk before the status that says they are there
+            if by_workers:
+                _sync_rows(out_dir / f"{split}_images.partial.npy")
             if len(reasons) != written_reasons:  # (only ever added to)
                 write_json_atomic(out_dir / f"{split}_problems.json", reasons)
                 written_reasons = len(reasons)
