@@ -170,6 +170,54 @@ def test_odd_sized_and_small_images_are_resized_in_one_step():
                                       cv2.resize(image, (64, 64), interpolation=cv2.INTER_AREA))
 
 
+@pytest.mark.parametrize("source, output, products", [
+    ((512, 512), (224, 224), True),  # a 1024 px image (RSNA, NIH) after the halving: 16/7 on both axes
+    ((512, 384), (224, 168), True), ((448, 512), (224, 224), True),  # one axis an integer factor, the other 16/7
+    ((2048, 1024), (224, 112), True), ((256, 256), (224, 224), True),
+    ((1000, 1000), (224, 224), False), ((600, 512), (224, 224), False),  # 125/28, 75/28: weights not exact
+    ((448, 448), (224, 224), False), ((4096, 4096), (512, 512), False),  # integer factors: OpenCV's own fast path
+    ((100, 200), (224, 224), False),  # enlarging: OpenCV interpolates
+])
+def test_area_resize_gives_opencvs_inter_area_bytes_and_takes_the_products_only_where_they_are_exact(
+        source, output, products):
+    rng = np.random.default_rng(sum(source))
+    noise = rng.integers(0, 256, source, dtype=np.uint8)
+    # noise, a smooth picture, and black and white pixels (whose means fall on halves most often: the rounding)
+    for image in (noise, cv2.GaussianBlur(noise, (0, 0), 4), np.where(noise < 128, 0, 255).astype(np.uint8),
+                  _structured(*source)):
+        np.testing.assert_array_equal(preprocess_module.area_resize(image, output[1], output[0]),
+                                      cv2.resize(image, output[::-1], interpolation=cv2.INTER_AREA))
+    assert (preprocess_module._area_plan(*source, *output) is not None) == products
+
+
+def test_area_resize_leaves_to_opencv_a_size_whose_products_differ_from_it(monkeypatch):
+    preprocess_module._area_plan.cache_clear()
+    real = preprocess_module._area_weights
+
+    def off_by_one_sixteenth(source, output):  # exact-looking weights that are not OpenCV's
+        block = real(source, output).copy()
+        block[0, 0] -= 1 / 16
+        block[1, 0] += 1 / 16
+        return block
+
+    monkeypatch.setattr(preprocess_module, "_area_weights", off_by_one_sixteenth)
+    try:
+        image = _structured(512, 512)
+        assert preprocess_module._area_plan(512, 512, 224, 224) is None
+        np.testing.assert_array_equal(preprocess_module.area_resize(image, 224, 224),
+                                      cv2.resize(image, (224, 224), interpolation=cv2.INTER_AREA))
+    finally:
+        preprocess_module._area_plan.cache_clear()
+
+
+def test_area_resize_is_the_same_from_several_threads():
+    images = [_structured(512, 512, seed=seed) for seed in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda image: preprocess_module.area_resize(image, 224, 224), images * 4))
+    for image, out in zip(images * 4, outs):
+        np.testing.assert_array_equal(out, cv2.resize(image, (224, 224), interpolation=cv2.INTER_AREA))
+
+
 def test_large_jpeg_preprocesses_like_its_full_decode(tmp_path):
     path = write_raster(tmp_path / "big.jpg", np.dstack([_structured(1100, 900, seed=s) for s in range(3)]))
     settings = PreprocessSettings(image_size=112)
