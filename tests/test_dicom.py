@@ -137,6 +137,28 @@ def test_integer_scaling_table_gives_the_float64_arithmetic(dtype, low, high):
     assert not dicom._to_uint8(np.full((4, 4), 7, dtype=dtype)).any()  # a constant image is black
 
 
+def test_16_bit_scaling_by_multiply_add_is_taken_only_where_it_gives_the_table_and_falls_back_where_not(monkeypatch):
+    taken = []
+    real = dicom._scaled_like_table
+    monkeypatch.setattr(dicom, "_scaled_like_table", lambda *args: taken.append(real(*args) is not None) or real(*args))
+    rng = np.random.default_rng(11)
+    for case in range(120):  # 12-bit ranges, wide ones, and signed (CT-like) ones
+        dtype = np.int16 if case % 3 == 2 else np.uint16
+        low = int(rng.integers(-1024, 0)) if dtype == np.int16 else int(rng.integers(0, 300))
+        high = low + int(rng.integers(1000, 4096 if case % 3 == 0 else 30000))
+        values = rng.integers(low, high + 1, size=(96, 80)).astype(dtype)
+        values[0, 0], values[-1, -1] = low, high
+        expected = np.clip(np.rint((values.astype(np.float64) - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
+        np.testing.assert_array_equal(dicom._to_uint8(values), expected)
+    # both ways were taken: the multiply-add where it matched the table on every value, the table where a value
+    # (a tie between two grey levels) rounds the other way in float32
+    assert len(taken) == 120 and 0 < sum(taken) < 120
+    taken.clear()
+    small = np.array([[0, 1000], [2000, 4095]], dtype=np.uint16)  # fewer values than one vector: the table
+    np.testing.assert_array_equal(dicom._to_uint8(small), [[0, 62], [125, 255]])
+    assert taken == []
+
+
 def test_decoding_in_threads_leaves_the_warning_filters_as_they_were(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
     import warnings

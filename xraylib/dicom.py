@@ -761,6 +761,28 @@ def _integers_to_uint8(values: np.ndarray, extremes: tuple[int, int] | None = No
     values = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("="))
     if values.ndim != 2:
         return np.take(table, values, mode="wrap")
+    if values.itemsize == 2 and values.size >= _SCALE_VECTOR:
+        scaled = _scaled_like_table(values, low, high, table)
+        if scaled is not None:
+            return scaled
     # OpenCV looks 8- and 16-bit values up in a table, as unsigned, three times as fast as NumPy indexes
     # (which converts every value to an 8-byte index first)
     return cv2.LUT(values.view(np.uint8 if values.itemsize == 1 else np.uint16), table)
+
+
+#: Values :func:`_scaled_like_table` checks at least (more than OpenCV's widest vector of 16-bit values): OpenCV
+#: scales shorter arrays, and the last values of longer ones, by the same vector code.
+_SCALE_VECTOR = 64
+
+
+def _scaled_like_table(values: np.ndarray, low: int, high: int, table: np.ndarray) -> np.ndarray | None:
+    """``table`` applied to 16-bit ``values`` (2-D, at least :data:`_SCALE_VECTOR` of them) by OpenCV's vectorised
+    multiply-add (``convertScaleAbs``), 30% faster than its table look-up, where that gives the table's entry
+    for every value from ``low`` to ``high``: checked on those values each time (the float32 arithmetic may round
+    a value the other way than the table's float64, and then the table is used). None where it does not."""
+    alpha = 255.0 / (high - low)
+    # every value from low to high (the last repeated to fill one vector)
+    span = np.minimum(np.arange(low, low + max(high + 1 - low, _SCALE_VECTOR)), high).astype(values.dtype)[None]
+    if not np.array_equal(cv2.convertScaleAbs(span, alpha=alpha, beta=-low * alpha), table[span.view(np.uint16)]):
+        return None
+    return cv2.convertScaleAbs(values, alpha=alpha, beta=-low * alpha)
