@@ -486,6 +486,29 @@ def plain_loop(files: list[Path], size: int = 224) -> None:
         cv2.resize(image, (size, size))
 
 
+def keep_freed_buffers() -> bool:
+    """Ask the C library (glibc) to keep freed buffers of up to 64 MB for the next allocation instead of handing them
+    back to the system. Without it, the plain loop's 1 MB pixel buffers went back after each file in some processes
+    (about 470 page faults per 8-bit 1024x1024 file, the loop up to 1.9x slower, varying from run to run): with it the
+    loop runs at its best, the harder comparison for xraylib (whose decoding did not fault either way). False where
+    there is no glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # (glibc's malloc.h)
+    return bool(mallopt(m_mmap_threshold, 64 << 20)) and bool(mallopt(m_trim_threshold, 128 << 20))
+
+
+def minor_faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def xraylib_preprocess(files: list[Path], out_dir: Path, workers: int, processes: bool | None = False) -> None:
     """``preprocess_dataset`` of ``files`` into ``out_dir`` (which the caller empties before it starts its clock)."""
     from xraylib.preprocess import PreprocessSettings, preprocess_dataset
@@ -525,7 +548,7 @@ def bench_dicom_fast(bits: int, n: int, work: Path, repeats: int, seed: int, siz
     from xraylib import dicom
     from xraylib.preprocess import load_preprocessed
 
-    folder = work / f"dicoms_raw{bits}_{n}"
+    folder = work / f"dicoms_raw{bits}_{size}px_{n}"  # (the size in the name: a folder of another size is not reused)
     measured = datetime.datetime.now().isoformat(timespec="minutes")
     log(f"uncompressed {bits}-bit DICOMs: writing {n} files of {size}x{size}")
     files = sorted(folder.glob("*.dcm")) if len(list(folder.glob("*.dcm"))) == n else \
@@ -547,16 +570,26 @@ def bench_dicom_fast(bits: int, n: int, work: Path, repeats: int, seed: int, siz
     times: dict[str, list[float]] = {name: [] for name, _, _ in runs}
     # This process's CPU seconds, all its threads (not the worker processes': the processes' row has none).
     cpu: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+    faults: dict[str, list[float]] = {name: [] for name, _, _ in runs}  # this process's page faults per file
+    kept = keep_freed_buffers()
+    # One untimed round first: the files just written are still being flushed to disk, which slowed whichever run
+    # came first (the plain loop: 4 s against 0.8 s for 1,000 files), and the fork server starts.
+    log(f"uncompressed {bits}-bit DICOMs, warm-up round (not timed): {n} files")
+    for _, out, run in runs:
+        if out:
+            shutil.rmtree(work / out, ignore_errors=True)  # (a cache left by an earlier run would load, not decode)
+        run()
     loads = [load_average()]
     for repeat in range(repeats):
         log(f"uncompressed {bits}-bit DICOMs, repeat {repeat + 1}: {n} files")
         for name, out, run in runs:
             if out:
                 shutil.rmtree(work / out, ignore_errors=True)  # the last repeat's cache: not part of the time
-            started, cpu_started = time.perf_counter(), time.process_time()
+            started, cpu_started, faults_before = time.perf_counter(), time.process_time(), minor_faults()
             run()
             times[name].append(time.perf_counter() - started)
             cpu[name].append(time.process_time() - cpu_started)
+            faults[name].append((minor_faults() - faults_before) / n)
         loads.append(load_average())
     scaling = resize_thread_scaling(files[0])
     general = load_preprocessed(work / "fast_general")
@@ -564,14 +597,16 @@ def bench_dicom_fast(bits: int, n: int, work: Path, repeats: int, seed: int, siz
                for out in ("fast_2", "fast_2p", "fast_1") for s in general.splits)
     compared = sum(len(split) for split in general.splits.values())
     rates = {name: n / median(values) for name, values in times.items()}
-    return {"bits": bits, "files": n, "size": size, "repeats": repeats, "seconds": times, "images_per_second": rates,
+    return {"bits": bits, "files": n, "size": size, "repeats": repeats, "warm_up_rounds": 1, "seconds": times,
+            "images_per_second": rates,
             "cpu_ms_per_file": {name: 1000 * median(values) / n for name, values in cpu.items()
                                 if name != "xraylib_2_processes"},
             "speedup_2_workers_vs_plain_loop": rates["xraylib_2_workers"] / rates["plain_loop"],
             "speedup_2_processes_vs_plain_loop": rates["xraylib_2_processes"] / rates["plain_loop"],
             "speedup_2_workers_vs_general_path": rates["xraylib_2_workers"] / rates["general_path_2_workers"],
             "same_pixels_as_general_path": same, "images_compared": compared, "load_averages": loads,
-            "resize_2_threads_vs_1": scaling, "measured": measured}
+            "resize_2_threads_vs_1": scaling, "measured": measured, "freed_buffers_kept": kept,
+            "page_faults_per_file": {name: median(values) for name, values in faults.items()}}
 
 
 def process_pool_start(work: Path) -> dict[str, float]:
@@ -591,8 +626,9 @@ def process_pool_start(work: Path) -> dict[str, float]:
 
 
 def resize_thread_scaling(path: Path, n: int = 400) -> float:
-    """How many cores two threads find free: the rate of ``n`` resizes of one decoded image (OpenCV, without Python's
-    lock) in two threads over one thread's (2.0 on two free cores)."""
+    """The rate of ``n`` preprocessings of one decoded image in two threads over one thread's: how many cores two
+    threads find free (2.0 on two free cores) while the shrink was OpenCV's alone, without Python's lock; less since
+    it is matrix products for dyadic sizes (:func:`xraylib.preprocess.area_resize`), whose Python holds the lock."""
     from concurrent.futures import ThreadPoolExecutor
 
     from xraylib.images import read_image
@@ -1167,6 +1203,15 @@ def fmt(value, digits: int = 1) -> str:
     return f"{value:.{digits}f}"
 
 
+def _plain_faults(row: dict) -> str:
+    """A dicom_fast row's page faults per file in the plain loop, and whether freed buffers were kept ('-' for rows
+    measured before this was recorded)."""
+    faults = row.get("page_faults_per_file", {}).get("plain_loop")
+    if faults is None:
+        return "-"
+    return f"{faults:.1f}" + ("" if row.get("freed_buffers_kept") else " (buffers not kept)")
+
+
 def markdown(results: dict) -> str:
     machine = results["machine"]
     lines = [
@@ -1246,8 +1291,8 @@ def markdown(results: dict) -> str:
                   "xraylib 2 processes | general path, 2 workers (before) | 2 workers vs plain loop | "
                   "2 processes vs plain loop | 2 workers vs general path | same pixels | "
                   "load average (start .. end) | CPU ms per file: plain loop / xraylib 2 workers | "
-                  "resize alone, 2 threads vs 1 | runs | measured |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "plain loop's page faults per file | resize alone, 2 threads vs 1 | runs | measured |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in sorted(fast_rows, key=lambda row: (row["size"], row["files"], row["bits"])):
             rates = row["images_per_second"]
             what = f"{row['bits']}-bit" + ("" if row["size"] == 1024 else f", {row['size']}x{row['size']}")
@@ -1256,12 +1301,13 @@ def markdown(results: dict) -> str:
             lines.append(f"| {what} | {row['files']} | {fmt(rates['plain_loop'])} | {fmt(rates['xraylib_1_worker'])} | "
                          f"{fmt(rates['xraylib_2_workers'])} | {fmt(processes) if processes else '-'} | "
                          f"{fmt(rates['general_path_2_workers'])} | "
-                         f"**{fmt(row['speedup_2_workers_vs_plain_loop'], 2)}x** | "
-                         f"{fmt(row['speedup_2_processes_vs_plain_loop'], 2) + 'x' if processes else '-'} | "
+                         f"{fmt(row['speedup_2_workers_vs_plain_loop'], 2)}x | "
+                         f"{'**' + fmt(row['speedup_2_processes_vs_plain_loop'], 2) + 'x**' if processes else '-'} | "
                          f"{fmt(row['speedup_2_workers_vs_general_path'], 2)}x | "
                          f"{'all ' + str(row['images_compared']) if row['same_pixels_as_general_path'] else 'NO'} | "
                          f"{loads[0][0]:.1f} .. {loads[-1][0]:.1f} | {fmt(cpu['plain_loop'], 2)} / "
-                         f"{fmt(cpu['xraylib_2_workers'], 2)} | {fmt(row.get('resize_2_threads_vs_1'), 2)}x | "
+                         f"{fmt(cpu['xraylib_2_workers'], 2)} | {_plain_faults(row)} | "
+                         f"{fmt(row.get('resize_2_threads_vs_1'), 2)}x | "
                          f"{row['repeats']} | {row.get('measured', '')} |")
         lines += ["", "Synthetic phantoms written with pydicom, Explicit VR Little Endian, MONOCHROME2 (16-bit: 12 bits "
                       "stored). The fast reader (`xraylib.dicom.read_native`) reads the header itself (these plain files; "
@@ -1270,13 +1316,19 @@ def markdown(results: dict) -> str:
                       "reader before it (pydicom's full read and `pixel_array`), run in the same repeats. Same pixels: "
                       "every cached image of the fast run equals the general path's. The plain loop does less per file "
                       "(no display transform, `INTER_LINEAR` straight to 224); the ratios are medians of interleaved "
-                      "runs on a shared 2-core machine (load average in the table). CPU ms per file: this process's "
+                      "runs on a shared 2-core machine (load average in the table), after one untimed round of each."
+                      " CPU ms per file: this process's "
                       "CPU time (all threads) per file, which the load changes little; with two free cores the 2 "
                       "workers' rate approaches 2000 / that figure per second. Resize alone: the same image shrunk "
-                      "400 times in two threads against one, after the repeats: 2.0x where two cores are free. "
+                      "400 times (`preprocess_pixels`) in two threads against one, after the repeats: 2.0x where two "
+                      "cores are free while the shrink was OpenCV's alone; since it is two matrix products for these "
+                      "sizes (2026-12-06), the Python around them holds the lock, and the figure is lower. "
                       "2 processes: `preprocess_dataset(..., processes=True)`, a later call in the process (the "
                       "workers forked from a running fork server); each output directory is emptied before its clock "
-                      "starts."]
+                      "starts. The process keeps its freed buffers (glibc's mmap and trim thresholds raised, see "
+                      "`keep_freed_buffers`): without it the plain loop's 1 MB buffers went back to the system after "
+                      "each file in some runs (the page faults column; rows without it are from runs before it), and the "
+                      "loop ran up to 1.9x slower."]
     starts = next((row["process_pool_start_seconds"] for row in fast_rows if "process_pool_start_seconds" in row), None)
     if starts:
         lines += ["", f"Worker processes' start, on 8 small files: the first call in a process "
