@@ -176,7 +176,9 @@ def area_resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     see :func:`_area_plan`). Other factors, and the integer ones (OpenCV's own fast path, which rounds
     differently), go to OpenCV.
     """
-    plan = _area_plan(pixels.shape[0], pixels.shape[1], height, width) if pixels.dtype == np.uint8 and pixels.ndim == 2 else None
+    plan = None
+    if pixels.dtype == np.uint8 and pixels.ndim == 2:
+        plan = _area_plan(pixels.shape[0], pixels.shape[1], height, width)
     if plan is None:
         return cv2.resize(pixels, (width, height), interpolation=cv2.INTER_AREA)
     return _area_products(pixels, *plan)
@@ -250,7 +252,9 @@ def _area_weights(source: int, output: int) -> np.ndarray | None:
         identity[np.arange(rows), top + np.arange(rows)] = 1
         weights[top:top + rows] = cv2.resize(identity, (output, rows), interpolation=cv2.INTER_AREA)
     block = weights[:p, :q]
-    if not np.array_equal(block * p, np.rint(block * p)) or not np.array_equal(np.kron(np.eye(common, dtype=np.float32), block), weights):
+    if not np.array_equal(block * p, np.rint(block * p)):  # not multiples of 1/p: not exact
+        return None
+    if not np.array_equal(np.kron(np.eye(common, dtype=np.float32), block), weights):  # not one block, repeated
         return None
     return np.ascontiguousarray(block)
 
