@@ -491,7 +491,8 @@ def keep_freed_buffers() -> bool:
     back to the system. Without it, the plain loop's 1 MB pixel buffers went back after each file in some processes
     (about 470 page faults per 8-bit 1024x1024 file, the loop up to 1.9x slower, varying from run to run): with it the
     loop runs at its best, the harder comparison for xraylib (whose decoding did not fault either way). False where
-    there is no glibc."""
+    there is no glibc. The setting stays for the rest of the process (dicom_fast, which calls this, runs last) and
+    does not reach the worker processes (their fork server is a fresh program)."""
     import ctypes
 
     try:

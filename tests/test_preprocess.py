@@ -177,6 +177,9 @@ def test_odd_sized_and_small_images_are_resized_in_one_step():
     ((1000, 1000), (224, 224), False), ((600, 512), (224, 224), False),  # 125/28, 75/28: weights not exact
     ((448, 448), (224, 224), False), ((4096, 4096), (512, 512), False),  # integer factors: OpenCV's own fast path
     ((100, 200), (224, 224), False),  # enlarging: OpenCV interpolates
+    ((1024, 1024), (448, 448), True), ((1024, 1024), (300, 300), False),  # 16/7; 256/75: blocks too wide
+    ((1024, 1024), (480, 480), False),  # 32/15: a band's product would go over OpenBLAS's threading threshold
+    ((224, 512), (224, 224), False),  # one axis kept: OpenCV's loop
 ])
 def test_area_resize_gives_opencvs_inter_area_bytes_and_takes_the_products_only_where_they_are_exact(
         source, output, products):
