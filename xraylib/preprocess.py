@@ -173,8 +173,8 @@ def area_resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     4096 px side), each of OpenCV's weights is a multiple of 1/p, so every product and sum it forms in float32 is
     exact: its result is the exact weighted mean, rounded half to even, whatever the order of the arithmetic. Two
     float32 matrix products then give the same bytes in a quarter of the time (checked against OpenCV once per size,
-    see :func:`_area_plan`). Other factors, and the integer ones (OpenCV's own fast path, which rounds
-    differently), go to OpenCV.
+    see :func:`_area_plan`). Other factors, those with more than :data:`_AREA_MAX_OUTPUTS` outputs per block (the
+    products would be slower), and the integer ones (OpenCV's own fast path, which rounds differently) go to OpenCV.
     """
     plan = None
     if pixels.dtype == np.uint8 and pixels.ndim == 2:
