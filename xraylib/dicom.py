@@ -755,16 +755,17 @@ def _integers_to_uint8(values: np.ndarray, extremes: tuple[int, int] | None = No
     low, high = extremes or _min_max(values)
     if high <= low:
         return np.zeros(values.shape, dtype=np.uint8)
-    size = 1 << (8 * values.itemsize)
-    table = np.zeros(size, dtype=np.uint8)
-    table[np.arange(low, high + 1) % size] = _scale(np.arange(low, high + 1, dtype=np.float64), low, high)
+    levels = _scale(np.arange(low, high + 1, dtype=np.float64), low, high)  # the 8-bit level of each value
     values = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("="))
-    if values.ndim != 2:
-        return np.take(table, values, mode="wrap")
-    if values.itemsize == 2 and values.size >= _SCALE_VECTOR:
-        scaled = _scaled_like_table(values, low, high, table)
+    if values.ndim == 2 and values.itemsize == 2 and values.size >= _SCALE_VECTOR:
+        scaled = _scaled_like_table(values, low, high, levels)
         if scaled is not None:
             return scaled
+    size = 1 << (8 * values.itemsize)
+    table = np.zeros(size, dtype=np.uint8)
+    table[np.arange(low, high + 1) % size] = levels
+    if values.ndim != 2:
+        return np.take(table, values, mode="wrap")
     # OpenCV looks 8- and 16-bit values up in a table, as unsigned, three times as fast as NumPy indexes
     # (which converts every value to an 8-byte index first)
     return cv2.LUT(values.view(np.uint8 if values.itemsize == 1 else np.uint16), table)
@@ -775,14 +776,16 @@ def _integers_to_uint8(values: np.ndarray, extremes: tuple[int, int] | None = No
 _SCALE_VECTOR = 64
 
 
-def _scaled_like_table(values: np.ndarray, low: int, high: int, table: np.ndarray) -> np.ndarray | None:
-    """``table`` applied to 16-bit ``values`` (2-D, at least :data:`_SCALE_VECTOR` of them) by OpenCV's vectorised
-    multiply-add (``convertScaleAbs``), 30% faster than its table look-up, where that gives the table's entry
-    for every value from ``low`` to ``high``: checked on those values each time (the float32 arithmetic may round
-    a value the other way than the table's float64, and then the table is used). None where it does not."""
+def _scaled_like_table(values: np.ndarray, low: int, high: int, levels: np.ndarray) -> np.ndarray | None:
+    """The table of ``levels`` (the 8-bit level of each value from ``low`` to ``high``) applied to 16-bit ``values``
+    (2-D, at least :data:`_SCALE_VECTOR` of them) by OpenCV's vectorised multiply-add (``convertScaleAbs``), a third
+    of the time of its table look-up, where that gives every value's level: checked on those values each time (the
+    float32 arithmetic may round a value the other way than the float64 levels, and then the table is used; the
+    table is only built then). None where it does not."""
     alpha = 255.0 / (high - low)
     # every value from low to high (the last repeated to fill one vector)
-    span = np.minimum(np.arange(low, low + max(high + 1 - low, _SCALE_VECTOR)), high).astype(values.dtype)[None]
-    if not np.array_equal(cv2.convertScaleAbs(span, alpha=alpha, beta=-low * alpha), table[span.view(np.uint16)]):
+    offsets = np.minimum(np.arange(max(high + 1 - low, _SCALE_VECTOR)), high - low)
+    span = (low + offsets).astype(values.dtype)[None]
+    if not np.array_equal(cv2.convertScaleAbs(span, alpha=alpha, beta=-low * alpha)[0], levels[offsets]):
         return None
     return cv2.convertScaleAbs(values, alpha=alpha, beta=-low * alpha)

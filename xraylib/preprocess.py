@@ -227,7 +227,8 @@ def _area_plan(source_h: int, source_w: int, height: int, width: int) -> tuple[n
     """The weight blocks (across, down) with which :func:`_area_products` gives OpenCV's INTER_AREA bytes for this
     size, or None where it would not: enlarging (OpenCV then interpolates), integer factors on both axes (OpenCV's
     fast path), weights that are not exact, and any size where the products differ from OpenCV on a test image
-    (an OpenCV build that computes otherwise)."""
+    (an OpenCV build that computes otherwise); or where they would be slower: an axis kept as it is, blocks of more
+    than :data:`_AREA_MAX_OUTPUTS` outputs, a band's product over :data:`_AREA_PRODUCT_MACS`."""
     if not (source_h >= height >= 1 and source_w >= width >= 1) or (source_h % height == 0 and source_w % width == 0):
         return None
     if source_h == height or source_w == width:  # one axis kept as it is: OpenCV's loop does less than a product
