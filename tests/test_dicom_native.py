@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pydicom
 import pytest
@@ -16,7 +17,7 @@ from pydicom import uid
 from pydicom.dataset import Dataset
 
 from conftest import gradient_image, write_dicom
-from xraylib import dicom, images, preprocess
+from xraylib import dicom, fileio, images, preprocess
 from xraylib.errors import BadFileError
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR AS")
@@ -277,6 +278,49 @@ def test_preprocessing_uncompressed_dicoms_gives_the_general_paths_cache(tmp_pat
     general = preprocess.preprocess_dataset(frame, tmp_path / "general", ("a", "b"), settings, workers=1, progress=False)
     for split in ("train", "val", "test"):
         np.testing.assert_array_equal(fast.splits[split].images, general.splits[split].images)
+
+
+def test_large_dicoms_on_a_local_disk_are_mapped_and_give_the_pixels_a_read_gives(tmp_path, monkeypatch):
+    import hashlib
+    import mmap
+
+    import pandas as pd
+
+    monkeypatch.setattr(fileio, "MAP_MIN_BYTES", 8192)  # (the files here: 20 to 90 KB)
+    monkeypatch.setattr(fileio, "file_system", lambda device: "ext4")  # (whatever disk the tests run on)
+    paths = [write_dicom(tmp_path / "twelve_bit.dcm", np.tile(TWELVE_BIT, (3, 2)), bits=16),
+             write_dicom(tmp_path / "eight_bit_m1.dcm", gradient_image(300, 260), photometric="MONOCHROME1"),
+             write_dicom(tmp_path / "jpeg.dcm", gradient_image(300, 260, seed=3), jpeg_quality=95)]
+    settings = preprocess.PreprocessSettings(image_size=64)
+    for path in paths:
+        data = path.read_bytes()
+        assert len(data) >= fileio.MAP_MIN_BYTES
+        mapped = images.read_image_bytes(path, map_dicoms=True)
+        assert isinstance(mapped, mmap.mmap) and mapped[:] == data
+        assert images.read_image_bytes(path) == data  # (not asked for: read)
+        np.testing.assert_array_equal(preprocess.preprocess_file(path, settings),
+                                      preprocess.preprocess_bytes(data, str(path), settings))
+        np.testing.assert_array_equal(images.read_image(path), images.decode_bytes(data, str(path)))
+        assert images.inspect_file(path) == images.inspect_bytes(data, str(path))  # (the SHA-1 of the map: the file's)
+    png = tmp_path / "large.png"
+    assert cv2.imwrite(str(png), np.random.default_rng(0).integers(0, 256, (200, 200), dtype=np.uint8))
+    assert isinstance(images.read_image_bytes(png, map_dicoms=True), bytes)  # PNGs and JPEGs are read
+    assert isinstance(images.read_image_bytes(paths[0], opener=lambda p, m: open(p, m), map_dicoms=True), bytes)
+
+    frame = pd.DataFrame({"path": [str(p) for p in paths], "label": ["a", "b", "a"], "patient_id": ["p0", "p1", "p2"],
+                          "split": ["train", "val", "test"],
+                          "sha1": [hashlib.sha1(p.read_bytes()).hexdigest() for p in paths]})
+    calls = []
+    monkeypatch.setattr(images, "map_file", lambda *args, **kwargs: calls.append(fileio.map_file(*args, **kwargs))
+                        or calls[-1])
+    cached = preprocess.preprocess_dataset(frame, tmp_path / "mapped", ("a", "b"), settings, workers=2, progress=False)
+    assert len(calls) == 3 and all(isinstance(m, mmap.mmap) for m in calls)
+    assert cached.report.get("skipped", 0) == 0  # (each file's hash checked against the manifest's, on the map)
+    monkeypatch.setattr(fileio, "file_system", lambda device: "fuse.drive")
+    read = preprocess.preprocess_dataset(frame, tmp_path / "read", ("a", "b"), settings, workers=2, progress=False)
+    assert all(m is None for m in calls[3:])
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(cached.splits[split].images, read.splits[split].images)
 
 
 # --- the real files in ../shared/data/dicom-samples, stored uncompressed -------------------------------------------

@@ -230,3 +230,74 @@ def test_release_pages_drops_a_mapped_files_pages_from_memory_and_keeps_its_data
     assert (private[:10] == 9).all()
     for other in (np.zeros(3), mapped[1:]):  # in memory, a view of part of a mapping: nothing to do
         fileio.release_pages(other)
+
+
+# --- memory-mapped reading of large files on local disks ------------------------------------------------------------
+
+_MOUNTS = ("36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n"  # (an optional field)
+           "40 27 0:52 / /content/drive rw,nosuid,nodev,relatime shared:9 - fuse.drive drive rw,user_id=0\n"
+           "41 27 0:60 / /mnt/ram rw,relatime - tmpfs tmpfs rw\n")
+
+
+def test_file_system_reads_each_devices_type_from_the_mount_table(tmp_path, monkeypatch):
+    table = tmp_path / "mountinfo"
+    table.write_text(_MOUNTS)
+    monkeypatch.setattr(fileio, "MOUNT_INFO", str(table))
+    monkeypatch.setattr(fileio, "_FILE_SYSTEMS", {})
+    assert fileio.file_system(os.makedev(98, 0)) == "ext3"
+    assert fileio.file_system(os.makedev(0, 52)) == "fuse.drive"
+    assert fileio.file_system(os.makedev(0, 60)) == "tmpfs"
+    assert fileio.file_system(os.makedev(7, 7)) is None  # not mounted
+    table.write_text(_MOUNTS.replace("tmpfs tmpfs", "fuse.sshfs remote").replace("ext3", "xfs"))
+    assert fileio.file_system(os.makedev(0, 60)) == "fuse.sshfs"  # major 0: a number a new mount may take again
+    assert fileio.file_system(os.makedev(98, 0)) == "ext3"  # a disk's number stays with its file system: kept
+    monkeypatch.setattr(fileio, "MOUNT_INFO", str(tmp_path / "absent"))
+    assert fileio.file_system(os.makedev(0, 52)) is None  # no table (not Linux)
+
+
+@pytest.mark.skipif(not Path(fileio.MOUNT_INFO).exists(), reason="reads Linux's /proc/self/mountinfo")
+def test_file_system_of_this_machines_temporary_folder_is_named():
+    import tempfile
+
+    assert fileio.file_system(os.stat(tempfile.gettempdir()).st_dev)  # e.g. "ext4", "tmpfs", "overlay"
+
+
+def _is_ok(head: bytes) -> bool:
+    return head.startswith(b"OK")
+
+
+def test_map_file_maps_large_files_on_local_disks_and_reads_like_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(fileio, "MAP_MIN_BYTES", 10_000)
+    monkeypatch.setattr(fileio, "file_system", lambda device: "ext4")
+    data = b"OK" + bytes(range(256)) * 100
+    (tmp_path / "big.bin").write_bytes(data)
+    mapped = fileio.map_file(tmp_path / "big.bin", _is_ok)
+    assert mapped is not None and len(mapped) == len(data)
+    assert mapped[:2] == b"OK" and isinstance(mapped[10:20], bytes) and mapped[5] == data[5]
+    assert fileio.sha1_bytes(mapped) == hashlib.sha1(data).hexdigest()
+    np.testing.assert_array_equal(np.frombuffer(mapped, dtype=np.uint8, offset=2), np.frombuffer(data[2:], np.uint8))
+    with pytest.raises(TypeError):
+        mapped[0:1] = b"X"  # read-only: the source file cannot be changed through it
+    assert (tmp_path / "big.bin").read_bytes() == data
+
+
+def test_map_file_leaves_other_files_to_be_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(fileio, "MAP_MIN_BYTES", 10_000)
+    systems = {"type": "ext4"}
+    monkeypatch.setattr(fileio, "file_system", lambda device: systems["type"])
+    (tmp_path / "big.bin").write_bytes(b"OK" + bytes(20_000))
+    (tmp_path / "small.bin").write_bytes(b"OK" + bytes(9_000))
+    (tmp_path / "other.bin").write_bytes(b"NO" + bytes(20_000))
+    assert fileio.map_file(tmp_path / "small.bin", _is_ok) is None  # under MAP_MIN_BYTES
+    assert fileio.map_file(tmp_path / "other.bin", _is_ok) is None  # its head refused
+    assert fileio.map_file(tmp_path / "big.bin", _is_ok, max_bytes=15_000) is None  # over the limit: read_bytes says so
+    assert fileio.map_file(tmp_path / "absent.bin", _is_ok) is None
+    assert fileio.map_file(tmp_path, _is_ok) is None  # a folder
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe")
+        assert fileio.map_file(tmp_path / "pipe", _is_ok) is None  # (not opened: opening a FIFO would wait)
+    for remote in ("fuse.drive", "nfs", None):  # Drive's mount, a network disk, unknown: a read error there is a SIGBUS
+        systems["type"] = remote
+        assert fileio.map_file(tmp_path / "big.bin", _is_ok) is None
+    systems["type"] = "ext4"
+    assert fileio.map_file(tmp_path / "big.bin", _is_ok) is not None

@@ -365,6 +365,67 @@ def _read_to_limit(f, head: bytes, limit: int) -> bytes:
     return data
 
 
+#: Files of at least this many bytes are mapped into memory by :func:`map_file` instead of read: from about 4 MB (a
+#: 16-bit DICOM of 1448x1448 pixels and up), mapping costs less than the copy a read makes (0.2 against 1.1 ms for a
+#: 12.5 MB file, which NumPy and OpenCV then read in place); for smaller files about the same or more.
+MAP_MIN_BYTES = 4 * 1024**2
+#: The file systems (as Linux names them in /proc/self/mountinfo) whose files :func:`map_file` maps: local disks and
+#: memory. A read error in a mapped file (a network disk, or a FUSE mount such as Colab's Google Drive) is a SIGBUS
+#: that ends the process, where ``read`` raises an error that is retried or reported: files elsewhere are read.
+LOCAL_FILE_SYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "zfs", "tmpfs", "overlay"})
+#: Where Linux lists the mounted file systems, with their device numbers and types.
+MOUNT_INFO = "/proc/self/mountinfo"
+_FILE_SYSTEMS: dict[int, str] = {}  # device -> type, for block devices (whose numbers stay with one file system)
+
+
+def file_system(device: int) -> str | None:
+    """The type of the file system on ``device`` (``os.stat(path).st_dev``) as Linux's /proc/self/mountinfo names it
+    ("ext4", "fuse.drive", ...); None where it is not listed there (another operating system, a btrfs subvolume)."""
+    if device in _FILE_SYSTEMS:
+        return _FILE_SYSTEMS[device]
+    found = None
+    try:
+        with open(MOUNT_INFO, encoding="utf-8", errors="replace") as f:
+            for line in f:  # "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue"
+                fields = line.split()  # (six fields, optional ones, "-", the type, ...; a later mount wins)
+                major, _, minor = fields[2].partition(":") if len(fields) > 2 else ("", "", "")
+                separator = fields.index("-", 6) if "-" in fields[6:-1] else None
+                if separator and major.isdigit() and minor.isdigit() \
+                        and os.makedev(int(major), int(minor)) == device:
+                    found = fields[separator + 1]
+    except (OSError, ValueError):
+        return None
+    if found is not None and os.major(device) != 0:  # (a number of major 0, tmpfs or FUSE, may be reused by a new mount)
+        _FILE_SYSTEMS[device] = found
+    return found
+
+
+def map_file(path: str | os.PathLike, accept_head: Callable[[bytes], bool], max_bytes: int = MAX_FILE_BYTES
+             ) -> mmap.mmap | None:
+    """A regular file of at least :data:`MAP_MIN_BYTES` on a local disk (:data:`LOCAL_FILE_SYSTEMS`) as a read-only
+    memory map, where ``accept_head`` (called with its first :data:`HEAD_BYTES` bytes) says so; None for any other
+    file and where mapping fails: the caller reads it with :func:`read_bytes` (whose checks, retries and messages
+    apply).
+
+    The map reads like ``bytes`` for slices (which are ``bytes``), ``len``, ``struct`` and ``hashlib``, and NumPy
+    reads it in place (``np.frombuffer``): the pixels of an uncompressed DICOM are not copied. It lasts as long as
+    a reference to it or to an array over it. A file cut short by another program while it is mapped would end the
+    process (SIGBUS); xraylib never writes its source files.
+    """
+    path = str(path)
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode) or not MAP_MIN_BYTES <= info.st_size <= max_bytes \
+                or file_system(info.st_dev) not in LOCAL_FILE_SYSTEMS:
+            return None
+        with open(path, "rb") as f:
+            if not accept_head(f.read(HEAD_BYTES)):
+                return None
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):  # (ValueError: the file was emptied since)
+        return None
+
+
 def sha1_bytes(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest()
 

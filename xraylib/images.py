@@ -7,6 +7,7 @@ The file type is decided by content, never by the file name, and every failure i
 """
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import numpy as np
 
 from . import dicom
 from .errors import BadFileError
-from .fileio import read_bytes, sha1_bytes
+from .fileio import map_file, read_bytes, sha1_bytes
 
 #: Images larger than this many pixels are refused before decoding (decompression-bomb guard).
 MAX_PIXELS = 60_000_000
@@ -58,6 +59,7 @@ class ImageInfo:
 
 def detect_format(data: bytes, path: str = "<bytes>") -> str:
     """``"png"``, ``"jpeg"`` or ``"dicom"`` from the file's first bytes; :class:`BadFileError` otherwise."""
+    data = data[:512]  # (bytes, also of a memory map: see read_image_bytes)
     if len(data) == 0:
         raise BadFileError(path, "empty file (0 bytes)")
     if data.startswith(_PNG_MAGIC):
@@ -120,13 +122,22 @@ def inspect_bytes(data: bytes, path: str = "<bytes>") -> ImageInfo:
                      sha1_bytes(data), checked.dicom_header)
 
 
-def read_image_bytes(path: str | os.PathLike, opener: Callable[[str, str], Any] = open) -> bytes:
+def read_image_bytes(path: str | os.PathLike, opener: Callable[[str, str], Any] = open, *,
+                     map_dicoms: bool = False) -> bytes | mmap.mmap:
     """The bytes of an image file, checked before they are read: a regular file (not a named pipe or a
     device) of at most :data:`MAX_FILE_BYTES`, whose first bytes are a PNG, JPEG or DICOM header
     (:func:`detect_format`), so a large file of another kind is refused without being read whole.
     Read with retries on transient I/O errors; ``opener``: as for :func:`inspect_file`.
+
+    ``map_dicoms``: a DICOM of at least :data:`xraylib.fileio.MAP_MIN_BYTES` on a local disk, opened with the
+    built-in ``open``, comes as a read-only memory map instead (:func:`xraylib.fileio.map_file`): every function
+    here that takes a file's bytes takes it too, and the pixels of an uncompressed file are then read where they lie.
     """
     path = str(path)
+    if map_dicoms and opener is open:
+        mapped = map_file(path, lambda head: detect_format(head, path) == "dicom", max_bytes=MAX_FILE_BYTES)
+        if mapped is not None:
+            return mapped
     return read_bytes(path, opener=opener, max_bytes=MAX_FILE_BYTES, check_head=lambda head: detect_format(head, path))
 
 
@@ -136,7 +147,7 @@ def inspect_file(path: str | os.PathLike, opener: Callable[[str, str], Any] = op
     ``opener`` opens the file (``opener(path, "rb")``, default :func:`open`), as in
     :func:`xraylib.fileio.read_bytes`: tests pass a fault-injecting one.
     """
-    return inspect_bytes(read_image_bytes(path, opener=opener), str(path))
+    return inspect_bytes(read_image_bytes(path, opener=opener, map_dicoms=True), str(path))
 
 
 #: OpenCV's flags for a JPEG decoded by libjpeg straight to gray (its luma) at 1/2, 1/4 and 1/8 of its size.
@@ -216,7 +227,7 @@ def read_image(path: str | os.PathLike, opener: Callable[[str, str], Any] = open
 
     ``opener``: as for :func:`inspect_file`.
     """
-    return decode_bytes(read_image_bytes(path, opener=opener), str(path))
+    return decode_bytes(read_image_bytes(path, opener=opener, map_dicoms=True), str(path))
 
 
 def _decode_raster(data: bytes, path: str,

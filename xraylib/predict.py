@@ -84,7 +84,7 @@ def _read_for_model(path: str | os.PathLike, settings: PreprocessSettings, with_
     from . import ood
 
     try:
-        data = read_image_bytes(path)  # a FIFO, a device or a large file of another kind: refused unread
+        data = read_image_bytes(path, map_dicoms=True)  # a FIFO, a device or a large file of another kind: refused unread
         fact = ood.image_facts(data, str(path)) if with_facts else None
         image = preprocess_bytes(data, str(path), settings)
     except BadFileError as exc:

@@ -459,7 +459,7 @@ def preprocess_file(path: str | os.PathLike, settings: PreprocessSettings,
 
     ``opener`` opens the file (default :func:`open`; see :func:`xraylib.fileio.read_bytes`).
     """
-    return preprocess_bytes(read_image_bytes(path, opener=opener), str(path), settings)
+    return preprocess_bytes(read_image_bytes(path, opener=opener, map_dicoms=True), str(path), settings)
 
 
 def to_rgb_float(images_uint8: np.ndarray) -> np.ndarray:
@@ -568,7 +568,7 @@ def _work(job: tuple[str, PreprocessSettings, Callable[[str, str], Any], str | N
         if sha1 is None:  # a manifest without hashes (made by hand): nothing to compare
             pixels = preprocess_file(path, settings, opener)
         else:
-            data = read_image_bytes(path, opener=opener)
+            data = read_image_bytes(path, opener=opener, map_dicoms=True)
             # The manifest's sha1 is of the file's bytes (images.inspect_file): hashing them again here costs about a
             # millisecond per MB beside the decoding, and tells a file replaced since the manifest was built.
             if (now := sha1_bytes(data)) != sha1:
