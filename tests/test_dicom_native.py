@@ -17,7 +17,7 @@ from pydicom import uid
 from pydicom.dataset import Dataset
 
 from conftest import gradient_image, write_dicom
-from xraylib import dicom, fileio, images, preprocess
+from xraylib import dicom, fileio, images, ood, predict, preprocess
 from xraylib.errors import BadFileError
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR AS")
@@ -292,33 +292,46 @@ def test_large_dicoms_on_a_local_disk_are_mapped_and_give_the_pixels_a_read_give
              write_dicom(tmp_path / "eight_bit_m1.dcm", gradient_image(300, 260), photometric="MONOCHROME1"),
              write_dicom(tmp_path / "jpeg.dcm", gradient_image(300, 260, seed=3), jpeg_quality=95)]
     settings = preprocess.PreprocessSettings(image_size=64)
+    maps = []  # what each call of map_file gave
+
+    def spy(*args, **kwargs):
+        maps.append(fileio.map_file(*args, **kwargs))
+        return maps[-1]
+
+    def mapped_once(result):  # the call took one map of its file
+        assert len(maps) == 1 and isinstance(maps.pop(), mmap.mmap)
+        return result
+
+    monkeypatch.setattr(images, "map_file", spy)
     for path in paths:
         data = path.read_bytes()
         assert len(data) >= fileio.MAP_MIN_BYTES
-        mapped = images.read_image_bytes(path, map_dicoms=True)
-        assert isinstance(mapped, mmap.mmap) and mapped[:] == data
-        assert images.read_image_bytes(path) == data  # (not asked for: read)
-        np.testing.assert_array_equal(preprocess.preprocess_file(path, settings),
+        assert mapped_once(images.read_image_bytes(path, map_dicoms=True))[:] == data
+        assert images.read_image_bytes(path) == data and not maps  # (not asked for: read)
+        np.testing.assert_array_equal(mapped_once(preprocess.preprocess_file(path, settings)),
                                       preprocess.preprocess_bytes(data, str(path), settings))
-        np.testing.assert_array_equal(images.read_image(path), images.decode_bytes(data, str(path)))
-        assert images.inspect_file(path) == images.inspect_bytes(data, str(path))  # (the SHA-1 of the map: the file's)
+        np.testing.assert_array_equal(mapped_once(images.read_image(path)), images.decode_bytes(data, str(path)))
+        # (the SHA-1 is the map's: the file's)
+        assert mapped_once(images.inspect_file(path)) == images.inspect_bytes(data, str(path))
+        image, row, facts = mapped_once(predict._read_for_model(path, settings, with_facts=True))
+        assert row["ok"] and facts == ood.image_facts(data, str(path))
+        np.testing.assert_array_equal(image, preprocess.preprocess_bytes(data, str(path), settings))
     png = tmp_path / "large.png"
     assert cv2.imwrite(str(png), np.random.default_rng(0).integers(0, 256, (200, 200), dtype=np.uint8))
     assert isinstance(images.read_image_bytes(png, map_dicoms=True), bytes)  # PNGs and JPEGs are read
+    assert maps.pop() is None
     assert isinstance(images.read_image_bytes(paths[0], opener=lambda p, m: open(p, m), map_dicoms=True), bytes)
+    assert not maps  # (another opener, which may inject faults: never mapped)
 
     frame = pd.DataFrame({"path": [str(p) for p in paths], "label": ["a", "b", "a"], "patient_id": ["p0", "p1", "p2"],
                           "split": ["train", "val", "test"],
                           "sha1": [hashlib.sha1(p.read_bytes()).hexdigest() for p in paths]})
-    calls = []
-    monkeypatch.setattr(images, "map_file", lambda *args, **kwargs: calls.append(fileio.map_file(*args, **kwargs))
-                        or calls[-1])
     cached = preprocess.preprocess_dataset(frame, tmp_path / "mapped", ("a", "b"), settings, workers=2, progress=False)
-    assert len(calls) == 3 and all(isinstance(m, mmap.mmap) for m in calls)
+    assert len(maps) == 3 and all(isinstance(m, mmap.mmap) for m in maps)
     assert cached.report.get("skipped", 0) == 0  # (each file's hash checked against the manifest's, on the map)
     monkeypatch.setattr(fileio, "file_system", lambda device: "fuse.drive")
     read = preprocess.preprocess_dataset(frame, tmp_path / "read", ("a", "b"), settings, workers=2, progress=False)
-    assert all(m is None for m in calls[3:])
+    assert len(maps) == 6 and all(m is None for m in maps[3:])
     for split in ("train", "val", "test"):
         np.testing.assert_array_equal(cached.splits[split].images, read.splits[split].images)
 

@@ -239,27 +239,44 @@ _MOUNTS = ("36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,error
            "41 27 0:60 / /mnt/ram rw,relatime - tmpfs tmpfs rw\n")
 
 
-def test_file_system_reads_each_devices_type_from_the_mount_table(tmp_path, monkeypatch):
-    table = tmp_path / "mountinfo"
-    table.write_text(_MOUNTS)
-    monkeypatch.setattr(fileio, "MOUNT_INFO", str(table))
-    monkeypatch.setattr(fileio, "_FILE_SYSTEMS", {})
+posix_only = pytest.mark.skipif(not hasattr(os, "makedev"), reason="device numbers: a POSIX system's")
+
+
+@posix_only
+def test_mount_table_gives_each_devices_file_system_type():
+    assert fileio._mount_types(_MOUNTS + "garbage\n\n12 1 x:y / / rw - ext4 /dev/x rw\n") == {
+        os.makedev(98, 0): "ext3", os.makedev(0, 52): "fuse.drive", os.makedev(0, 60): "tmpfs"}
+
+
+@pytest.fixture
+def own_mount_table(monkeypatch):
+    """A fresh table state for the test (the process's own is put back after it)."""
+    monkeypatch.setattr(fileio, "_MOUNTS", {"fd": None, "source": None, "types": {}})
+    yield
+    if fileio._MOUNTS["fd"] is not None:
+        os.close(fileio._MOUNTS["fd"])
+
+
+@posix_only
+def test_file_system_reads_the_table_once_and_again_when_it_is_another(tmp_path, monkeypatch, own_mount_table):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.write_text(_MOUNTS)
+    second.write_text(_MOUNTS.replace("ext3", "xfs"))
+    monkeypatch.setattr(fileio, "MOUNT_INFO", str(first))
     assert fileio.file_system(os.makedev(98, 0)) == "ext3"
     assert fileio.file_system(os.makedev(0, 52)) == "fuse.drive"
-    assert fileio.file_system(os.makedev(0, 60)) == "tmpfs"
     assert fileio.file_system(os.makedev(7, 7)) is None  # not mounted
-    table.write_text(_MOUNTS.replace("tmpfs tmpfs", "fuse.sshfs remote").replace("ext3", "xfs"))
-    assert fileio.file_system(os.makedev(0, 60)) == "fuse.sshfs"  # major 0: a number a new mount may take again
-    assert fileio.file_system(os.makedev(98, 0)) == "ext3"  # a disk's number stays with its file system: kept
-    monkeypatch.setattr(fileio, "MOUNT_INFO", str(tmp_path / "absent"))
-    assert fileio.file_system(os.makedev(0, 52)) is None  # no table (not Linux)
+    first.write_text(_MOUNTS.replace("fuse.drive", "tmpfs"))
+    assert fileio.file_system(os.makedev(0, 52)) == "fuse.drive"  # read once (again only when the kernel marks a change)
+    monkeypatch.setattr(fileio, "MOUNT_INFO", str(second))
+    assert fileio.file_system(os.makedev(98, 0)) == "xfs"
+    monkeypatch.setattr(fileio, "MOUNT_INFO", str(tmp_path / "absent"))  # no table (not Linux)
+    assert fileio.file_system(os.makedev(98, 0)) is None
 
 
 @pytest.mark.skipif(not Path(fileio.MOUNT_INFO).exists(), reason="reads Linux's /proc/self/mountinfo")
-def test_file_system_of_this_machines_temporary_folder_is_named():
-    import tempfile
-
-    assert fileio.file_system(os.stat(tempfile.gettempdir()).st_dev)  # e.g. "ext4", "tmpfs", "overlay"
+def test_file_system_of_a_real_mount_is_named():
+    assert fileio.file_system(os.stat("/proc").st_dev) == "proc"
 
 
 def _is_ok(head: bytes) -> bool:
@@ -301,3 +318,5 @@ def test_map_file_leaves_other_files_to_be_read(tmp_path, monkeypatch):
         assert fileio.map_file(tmp_path / "big.bin", _is_ok) is None
     systems["type"] = "ext4"
     assert fileio.map_file(tmp_path / "big.bin", _is_ok) is not None
+    monkeypatch.setattr(fileio, "MAP_FILES", False)  # switched off: every file read
+    assert fileio.map_file(tmp_path / "big.bin", _is_ok) is None

@@ -14,9 +14,11 @@ import json
 import mmap
 import os
 import re
+import select
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator
@@ -365,53 +367,76 @@ def _read_to_limit(f, head: bytes, limit: int) -> bytes:
     return data
 
 
+#: Whether :func:`map_file` maps files at all. Set it to False where other programs may rewrite or cut short the
+#: source files while xraylib reads them: a mapped file cut short ends the process (see there).
+MAP_FILES = True
 #: Files of at least this many bytes are mapped into memory by :func:`map_file` instead of read: from about 4 MB (a
-#: 16-bit DICOM of 1448x1448 pixels and up), mapping costs less than the copy a read makes (0.2 against 1.1 ms for a
-#: 12.5 MB file, which NumPy and OpenCV then read in place); for smaller files about the same or more.
+#: 16-bit DICOM of about 1450x1450 pixels and up), mapping costs less than the copy a read makes (0.2 against 1.1 ms
+#: for a 12.5 MB file, which NumPy and OpenCV then read in place); for smaller files about the same or more.
 MAP_MIN_BYTES = 4 * 1024**2
 #: The file systems (as Linux names them in /proc/self/mountinfo) whose files :func:`map_file` maps: local disks and
 #: memory. A read error in a mapped file (a network disk, or a FUSE mount such as Colab's Google Drive) is a SIGBUS
 #: that ends the process, where ``read`` raises an error that is retried or reported: files elsewhere are read.
 LOCAL_FILE_SYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "zfs", "tmpfs", "overlay"})
-#: Where Linux lists the mounted file systems, with their device numbers and types.
+#: Where Linux lists the mounted file systems, with their device numbers and types (proc(5)).
 MOUNT_INFO = "/proc/self/mountinfo"
-_FILE_SYSTEMS: dict[int, str] = {}  # device -> type, for block devices (whose numbers stay with one file system)
+_MOUNTS_LOCK = threading.Lock()
+_MOUNTS: dict[str, Any] = {"fd": None, "source": None, "types": {}}  # the open table, (its path, the process), types
+
+
+def _mount_types(text: str) -> dict[int, str]:
+    """``{device number: file system type}`` from the text of a mountinfo table (a later line for a device wins)."""
+    types = {}
+    for line in text.splitlines():  # "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue"
+        fields = line.split()  # (six fields, optional ones such as "master:1", "-", the type, the source, options)
+        major, _, minor = fields[2].partition(":") if len(fields) > 2 else ("", "", "")
+        if major.isdigit() and minor.isdigit() and "-" in fields[6:-1]:
+            types[os.makedev(int(major), int(minor))] = fields[fields.index("-", 6) + 1]
+    return types
 
 
 def file_system(device: int) -> str | None:
-    """The type of the file system on ``device`` (``os.stat(path).st_dev``) as Linux's /proc/self/mountinfo names it
-    ("ext4", "fuse.drive", ...); None where it is not listed there (another operating system, a btrfs subvolume)."""
-    if device in _FILE_SYSTEMS:
-        return _FILE_SYSTEMS[device]
-    found = None
-    try:
-        with open(MOUNT_INFO, encoding="utf-8", errors="replace") as f:
-            for line in f:  # "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue"
-                fields = line.split()  # (six fields, optional ones, "-", the type, ...; a later mount wins)
-                major, _, minor = fields[2].partition(":") if len(fields) > 2 else ("", "", "")
-                separator = fields.index("-", 6) if "-" in fields[6:-1] else None
-                if separator and major.isdigit() and minor.isdigit() \
-                        and os.makedev(int(major), int(minor)) == device:
-                    found = fields[separator + 1]
-    except (OSError, ValueError):
-        return None
-    if found is not None and os.major(device) != 0:  # (a number of major 0, tmpfs or FUSE, may be reused by a new mount)
-        _FILE_SYSTEMS[device] = found
-    return found
+    """The type of the file system on ``device`` (``os.stat(path).st_dev``) as Linux names it in :data:`MOUNT_INFO`
+    ("ext4", "overlay", "fuse.drive", ...); None where it is not listed there (another operating system; a btrfs
+    subvolume, whose files carry a number of their own).
+
+    The table is read once per process and again only after a mount or an unmount, which the kernel marks on the
+    table's open file (proc(5)): a device number that a new mount takes over is not taken for the old file system.
+    """
+    with _MOUNTS_LOCK:
+        fd, source = _MOUNTS["fd"], (MOUNT_INFO, os.getpid())
+        if fd is None or _MOUNTS["source"] != source or select.select([], [], [fd], 0)[2]:
+            if fd is not None:
+                os.close(fd)  # (in a forked worker: its own copy of the parent's descriptor)
+            _MOUNTS.update(fd=None, source=None, types={})
+            try:
+                fd = os.open(MOUNT_INFO, os.O_RDONLY)
+            except OSError:
+                return None
+            chunks = []
+            while chunk := os.read(fd, 1 << 16):
+                chunks.append(chunk)
+            _MOUNTS.update(fd=fd, source=source, types=_mount_types(b"".join(chunks).decode("utf-8", "replace")))
+        return _MOUNTS["types"].get(device)
 
 
 def map_file(path: str | os.PathLike, accept_head: Callable[[bytes], bool], max_bytes: int = MAX_FILE_BYTES
              ) -> mmap.mmap | None:
     """A regular file of at least :data:`MAP_MIN_BYTES` on a local disk (:data:`LOCAL_FILE_SYSTEMS`) as a read-only
-    memory map, where ``accept_head`` (called with its first :data:`HEAD_BYTES` bytes) says so; None for any other
-    file and where mapping fails: the caller reads it with :func:`read_bytes` (whose checks, retries and messages
-    apply).
+    memory map, where ``accept_head`` (called with its first :data:`HEAD_BYTES` bytes; an error it raises is
+    raised) says so and :data:`MAP_FILES` is true; None for any other file and where mapping fails: the caller reads
+    it with :func:`read_bytes` (whose checks, retries and messages apply).
 
     The map reads like ``bytes`` for slices (which are ``bytes``), ``len``, ``struct`` and ``hashlib``, and NumPy
     reads it in place (``np.frombuffer``): the pixels of an uncompressed DICOM are not copied. It lasts as long as
-    a reference to it or to an array over it. A file cut short by another program while it is mapped would end the
-    process (SIGBUS); xraylib never writes its source files.
+    a reference to it or to an array over it (xraylib's own functions keep it for one file).
+
+    The price: a file cut short by another program while it is mapped (``cp`` over it) ends the process with
+    SIGBUS, as would a read error of a failing disk, where a read reports the file and goes on. xraylib never
+    writes its source files; where other programs may, set :data:`MAP_FILES` to False.
     """
+    if not MAP_FILES:
+        return None
     path = str(path)
     try:
         info = os.stat(path)
