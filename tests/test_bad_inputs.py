@@ -187,6 +187,15 @@ def dicom_without_pixel_data(stem: Path) -> Path:
     return write_dicom(stem.with_suffix(".dcm"), gradient_image(64, 64), with_pixels=False)
 
 
+def dicom_without_rows(stem: Path) -> Path:
+    """A DICOM whose Rows element is gone (a damaged tag: found by a review; ``ood.image_facts`` raised TypeError)."""
+    path = write_dicom(stem.with_suffix(".dcm"), gradient_image(64, 64))
+    ds = pydicom.dcmread(path)
+    del ds.Rows
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 #: The compressed transfer syntax of the catalogue; no decoder is installed for it by default
 #: (the test hides one if a machine has it: see :func:`hide_jpeg_lossless_decoder`).
 UNDECODABLE_SYNTAX = uid.JPEGLosslessSV1
@@ -327,6 +336,7 @@ FILE_CASES = [
     FileCase("dicom-20000x20000", dicom_20000x20000, ("20000x20000", "decompression-bomb"), header_only=True),
     FileCase("png-1x1", one_by_one_png, ("1x1 pixels", "smaller than 32x32"), header_only=True),
     FileCase("dicom-no-pixel-data", dicom_without_pixel_data, ("no pixel data",), header_only=True),
+    FileCase("dicom-no-rows", dicom_without_rows, ("damaged DICOM header", "no image size"), header_only=True),
     FileCase("dicom-compressed-no-decoder", dicom_jpeg_lossless_without_decoder,
              ("JPEG Lossless", "install a decoder", "pip install pylibjpeg pylibjpeg-libjpeg"), header_only=True),
     FileCase("dicom-damaged-header", dicom_damaged_header, ("damaged DICOM header", "(0010,0040)"), header_only=True),

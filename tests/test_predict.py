@@ -178,6 +178,23 @@ def test_a_bad_file_is_reported_in_its_row_and_the_others_are_predicted(model_di
     assert (table["threshold"] == loaded.threshold).all()
 
 
+def test_a_decoder_bug_on_one_file_is_reported_in_its_row_and_the_others_are_predicted(model_dir, tmp_path, monkeypatch):
+    from xraylib import predict
+
+    paths = [write_raster(tmp_path / f"{i}.png", phantom(20 + i)) for i in range(3)]
+    decode = predict.preprocess_bytes
+
+    def buggy(data, path, settings):  # (a decoder's bug, not a BadFileError: before, it stopped the whole batch)
+        if path.endswith("1.png"):
+            raise TypeError("int() argument must be a string, a bytes-like object or a real number, not 'NoneType'")
+        return decode(data, path, settings)
+
+    monkeypatch.setattr(predict, "preprocess_bytes", buggy)
+    table = predict_files(model_dir, paths)
+    assert list(table["ok"]) == [True, False, True]
+    assert table["error"].iloc[1].startswith("unexpected TypeError: int() argument")
+
+
 def test_the_decision_uses_the_threshold_saved_with_the_model(loaded, model_dir, tmp_path):
     meta = json.loads((model_dir / "model.json").read_text())
     assert meta["threshold"]["positive_class"] == "covid" and loaded.threshold == pytest.approx(meta["threshold"]["value"])

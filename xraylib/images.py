@@ -105,6 +105,8 @@ def _check_bytes(data: bytes, path: str) -> _Checked:
             raise BadFileError(path, "DICOM file has no pixel data (no PixelData element)")
         if (missing := dicom.missing_decoder_message(header)) is not None:
             raise BadFileError(path, missing)
+        if header.rows is None or header.columns is None:  # (pydicom fails to decode it; the size is needed first)
+            raise BadFileError(path, "damaged DICOM header: no image size (the Rows or Columns element is missing)")
         checked = _Checked("dicom", header.columns, header.rows, 1, header.bits_stored, header, dataset)
     _check_size(checked.width, checked.height, path)
     return checked

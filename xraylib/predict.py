@@ -89,6 +89,8 @@ def _read_for_model(path: str | os.PathLike, settings: PreprocessSettings, with_
         image = preprocess_bytes(data, str(path), settings)
     except BadFileError as exc:
         return None, {"path": str(path), "ok": False, "error": exc.reason}, None
+    except Exception as exc:  # a decoder bug must not stop a folder of thousands (as preprocess._work)
+        return None, {"path": str(path), "ok": False, "error": f"unexpected {type(exc).__name__}: {exc}"}, None
     return image, {"path": str(path), "ok": True, "error": None}, fact
 
 
