@@ -213,8 +213,65 @@ def test_area_resize_leaves_to_opencv_a_size_whose_products_differ_from_it(monke
         preprocess_module._area_plan.cache_clear()
 
 
+@pytest.mark.parametrize("source, output, strips", [
+    ((500, 500), (224, 224), (0, 4)),  # a 1000 px side after the halving: 125/56, bands of 125 rows
+    ((512, 625), (224, 224), (0, 4)), ((625, 512), (224, 224), (1, 4)),  # 2048x2500 portrait/landscape after halving
+    ((700, 477), (224, 224), (0, 4)), ((1791, 1600), (224, 224), (1, 4)),
+    ((750, 750), (384, 384), (0, 3)),  # three strips
+    ((625, 625), (224, 224), None),  # 625 and 224 share no factor: OpenCV's loop on the whole image
+    ((750, 750), (224, 224), None),  # a factor of 2 only (two strips gained too little)
+    ((448, 448), (224, 224), None), ((100, 200), (224, 224), None),  # OpenCV's fast path; enlarging
+    ((512, 512), (224, 224), None),  # exact weights: the matrix products (_area_plan) come first
+])
+def test_area_resize_shrinks_strips_side_by_side_to_opencvs_bytes(source, output, strips):
+    rng = np.random.default_rng(sum(source) + 1)
+    noise = rng.integers(0, 256, source, dtype=np.uint8)
+    for image in (noise, cv2.GaussianBlur(noise, (0, 0), 4), np.where(noise < 128, 0, 255).astype(np.uint8),
+                  _structured(*source), np.full(source, 255, np.uint8)):
+        np.testing.assert_array_equal(preprocess_module.area_resize(image, output[1], output[0]),
+                                      cv2.resize(image, output[::-1], interpolation=cv2.INTER_AREA))
+    if preprocess_module._area_plan(*source, *output) is None:
+        assert preprocess_module._strip_plan(*source, *output) == strips
+    if strips is not None:  # and the strips themselves, whatever area_resize took
+        np.testing.assert_array_equal(preprocess_module._area_strips(noise, output[1], output[0], *strips),
+                                      cv2.resize(noise, output[::-1], interpolation=cv2.INTER_AREA))
+
+
+def test_opencvs_area_weights_are_computed_as_opencv_computes_them():
+    rng = np.random.default_rng(11)
+    sizes = [(int(source), int(rng.integers(1, source + 1))) for source in rng.integers(2, 1800, 120)]
+    for source, output in sizes + [(7, 7), (1791, 224), (1000, 999), (224, 1), (997, 224)]:
+        np.testing.assert_array_equal(preprocess_module._area_table(source, output),
+                                      preprocess_module._opencv_area_weights(source, output), err_msg=f"{source}->{output}")
+
+
+def test_strips_are_refused_where_the_weights_or_opencv_differ(monkeypatch):
+    image = _structured(500, 500)
+    expected = cv2.resize(image, (224, 224), interpolation=cv2.INTER_AREA)
+    real = preprocess_module._area_entries
+
+    def one_weight_off(source, output):  # the whole image's last weight one float32 step off: not the strips'
+        sources, targets, weights = real(source, output)
+        if source == 500:
+            weights = weights.copy()
+            weights[-1] = np.nextafter(weights[-1], np.float32(1))
+        return sources, targets, weights
+
+    for patch, name in ((one_weight_off, "_area_entries"),
+                        (lambda source, output: np.ones((source, output), np.float32), "_opencv_area_weights")):
+        preprocess_module._strip_plan.cache_clear()
+        preprocess_module._strips_are_opencvs.cache_clear()
+        with monkeypatch.context() as context:
+            context.setattr(preprocess_module, name, patch)
+            assert preprocess_module._strip_plan(500, 500, 224, 224) is None
+            np.testing.assert_array_equal(preprocess_module.area_resize(image, 224, 224), expected)
+        preprocess_module._strip_plan.cache_clear()
+        preprocess_module._strips_are_opencvs.cache_clear()
+    assert preprocess_module._strip_plan(500, 500, 224, 224) == (0, 4)
+
+
 def test_area_resize_is_the_same_from_several_threads():
-    images = [_structured(512, 512, seed=seed) for seed in range(8)]
+    images = [_structured(side, side, seed=seed) for seed in range(8) for side in (512, 500)]
     with ThreadPoolExecutor(4) as pool:
         outs = list(pool.map(lambda image: preprocess_module.area_resize(image, 224, 224), images * 4))
     for image, out in zip(images * 4, outs):
