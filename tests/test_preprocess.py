@@ -26,6 +26,7 @@ from xraylib.errors import ConfigError, SourceError
 from xraylib.fileio import WriteError, sha1_file, write_csv_atomic
 from xraylib.images import read_image
 from xraylib.manifest import build_manifest
+from xraylib.parallel import opencv_threads
 from xraylib.preprocess import (
     CROP_MODES, INTENSITY_MODES, NORMALISATION, PIXELS_VERSION, PreprocessSettings, cache_key, find_body_box,
     load_preprocessed, normalise, one_hot, preprocess_dataset, preprocess_file, preprocess_pixels, resize_image,
@@ -214,27 +215,45 @@ def test_area_resize_leaves_to_opencv_a_size_whose_products_differ_from_it(monke
 
 
 @pytest.mark.parametrize("source, output, strips", [
-    ((500, 500), (224, 224), (0, 4)),  # a 1000 px side after the halving: 125/56, bands of 125 rows
-    ((512, 625), (224, 224), (0, 4)), ((625, 512), (224, 224), (1, 4)),  # 2048x2500 portrait/landscape after halving
-    ((700, 477), (224, 224), (0, 4)), ((1791, 1600), (224, 224), (1, 4)),
-    ((750, 750), (384, 384), (0, 3)),  # three strips
-    ((625, 625), (224, 224), None),  # 625 and 224 share no factor: OpenCV's loop on the whole image
-    ((750, 750), (224, 224), None),  # a factor of 2 only (two strips gained too little)
+    ((500, 500), (224, 224), 4),  # a 1000 px side after the halving: 125/56, bands of 125 rows
+    ((512, 625), (224, 224), 4),  # 2048 px high, 2500 wide, after the halvings
+    ((700, 477), (224, 224), 4), ((1000, 1000), (384, 384), 4),
+    ((750, 750), (384, 384), 3),  # three bands
+    ((625, 512), (224, 224), None), ((1791, 1600), (224, 224), None),  # heights that share no factor with 224
+    ((750, 750), (224, 224), None),  # a factor of 2 only (two bands gained too little)
     ((448, 448), (224, 224), None), ((100, 200), (224, 224), None),  # OpenCV's fast path; enlarging
     ((512, 512), (224, 224), None),  # exact weights: the matrix products (_area_plan) come first
 ])
-def test_area_resize_shrinks_strips_side_by_side_to_opencvs_bytes(source, output, strips):
+def test_area_resize_shrinks_bands_side_by_side_to_opencvs_bytes(source, output, strips):
     rng = np.random.default_rng(sum(source) + 1)
     noise = rng.integers(0, 256, source, dtype=np.uint8)
-    for image in (noise, cv2.GaussianBlur(noise, (0, 0), 4), np.where(noise < 128, 0, 255).astype(np.uint8),
-                  _structured(*source), np.full(source, 255, np.uint8)):
-        np.testing.assert_array_equal(preprocess_module.area_resize(image, output[1], output[0]),
-                                      cv2.resize(image, output[::-1], interpolation=cv2.INTER_AREA))
+    with opencv_threads(1):  # (as in the cache's workers: bands at every output size)
+        for image in (noise, cv2.GaussianBlur(noise, (0, 0), 4), np.where(noise < 128, 0, 255).astype(np.uint8),
+                      _structured(*source), np.full(source, 255, np.uint8)):
+            np.testing.assert_array_equal(preprocess_module.area_resize(image, output[1], output[0]),
+                                          cv2.resize(image, output[::-1], interpolation=cv2.INTER_AREA))
     if preprocess_module._area_plan(*source, *output) is None:
         assert preprocess_module._strip_plan(*source, *output) == strips
-    if strips is not None:  # and the strips themselves, whatever area_resize took
-        np.testing.assert_array_equal(preprocess_module._area_strips(noise, output[1], output[0], *strips),
+    if strips is not None:  # and the bands themselves, whatever area_resize took
+        np.testing.assert_array_equal(preprocess_module._area_strips(noise, output[1], output[0], strips),
                                       cv2.resize(noise, output[::-1], interpolation=cv2.INTER_AREA))
+
+
+def test_bands_are_left_to_opencvs_threads_where_it_shares_the_whole_image_among_them(monkeypatch):
+    taken = []
+    real = preprocess_module._area_strips
+    monkeypatch.setattr(preprocess_module, "_area_strips", lambda *args: taken.append(args[2:]) or real(*args))
+    image = _structured(1000, 1000)
+    expected = cv2.resize(image, (384, 384), interpolation=cv2.INTER_AREA)
+    with opencv_threads(2):  # 147,456 output pixels: OpenCV's two threads share the whole image
+        np.testing.assert_array_equal(preprocess_module.area_resize(image, 384, 384), expected)
+        assert not taken
+        np.testing.assert_array_equal(preprocess_module.area_resize(image[:500, :500], 224, 224),
+                                      cv2.resize(image[:500, :500], (224, 224), interpolation=cv2.INTER_AREA))
+        assert taken == [(224, 4)]  # (50,176 output pixels: one part for OpenCV anyway)
+    with opencv_threads(1):
+        np.testing.assert_array_equal(preprocess_module.area_resize(image, 384, 384), expected)
+        assert taken[-1] == (384, 4)
 
 
 def test_opencvs_area_weights_are_computed_as_opencv_computes_them():
@@ -245,29 +264,33 @@ def test_opencvs_area_weights_are_computed_as_opencv_computes_them():
                                       preprocess_module._opencv_area_weights(source, output), err_msg=f"{source}->{output}")
 
 
-def test_strips_are_refused_where_the_weights_or_opencv_differ(monkeypatch):
-    image = _structured(500, 500)
+def test_bands_are_refused_where_the_weights_or_opencv_differ(monkeypatch):
+    image = _structured(700, 477)
     expected = cv2.resize(image, (224, 224), interpolation=cv2.INTER_AREA)
     real = preprocess_module._area_entries
+    assert all(preprocess_module._same_in_strips(*size) for size in ((500, 224, 4), (700, 224, 4), (750, 384, 3)))
 
-    def one_weight_off(source, output):  # the whole image's last weight one float32 step off: not the strips'
+    def one_weight_off(source, output):  # the whole image's last weight one float32 step off: not the bands'
         sources, targets, weights = real(source, output)
-        if source == 500:
+        if source == 700:  # (a size the check against OpenCV, _strips_are_opencvs, does not look at)
             weights = weights.copy()
             weights[-1] = np.nextafter(weights[-1], np.float32(1))
         return sources, targets, weights
 
-    for patch, name in ((one_weight_off, "_area_entries"),
-                        (lambda source, output: np.ones((source, output), np.float32), "_opencv_area_weights")):
+    for patch, name, refuses in ((one_weight_off, "_area_entries", "_same_in_strips"),
+                                 (lambda source, output: np.ones((source, output), np.float32), "_opencv_area_weights",
+                                  "_strips_are_opencvs")):
         preprocess_module._strip_plan.cache_clear()
         preprocess_module._strips_are_opencvs.cache_clear()
-        with monkeypatch.context() as context:
+        with monkeypatch.context() as context, opencv_threads(1):
             context.setattr(preprocess_module, name, patch)
-            assert preprocess_module._strip_plan(500, 500, 224, 224) is None
+            assert preprocess_module._strips_are_opencvs() is (refuses != "_strips_are_opencvs")
+            assert preprocess_module._same_in_strips(700, 224, 4) is (refuses != "_same_in_strips")
+            assert preprocess_module._strip_plan(700, 477, 224, 224) is None
             np.testing.assert_array_equal(preprocess_module.area_resize(image, 224, 224), expected)
         preprocess_module._strip_plan.cache_clear()
         preprocess_module._strips_are_opencvs.cache_clear()
-    assert preprocess_module._strip_plan(500, 500, 224, 224) == (0, 4)
+    assert preprocess_module._strip_plan(700, 477, 224, 224) == 4
 
 
 def test_area_resize_is_the_same_from_several_threads():
