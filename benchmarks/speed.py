@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -510,12 +511,15 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def xraylib_preprocess(files: list[Path], out_dir: Path, workers: int, processes: bool | None = False) -> None:
-    """``preprocess_dataset`` of ``files`` into ``out_dir`` (which the caller empties before it starts its clock)."""
+def xraylib_preprocess(files: list[Path], out_dir: Path, workers: int, processes: bool | None = False,
+                       hashes: list[str] | None = None) -> None:
+    """``preprocess_dataset`` of ``files`` into ``out_dir`` (which the caller empties before it starts its clock).
+    ``hashes``: the files' SHA-1s, as a manifest made by ``build_manifest`` has them, checked against each file's
+    bytes (default: none, as in a manifest made by hand)."""
     from xraylib.preprocess import PreprocessSettings, preprocess_dataset
 
     frame = pd.DataFrame({"path": [str(p) for p in files], "label": [CLASSES[i % 2] for i in range(len(files))],
-                          "patient_id": [f"p{i}" for i in range(len(files))], "sha1": "",
+                          "patient_id": [f"p{i}" for i in range(len(files))], "sha1": hashes or "",
                           "split": [("train", "val", "test")[i % 3] for i in range(len(files))]})
     data = preprocess_dataset(frame, out_dir, CLASSES, PreprocessSettings(image_size=224), workers=workers, progress=False,
                               processes=processes)
@@ -545,7 +549,9 @@ def bench_preprocessing(kind: str, files: list[Path], work: Path, repeats: int) 
 def bench_dicom_fast(bits: int, n: int, work: Path, repeats: int, seed: int, size: int = 1024) -> dict:
     """Uncompressed DICOMs (``bits`` 8 or 16) through xraylib's fast reader against the plain loop and against
     xraylib's general path (pydicom reads each file whole and decodes ``pixel_array``; the reader before the fast
-    one), interleaved in each repeat; then every cached image of the fast run against the general path's."""
+    one), interleaved in each repeat; then every cached image of the fast run against the general path's. One more
+    run gives xraylib's processes a manifest with the files' SHA-1s (as ``build_manifest`` makes it), each file's
+    bytes hashed and checked: a cost of its own, that the plain loop does not pay."""
     from xraylib import dicom
     from xraylib.preprocess import load_preprocessed
 
@@ -555,6 +561,7 @@ def bench_dicom_fast(bits: int, n: int, work: Path, repeats: int, seed: int, siz
     files = sorted(folder.glob("*.dcm")) if len(list(folder.glob("*.dcm"))) == n else \
         dicom_files(folder, n, size, seed, jpeg_quality=None, bits=bits)
     fast_reader = dicom.read_native
+    hashes = [hashlib.sha1(path.read_bytes()).hexdigest() for path in files]  # (a manifest's: build_manifest's)
 
     def general_path(workers: int) -> None:
         dicom.read_native = lambda *args, **kwargs: None
@@ -566,6 +573,8 @@ def bench_dicom_fast(bits: int, n: int, work: Path, repeats: int, seed: int, siz
     runs = (("plain_loop", None, lambda: plain_loop(files, size=224)),
             ("xraylib_2_workers", "fast_2", lambda: xraylib_preprocess(files, work / "fast_2", 2)),
             ("xraylib_2_processes", "fast_2p", lambda: xraylib_preprocess(files, work / "fast_2p", 2, processes=True)),
+            ("xraylib_2_processes_hashes", "fast_2ph",
+             lambda: xraylib_preprocess(files, work / "fast_2ph", 2, processes=True, hashes=hashes)),
             ("xraylib_1_worker", "fast_1", lambda: xraylib_preprocess(files, work / "fast_1", 1)),
             ("general_path_2_workers", "fast_general", lambda: general_path(2)))
     times: dict[str, list[float]] = {name: [] for name, _, _ in runs}
@@ -595,15 +604,16 @@ def bench_dicom_fast(bits: int, n: int, work: Path, repeats: int, seed: int, siz
     scaling = resize_thread_scaling(files[0])
     general = load_preprocessed(work / "fast_general")
     same = all(np.array_equal(load_preprocessed(work / out).splits[s].images, general.splits[s].images)
-               for out in ("fast_2", "fast_2p", "fast_1") for s in general.splits)
+               for out in ("fast_2", "fast_2p", "fast_2ph", "fast_1") for s in general.splits)
     compared = sum(len(split) for split in general.splits.values())
     rates = {name: n / median(values) for name, values in times.items()}
     return {"bits": bits, "files": n, "size": size, "repeats": repeats, "warm_up_rounds": 1, "seconds": times,
             "images_per_second": rates,
             "cpu_ms_per_file": {name: 1000 * median(values) / n for name, values in cpu.items()
-                                if name != "xraylib_2_processes"},
+                                if not name.startswith("xraylib_2_processes")},
             "speedup_2_workers_vs_plain_loop": rates["xraylib_2_workers"] / rates["plain_loop"],
             "speedup_2_processes_vs_plain_loop": rates["xraylib_2_processes"] / rates["plain_loop"],
+            "speedup_2_processes_hashes_checked_vs_plain_loop": rates["xraylib_2_processes_hashes"] / rates["plain_loop"],
             "speedup_2_workers_vs_general_path": rates["xraylib_2_workers"] / rates["general_path_2_workers"],
             "same_pixels_as_general_path": same, "images_compared": compared, "load_averages": loads,
             "resize_2_threads_vs_1": scaling, "measured": measured, "freed_buffers_kept": kept,
@@ -1290,20 +1300,23 @@ def markdown(results: dict) -> str:
         lines += ["", "## Uncompressed DICOMs: the fast reader (images/s, decode + resize to 224, 2 workers unless said)", "",
                   "| DICOMs (1024x1024 unless said) | n | plain loop (pydicom + cv2) | xraylib 1 worker | xraylib 2 workers | "
                   "xraylib 2 processes | general path, 2 workers (before) | 2 workers vs plain loop | "
-                  "2 processes vs plain loop | 2 workers vs general path | same pixels | "
+                  "2 processes vs plain loop | 2 processes, the manifest's SHA-1s checked, vs plain loop | "
+                  "2 workers vs general path | same pixels | "
                   "load average (start .. end) | CPU ms per file: plain loop / xraylib 2 workers | "
                   "plain loop's page faults per file | resize alone, 2 threads vs 1 | runs | measured |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in sorted(fast_rows, key=lambda row: (row["size"], row["files"], row["bits"])):
             rates = row["images_per_second"]
             what = f"{row['bits']}-bit" + ("" if row["size"] == 1024 else f", {row['size']}x{row['size']}")
             loads, cpu = row["load_averages"], row.get("cpu_ms_per_file", {})
             processes = rates.get("xraylib_2_processes")
+            hashed = row.get("speedup_2_processes_hashes_checked_vs_plain_loop")  # (rows measured before: none)
             lines.append(f"| {what} | {row['files']} | {fmt(rates['plain_loop'])} | {fmt(rates['xraylib_1_worker'])} | "
                          f"{fmt(rates['xraylib_2_workers'])} | {fmt(processes) if processes else '-'} | "
                          f"{fmt(rates['general_path_2_workers'])} | "
                          f"{fmt(row['speedup_2_workers_vs_plain_loop'], 2)}x | "
                          f"{'**' + fmt(row['speedup_2_processes_vs_plain_loop'], 2) + 'x**' if processes else '-'} | "
+                         f"{fmt(hashed, 2) + 'x' if hashed else '-'} | "
                          f"{fmt(row['speedup_2_workers_vs_general_path'], 2)}x | "
                          f"{'all ' + str(row['images_compared']) if row['same_pixels_as_general_path'] else 'NO'} | "
                          f"{loads[0][0]:.1f} .. {loads[-1][0]:.1f} | {fmt(cpu['plain_loop'], 2)} / "
@@ -1313,7 +1326,8 @@ def markdown(results: dict) -> str:
         lines += ["", "Synthetic phantoms written with pydicom, Explicit VR Little Endian, MONOCHROME2 (16-bit: 12 bits "
                       "stored). The fast reader (`xraylib.dicom.read_native`) reads the header itself (these plain files; "
                       "with pydicom up to the pixel data where there is a rescale, LUT or window) and takes the "
-                      "pixels as a NumPy view of the file's bytes; the general path is the "
+                      "pixels as a NumPy view of the file's bytes (of a memory map of the file from 4 MB on a local "
+                      "disk: the 2500 px rows); the general path is the "
                       "reader before it (pydicom's full read and `pixel_array`), run in the same repeats. Same pixels: "
                       "every cached image of the fast run equals the general path's. The plain loop does less per file "
                       "(no display transform, `INTER_LINEAR` straight to 224); the ratios are medians of interleaved "
@@ -1322,8 +1336,9 @@ def markdown(results: dict) -> str:
                       "CPU time (all threads) per file, which the load changes little; with two free cores the 2 "
                       "workers' rate approaches 2000 / that figure per second. Resize alone: the same image shrunk "
                       "400 times (`preprocess_pixels`) in two threads against one, after the repeats: 2.0x where two "
-                      "cores are free while the shrink was OpenCV's alone; since it is two matrix products for these "
-                      "sizes (2026-12-06), the Python around them holds the lock, and the figure is lower. "
+                      "cores are free while the shrink was OpenCV's alone; since it is two matrix products for the "
+                      "sizes with exact weights, or OpenCV's on strips merged and split again for some others "
+                      "(2026-12-06), the Python around them holds the lock, and the figure is lower. "
                       "2 processes: `preprocess_dataset(..., processes=True)`, a later call in the process (the "
                       "workers forked from a running fork server); each output directory is emptied before its clock "
                       "starts. The process keeps its freed buffers (glibc's mmap and trim thresholds raised, see "

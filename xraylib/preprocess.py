@@ -663,7 +663,7 @@ def cache_key(split_manifest: pd.DataFrame, classes: tuple[str, ...], settings: 
 
 
 #: The fewest rows for which :func:`preprocess_dataset` decodes in worker processes by default (see there). On the
-#: 2-core test machine, two processes preprocessed uncompressed DICOMs 1.3x to 2.1x as fast as two threads, and their
+#: 2-core test machine, two processes preprocessed uncompressed DICOMs 1.0x to 2.1x as fast as two threads, and their
 #: first start in a Python process cost 0.55 s to 1.1 s (later calls 0.07 s): 5,000 to 10,000 files pay that back.
 PROCESS_MIN_FILES = 10_000
 #: Files a decoding thread reads and preprocesses before it hands their results over (see
@@ -759,8 +759,8 @@ def preprocess_dataset(
     :func:`xraylib.parallel.process_pool`) is paid back, in a notebook or the CLI (a script passes
     ``processes=True`` itself: see :func:`xraylib.parallel.script_safe_for_processes`). OpenCV decodes and resizes
     without holding Python's lock, but the parsing holds it: two threads keep 2 cores about 80% busy, and two
-    processes, which write their rows into the cache file themselves, were 1.3x to 2.1x as fast on uncompressed
-    DICOMs (the speed benchmark's dicom_fast rows). The pixels are the same either way. ``opener`` opens each image file
+    processes, which write their rows into the cache file themselves, were 1.0x to 2.1x as fast on uncompressed
+    DICOMs (the speed benchmark's dicom_fast rows: the smaller the files, the more). The pixels are the same either way. ``opener`` opens each image file
     (default :func:`open`; called from the decoding threads; see :func:`xraylib.fileio.read_bytes`); processes need
     the default.
     """
