@@ -1337,7 +1337,7 @@ def markdown(results: dict) -> str:
                       "workers' rate approaches 2000 / that figure per second. Resize alone: the same image shrunk "
                       "400 times (`preprocess_pixels`) in two threads against one, after the repeats: 2.0x where two "
                       "cores are free while the shrink was OpenCV's alone; since it is two matrix products for the "
-                      "sizes with exact weights, or OpenCV's on strips merged and split again for some others "
+                      "sizes with exact weights, or OpenCV's on bands of rows merged and split again for some others "
                       "(2026-12-06), the Python around them holds the lock, and the figure is lower. "
                       "2 processes: `preprocess_dataset(..., processes=True)`, a later call in the process (the "
                       "workers forked from a running fork server); each output directory is emptied before its clock "

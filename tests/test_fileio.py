@@ -251,7 +251,7 @@ def test_mount_table_gives_each_devices_file_system_type():
 @pytest.fixture
 def own_mount_table(monkeypatch):
     """A fresh table state for the test (the process's own is put back after it)."""
-    monkeypatch.setattr(fileio, "_MOUNTS", {"fd": None, "source": None, "types": {}})
+    monkeypatch.setattr(fileio, "_MOUNTS", {"fd": None, "poll": None, "source": None, "types": {}})
     yield
     if fileio._MOUNTS["fd"] is not None:
         os.close(fileio._MOUNTS["fd"])

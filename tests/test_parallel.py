@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import threading
+from functools import partial
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 
+from xraylib import parallel
 from xraylib.parallel import map_ahead, map_batched, opencv_threads
 
 
@@ -40,3 +42,13 @@ def test_opencv_threads_are_set_for_the_block_and_put_back():
     assert cv2.getNumThreads() == before
     with opencv_threads(None):
         assert cv2.getNumThreads() == before
+
+
+def test_worker_processes_take_the_callers_setting_for_mapping_files(monkeypatch):
+    from xraylib import fileio
+
+    ask = partial(eval, "__import__('xraylib.fileio', fromlist=['fileio']).MAP_FILES")  # (run in the worker)
+    for setting in (False, True):  # (a worker is a fresh program: it would have the default, True)
+        monkeypatch.setattr(fileio, "MAP_FILES", setting)
+        with parallel.process_pool(1, preload=("xraylib.fileio",)) as pool:
+            assert pool.submit(ask).result(timeout=300) is setting

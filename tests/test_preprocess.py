@@ -214,7 +214,7 @@ def test_area_resize_leaves_to_opencv_a_size_whose_products_differ_from_it(monke
         preprocess_module._area_plan.cache_clear()
 
 
-@pytest.mark.parametrize("source, output, strips", [
+@pytest.mark.parametrize("source, output, bands", [
     ((500, 500), (224, 224), 4),  # a 1000 px side after the halving: 125/56, bands of 125 rows
     ((512, 625), (224, 224), 4),  # 2048 px high, 2500 wide, after the halvings
     ((700, 477), (224, 224), 4), ((1000, 1000), (384, 384), 4),
@@ -224,7 +224,7 @@ def test_area_resize_leaves_to_opencv_a_size_whose_products_differ_from_it(monke
     ((448, 448), (224, 224), None), ((100, 200), (224, 224), None),  # OpenCV's fast path; enlarging
     ((512, 512), (224, 224), None),  # exact weights: the matrix products (_area_plan) come first
 ])
-def test_area_resize_shrinks_bands_side_by_side_to_opencvs_bytes(source, output, strips):
+def test_area_resize_shrinks_bands_side_by_side_to_opencvs_bytes(source, output, bands):
     rng = np.random.default_rng(sum(source) + 1)
     noise = rng.integers(0, 256, source, dtype=np.uint8)
     with opencv_threads(1):  # (as in the cache's workers: bands at every output size)
@@ -233,16 +233,16 @@ def test_area_resize_shrinks_bands_side_by_side_to_opencvs_bytes(source, output,
             np.testing.assert_array_equal(preprocess_module.area_resize(image, output[1], output[0]),
                                           cv2.resize(image, output[::-1], interpolation=cv2.INTER_AREA))
     if preprocess_module._area_plan(*source, *output) is None:
-        assert preprocess_module._strip_plan(*source, *output) == strips
-    if strips is not None:  # and the bands themselves, whatever area_resize took
-        np.testing.assert_array_equal(preprocess_module._area_strips(noise, output[1], output[0], strips),
+        assert preprocess_module._band_plan(*source, *output) == bands
+    if bands is not None:  # and the bands themselves, whatever area_resize took
+        np.testing.assert_array_equal(preprocess_module._area_bands(noise, output[1], output[0], bands),
                                       cv2.resize(noise, output[::-1], interpolation=cv2.INTER_AREA))
 
 
 def test_bands_are_left_to_opencvs_threads_where_it_shares_the_whole_image_among_them(monkeypatch):
     taken = []
-    real = preprocess_module._area_strips
-    monkeypatch.setattr(preprocess_module, "_area_strips", lambda *args: taken.append(args[2:]) or real(*args))
+    real = preprocess_module._area_bands
+    monkeypatch.setattr(preprocess_module, "_area_bands", lambda *args: taken.append(args[2:]) or real(*args))
     image = _structured(1000, 1000)
     expected = cv2.resize(image, (384, 384), interpolation=cv2.INTER_AREA)
     with opencv_threads(2):  # 147,456 output pixels: OpenCV's two threads share the whole image
@@ -268,29 +268,29 @@ def test_bands_are_refused_where_the_weights_or_opencv_differ(monkeypatch):
     image = _structured(700, 477)
     expected = cv2.resize(image, (224, 224), interpolation=cv2.INTER_AREA)
     real = preprocess_module._area_entries
-    assert all(preprocess_module._same_in_strips(*size) for size in ((500, 224, 4), (700, 224, 4), (750, 384, 3)))
+    assert all(preprocess_module._same_in_bands(*size) for size in ((500, 224, 4), (700, 224, 4), (750, 384, 3)))
 
     def one_weight_off(source, output):  # the whole image's last weight one float32 step off: not the bands'
         sources, targets, weights = real(source, output)
-        if source == 700:  # (a size the check against OpenCV, _strips_are_opencvs, does not look at)
+        if source == 700:  # (a size the check against OpenCV, _bands_are_opencvs, does not look at)
             weights = weights.copy()
             weights[-1] = np.nextafter(weights[-1], np.float32(1))
         return sources, targets, weights
 
-    for patch, name, refuses in ((one_weight_off, "_area_entries", "_same_in_strips"),
+    for patch, name, refuses in ((one_weight_off, "_area_entries", "_same_in_bands"),
                                  (lambda source, output: np.ones((source, output), np.float32), "_opencv_area_weights",
-                                  "_strips_are_opencvs")):
-        preprocess_module._strip_plan.cache_clear()
-        preprocess_module._strips_are_opencvs.cache_clear()
+                                  "_bands_are_opencvs")):
+        preprocess_module._band_plan.cache_clear()
+        preprocess_module._bands_are_opencvs.cache_clear()
         with monkeypatch.context() as context, opencv_threads(1):
             context.setattr(preprocess_module, name, patch)
-            assert preprocess_module._strips_are_opencvs() is (refuses != "_strips_are_opencvs")
-            assert preprocess_module._same_in_strips(700, 224, 4) is (refuses != "_same_in_strips")
-            assert preprocess_module._strip_plan(700, 477, 224, 224) is None
+            assert preprocess_module._bands_are_opencvs() is (refuses != "_bands_are_opencvs")
+            assert preprocess_module._same_in_bands(700, 224, 4) is (refuses != "_same_in_bands")
+            assert preprocess_module._band_plan(700, 477, 224, 224) is None
             np.testing.assert_array_equal(preprocess_module.area_resize(image, 224, 224), expected)
-        preprocess_module._strip_plan.cache_clear()
-        preprocess_module._strips_are_opencvs.cache_clear()
-    assert preprocess_module._strip_plan(700, 477, 224, 224) == 4
+        preprocess_module._band_plan.cache_clear()
+        preprocess_module._bands_are_opencvs.cache_clear()
+    assert preprocess_module._band_plan(700, 477, 224, 224) == 4
 
 
 def test_area_resize_is_the_same_from_several_threads():

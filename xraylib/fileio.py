@@ -381,7 +381,8 @@ LOCAL_FILE_SYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", 
 #: Where Linux lists the mounted file systems, with their device numbers and types (proc(5)).
 MOUNT_INFO = "/proc/self/mountinfo"
 _MOUNTS_LOCK = threading.Lock()
-_MOUNTS: dict[str, Any] = {"fd": None, "source": None, "types": {}}  # the open table, (its path, the process), types
+#: The mount table as last read: its open descriptor and poll object, (its path, the process), the types.
+_MOUNTS: dict[str, Any] = {"fd": None, "poll": None, "source": None, "types": {}}
 
 
 def _mount_types(text: str) -> dict[int, str]:
@@ -405,10 +406,10 @@ def file_system(device: int) -> str | None:
     """
     with _MOUNTS_LOCK:
         fd, source = _MOUNTS["fd"], (MOUNT_INFO, os.getpid())
-        if fd is None or _MOUNTS["source"] != source or select.select([], [], [fd], 0)[2]:
+        if fd is None or _MOUNTS["source"] != source or _MOUNTS["poll"].poll(0):  # (a mount or unmount: POLLPRI)
             if fd is not None:
                 os.close(fd)  # (in a forked worker: its own copy of the parent's descriptor)
-            _MOUNTS.update(fd=None, source=None, types={})
+            _MOUNTS.update(fd=None, poll=None, source=None, types={})
             try:
                 fd = os.open(MOUNT_INFO, os.O_RDONLY)
             except OSError:
@@ -416,7 +417,10 @@ def file_system(device: int) -> str | None:
             chunks = []
             while chunk := os.read(fd, 1 << 16):
                 chunks.append(chunk)
-            _MOUNTS.update(fd=fd, source=source, types=_mount_types(b"".join(chunks).decode("utf-8", "replace")))
+            poll = select.poll()  # (not select.select: it refuses a descriptor numbered 1024 or more)
+            poll.register(fd, select.POLLPRI)
+            _MOUNTS.update(fd=fd, poll=poll, source=source,
+                           types=_mount_types(b"".join(chunks).decode("utf-8", "replace")))
         return _MOUNTS["types"].get(device)
 
 

@@ -19,6 +19,8 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import cv2
 
+from . import fileio
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -71,7 +73,9 @@ def process_pool(workers: int, preload: tuple[str, ...]) -> ProcessPoolExecutor:
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if context.get_start_method() == "forkserver":
         context.set_forkserver_preload(list(preload))  # (no effect where a fork server is running already)
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_start_worker)
+    # (settings of this process that the workers' code reads: a fresh program has the defaults)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_start_worker,
+                               initargs=(fileio.MAP_FILES,))
 
 
 def script_safe_for_processes() -> bool:
@@ -84,9 +88,10 @@ def script_safe_for_processes() -> bool:
     return getattr(main, "__file__", None) is None or (spec is not None and spec.name == "xraylib.__main__")
 
 
-def _start_worker() -> None:
+def _start_worker(map_files: bool = True) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt stops the caller, which cancels the work left
     cv2.setNumThreads(1)  # the processes are the parallelism (see opencv_threads)
+    fileio.MAP_FILES = map_files  # the caller's (xraylib.fileio.MAP_FILES)
 
 
 @contextlib.contextmanager

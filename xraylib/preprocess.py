@@ -165,7 +165,8 @@ def _halve_while_large(pixels: np.ndarray, width: int, height: int) -> np.ndarra
 
 def area_resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     """``cv2.resize(pixels, (width, height), interpolation=cv2.INTER_AREA)``: the very same bytes, for a 2-D uint8
-    image shrunk by a factor whose weights make OpenCV's arithmetic exact, in two matrix products.
+    image, in less time: in two matrix products where the factor's weights make OpenCV's arithmetic exact, or as
+    OpenCV's own shrink of four or three bands of rows at once for some other factors.
 
     OpenCV shrinks by a non-integer factor in a scalar loop: 0.42 ms of the 0.75 ms in which a 1024x1024 DICOM
     becomes 224x224 (512 -> 224, after the halving). Along an axis whose sides are p/q in lowest terms with p a
@@ -175,21 +176,21 @@ def area_resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     float32 matrix products then give the same bytes in a quarter of the time (checked against OpenCV once per size,
     see :func:`_area_plan`).
 
-    Other factors (500 -> 224 from a 1000 px side, 625 -> 224 from 2500 px) are OpenCV's loop, on four or three
-    bands of rows at once where the heights keep the ratio (see :func:`_strip_plan`): 1.3 to 1.8 times as fast with
-    four (0.43 against 0.60 ms for 500 -> 224), the same bytes; not from 65,536 output pixels while OpenCV has
-    several threads (it shares a whole image's shrink among them). The integer factors (OpenCV's own fast path),
-    heights that share no factor of 3 or 4 with the output's (625 -> 224), and anything else go to OpenCV as it is.
+    Other factors (500 -> 224 from a 1000 px side) are OpenCV's loop, on four or three bands of rows at once where
+    the image's height and the output's are both divisible by 4 (or 3) (see :func:`_band_plan`): 1.3 to 1.5 times
+    as fast with four (0.43 against 0.60 ms for 500 -> 224), the same bytes; not from 65,536 output pixels while
+    OpenCV has several threads (it shares a whole image's shrink among them). The integer factors (OpenCV's own
+    fast path), other heights (625 -> 224, from 2500 px), and anything else go to OpenCV as it is.
     """
     if pixels.dtype != np.uint8 or pixels.ndim != 2:
         return cv2.resize(pixels, (width, height), interpolation=cv2.INTER_AREA)
     plan = _area_plan(pixels.shape[0], pixels.shape[1], height, width)
     if plan is not None:
         return _area_products(pixels, *plan)
-    # (OpenCV shares a whole image's shrink among its threads from 65,536 output pixels: not the strips')
-    strips = _strip_plan(pixels.shape[0], pixels.shape[1], height, width)
-    if strips is not None and (height * width < _OPENCV_STRIPE_PIXELS or cv2.getNumThreads() <= 1):
-        return _area_strips(pixels, width, height, strips)
+    # (OpenCV shares a whole image's shrink among its threads from 65,536 output pixels: not the bands')
+    bands = _band_plan(pixels.shape[0], pixels.shape[1], height, width)
+    if bands is not None and (height * width < _OPENCV_STRIPE_PIXELS or cv2.getNumThreads() <= 1):
+        return _area_bands(pixels, width, height, bands)
     return cv2.resize(pixels, (width, height), interpolation=cv2.INTER_AREA)
 
 
@@ -197,31 +198,31 @@ def area_resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
 _OPENCV_STRIPE_PIXELS = 1 << 16
 
 
-def _area_strips(pixels: np.ndarray, width: int, height: int, count: int) -> np.ndarray:
+def _area_bands(pixels: np.ndarray, width: int, height: int, count: int) -> np.ndarray:
     """:func:`area_resize` of ``pixels`` cut into ``count`` bands of rows, shrunk together as the channels of one
-    image and put back one above the other (see :func:`_strip_plan`)."""
+    image and put back one above the other (see :func:`_band_plan`)."""
     side = pixels.shape[0] // count
     stacked = cv2.merge([pixels[i * side:(i + 1) * side] for i in range(count)])
     return np.concatenate(cv2.split(cv2.resize(stacked, (width, height // count), interpolation=cv2.INTER_AREA)))
 
 
 @functools.lru_cache(maxsize=256)
-def _strip_plan(source_h: int, source_w: int, height: int, width: int) -> int | None:
-    """The number of bands of rows for :func:`_area_strips`, or None where OpenCV shrinks the image whole.
+def _band_plan(source_h: int, source_w: int, height: int, width: int) -> int | None:
+    """The number of bands of rows for :func:`_area_bands`, or None where OpenCV shrinks the image whole.
 
     OpenCV's general INTER_AREA loop adds each source pixel's share into its output pixel one after the other, each
     addition waiting for the one before (a chain through memory); for an image of 3 or 4 channels it makes each
-    channel's addition in the same step. Where the image's height and the output's share a factor of 4 or 3
+    channel's addition in the same step. Where the image's height and the output's are both divisible by 4 or 3
     (``count``), the image cut into that many bands of rows is that many images of the same ratio whose weights down
-    the columns are the whole image's, block by block (checked: :func:`_same_in_strips`): shrunk as the channels of
+    the columns are the whole image's, block by block (checked: :func:`_same_in_bands`): shrunk as the channels of
     one image, each band gets the very operations, in the same order, that it gets in the whole image. Never for
     integer factors on both axes (OpenCV's fast path) or where the image is enlarged, nor where OpenCV was found to
-    compute otherwise (:func:`_strips_are_opencvs`). Not bands of columns (their merge, of strided views, cost
+    compute otherwise (:func:`_bands_are_opencvs`). Not bands of columns (their merge, of strided views, cost
     more than it saved at many sizes) nor two bands (1.07 times the speed)."""
     if not (source_h >= height >= 1 and source_w >= width >= 1) or (source_h % height == 0 and source_w % width == 0):
         return None
     for count in (4, 3):
-        if math.gcd(source_h, height) % count == 0 and _strips_are_opencvs() and _same_in_strips(source_h, height,
+        if math.gcd(source_h, height) % count == 0 and _bands_are_opencvs() and _same_in_bands(source_h, height,
                                                                                                   count):
             return count
     return None
@@ -232,7 +233,7 @@ def _area_entries(source: int, output: int) -> tuple[np.ndarray, np.ndarray, np.
     pixel, output pixel, float32 weight) in its order, computed as OpenCV computes them (``computeResizeAreaTab`` in
     ``imgproc/src/resize.cpp``: the same double arithmetic, each weight rounded to float32): a tenth of a millisecond,
     where taking them from OpenCV (:func:`_opencv_area_weights`) takes 3 to 30 ms, too long for each size of a
-    folder of JPEGs of a thousand sizes. :func:`_strips_are_opencvs` checks it against OpenCV's own."""
+    folder of JPEGs of a thousand sizes. :func:`_bands_are_opencvs` checks it against OpenCV's own."""
     scale = 1.0 / (output / source)  # (as OpenCV: the inverse of the inverse scale)
     start = np.arange(output) * scale
     end = start + scale
@@ -260,21 +261,21 @@ def _area_table(source: int, output: int) -> np.ndarray:
     return table
 
 
-def _same_in_strips(source: int, output: int, count: int) -> bool:
+def _same_in_bands(source: int, output: int, count: int) -> bool:
     """Whether the weights of ``source`` -> ``output`` are those of ``source // count`` -> ``output // count``,
     repeated ``count`` times along the diagonal: the same entries, in the same order, with the same weights."""
-    whole, strip = _area_entries(source, output), _area_entries(source // count, output // count)
-    offsets = np.repeat(np.arange(count), len(strip[0]))
-    return len(whole[0]) == count * len(strip[0]) and all(
+    whole, band = _area_entries(source, output), _area_entries(source // count, output // count)
+    offsets = np.repeat(np.arange(count), len(band[0]))
+    return len(whole[0]) == count * len(band[0]) and all(
         np.array_equal(w, np.tile(s, count) + offsets * step)
-        for w, s, step in zip(whole[:2], strip[:2], (source // count, output // count))
-    ) and np.array_equal(whole[2], np.tile(strip[2], count))
+        for w, s, step in zip(whole[:2], band[:2], (source // count, output // count))
+    ) and np.array_equal(whole[2], np.tile(band[2], count))
 
 
 @functools.lru_cache(maxsize=1)
-def _strips_are_opencvs() -> bool:
-    """Whether this OpenCV computes as :func:`_strip_plan` takes it to, checked once per process: its weights are
-    :func:`_area_table`'s at a few sizes, and strips of random images shrink to the bytes of the whole."""
+def _bands_are_opencvs() -> bool:
+    """Whether this OpenCV computes as :func:`_band_plan` takes it to, checked once per process: its weights are
+    :func:`_area_table`'s at a few sizes, and bands of random images shrink to the bytes of the whole."""
     sizes = ((500, 224), (625, 224), (477, 299), (1000, 224), (750, 384), (129, 64))
     if not all(np.array_equal(_area_table(source, output), _opencv_area_weights(source, output))
                for source, output in sizes):
@@ -282,7 +283,7 @@ def _strips_are_opencvs() -> bool:
     rng = np.random.default_rng(7)
     for shape, output, count in (((500, 512), (224, 224), 4), ((700, 477), (224, 224), 4), ((750, 600), (384, 300), 3)):
         probe = rng.integers(0, 256, shape, dtype=np.uint8)
-        if not np.array_equal(_area_strips(probe, output[1], output[0], count),
+        if not np.array_equal(_area_bands(probe, output[1], output[0], count),
                               cv2.resize(probe, output[::-1], interpolation=cv2.INTER_AREA)):
             return False
     return True
@@ -663,8 +664,9 @@ def cache_key(split_manifest: pd.DataFrame, classes: tuple[str, ...], settings: 
 
 
 #: The fewest rows for which :func:`preprocess_dataset` decodes in worker processes by default (see there). On the
-#: 2-core test machine, two processes preprocessed uncompressed DICOMs 1.0x to 2.1x as fast as two threads, and their
-#: first start in a Python process cost 0.55 s to 1.1 s (later calls 0.07 s): 5,000 to 10,000 files pay that back.
+#: 2-core test machine, two processes preprocessed uncompressed DICOMs 0.96x to 2.1x as fast as two threads, and
+#: their first start in a Python process cost 0.55 s to 1.1 s (later calls 0.06 to 0.14 s): 5,000 to 10,000 files
+#: pay that back.
 PROCESS_MIN_FILES = 10_000
 #: Files a decoding thread reads and preprocesses before it hands their results over (see
 #: :func:`xraylib.parallel.map_batched`): about 0.8 MB of pixels at 224 px, and a few milliseconds of work.
@@ -681,8 +683,9 @@ def _work(job: tuple[str, PreprocessSettings, Callable[[str, str], Any], str | N
             pixels = preprocess_file(path, settings, opener)
         else:
             data = read_image_bytes(path, opener=opener, map_dicoms=True)
-            # The manifest's sha1 is of the file's bytes (images.inspect_file): hashing them again here costs about a
-            # millisecond per MB beside the decoding, and tells a file replaced since the manifest was built.
+            # The manifest's sha1 is of the file's bytes (images.inspect_file): hashing them again here costs about
+            # 0.6 ms per MB on the 2-core test machine, more than decoding an uncompressed DICOM takes (see the README's
+            # Speed), and tells a file replaced since the manifest was built.
             if (now := sha1_bytes(data)) != sha1:
                 return False, (f"changed since the manifest was built (content differs: SHA-1 {sha1[:12]}... in the "
                                f"manifest, {now[:12]}... now, {len(data)} bytes); rebuild the manifest")
@@ -759,10 +762,10 @@ def preprocess_dataset(
     :func:`xraylib.parallel.process_pool`) is paid back, in a notebook or the CLI (a script passes
     ``processes=True`` itself: see :func:`xraylib.parallel.script_safe_for_processes`). OpenCV decodes and resizes
     without holding Python's lock, but the parsing holds it: two threads keep 2 cores about 80% busy, and two
-    processes, which write their rows into the cache file themselves, were 1.0x to 2.1x as fast on uncompressed
-    DICOMs (the speed benchmark's dicom_fast rows: the smaller the files, the more). The pixels are the same either way. ``opener`` opens each image file
-    (default :func:`open`; called from the decoding threads; see :func:`xraylib.fileio.read_bytes`); processes need
-    the default.
+    processes, which write their rows into the cache file themselves, were 0.96x to 2.1x as fast on uncompressed
+    DICOMs (the speed benchmark's dicom_fast rows: the smaller the files, the more). The pixels are the same either
+    way. ``opener`` opens each image file (default :func:`open`; called from the decoding threads; see
+    :func:`xraylib.fileio.read_bytes`); processes need the default.
     """
     classes = tuple(classes)
     if "split" not in split_manifest.columns:
