@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -553,6 +552,7 @@ def bench_dicom_fast(bits: int, n: int, work: Path, repeats: int, seed: int, siz
     run gives xraylib's processes a manifest with the files' SHA-1s (as ``build_manifest`` makes it), each file's
     bytes hashed and checked: a cost of its own, that the plain loop does not pay."""
     from xraylib import dicom
+    from xraylib.fileio import sha1_file
     from xraylib.preprocess import load_preprocessed
 
     folder = work / f"dicoms_raw{bits}_{size}px_{n}"  # (the size in the name: a folder of another size is not reused)
@@ -561,7 +561,7 @@ def bench_dicom_fast(bits: int, n: int, work: Path, repeats: int, seed: int, siz
     files = sorted(folder.glob("*.dcm")) if len(list(folder.glob("*.dcm"))) == n else \
         dicom_files(folder, n, size, seed, jpeg_quality=None, bits=bits)
     fast_reader = dicom.read_native
-    hashes = [hashlib.sha1(path.read_bytes()).hexdigest() for path in files]  # (a manifest's: build_manifest's)
+    hashes = [sha1_file(path) for path in files]  # (a manifest's: build_manifest's)
 
     def general_path(workers: int) -> None:
         dicom.read_native = lambda *args, **kwargs: None

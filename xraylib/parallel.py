@@ -2,8 +2,8 @@
 
 Decoding holds Python's lock only for the parsing; OpenCV's decoding and resizing and file reads release it, so
 threads scale without the start-up and memory of worker processes, but not all the way: on 2 cores two threads
-kept the cores about 80% busy with uncompressed DICOMs, and two processes (writing their rows themselves) were 1.3x
-to 2.1x as fast (the speed benchmark's "Uncompressed DICOMs" rows: the more so the smaller the files).
+kept the cores about 80% busy with uncompressed DICOMs, and two processes (writing their rows themselves) were
+0.96x to 2.1x as fast (the speed benchmark's "Uncompressed DICOMs" rows: the more so the smaller the files).
 """
 from __future__ import annotations
 
